@@ -1,0 +1,166 @@
+"""Settings: environment variables and command-line flags, validated before anything starts.
+
+Pure functions, no I/O. Every setting has an environment variable (the names the original proxy
+uses where it had one) and a flag; a flag wins over the environment. A bad value stops start-up
+with one line that names the setting, instead of a traceback at the first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .forwarded import TrustProxy, parse_trust_proxy
+
+DEFAULT_REGISTRY2_HOST = "registry2.balena-cloud.com"
+
+
+class ConfigError(Exception):
+    """A setting has a value the proxy cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy needs to know to run."""
+
+    port: int = 80
+    host: str = "0.0.0.0"  # noqa: S104 - a registry proxy serves the network by design
+    registry_url: str = f"https://{DEFAULT_REGISTRY2_HOST}"
+    trust_proxy: TrustProxy = field(default_factory=TrustProxy)
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting as the environment and the command line spell it."""
+
+    field: str
+    env: str
+    flag: str
+    help: str
+
+
+OPTIONS = (
+    Option("port", "PROXY_PORT", "--port", "port to listen on (default 80)"),
+    Option("host", "PROXY_HOST", "--host", "address to listen on (default 0.0.0.0)"),
+    Option("registry_url", "REGISTRY_URL", "--registry-url", "upstream registry URL"),
+    Option("dns_tld", "DNS_TLD", "--dns-tld", "upstream is https://registry2.<DNS_TLD>"),
+    Option(
+        "registry2_host",
+        "REGISTRY2_HOST",
+        "--registry2-host",
+        f"upstream is https://<REGISTRY2_HOST> (default {DEFAULT_REGISTRY2_HOST})",
+    ),
+    Option(
+        "trust_proxy",
+        "TRUST_PROXY",
+        "--trust-proxy",
+        "trust X-Forwarded-For: true, false, a hop count, or addresses/CIDRs (default false)",
+    ),
+    Option(
+        "connect_timeout",
+        "UPSTREAM_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        "seconds to connect to upstream (default 10)",
+    ),
+    Option(
+        "read_timeout",
+        "UPSTREAM_READ_TIMEOUT",
+        "--read-timeout",
+        "seconds upstream may stay silent, before or within a response (default 300)",
+    ),
+    Option(
+        "shutdown_timeout",
+        "SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
+        "seconds to let in-flight requests finish on SIGTERM (default 30)",
+    ),
+    Option("log_level", "LOG_LEVEL", "--log-level", "debug, info, warning or error"),
+)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 < value < 86400 * 7:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be the registry's root URL, without a path")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _hostname(text: str) -> str:
+    if not text or any(c in text for c in "/?#@ ") or text.startswith(("http:", "https:")):
+        raise ValueError("must be a host name (with an optional :port), not a URL")
+    return text
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+def _host(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("must be an address or host name")
+    return text
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "port": _port,
+    "host": _host,
+    "registry_url": _url,
+    "dns_tld": _hostname,
+    "registry2_host": _hostname,
+    "trust_proxy": parse_trust_proxy,
+    "connect_timeout": _seconds,
+    "read_timeout": _seconds,
+    "shutdown_timeout": _seconds,
+    "log_level": _log_level,
+}
+
+
+def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
+    """Build settings from the environment and parsed flags (keyed by field name).
+
+    Raises ConfigError naming the setting, its variable and flag, and what is wrong.
+    """
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = flags.get(option.field)
+        if raw is None:
+            raw = env.get(option.env)
+        if raw is None or (raw == "" and option.field != "trust_proxy"):
+            continue
+        try:
+            values[option.field] = _PARSERS[option.field](raw)
+        except ValueError as error:
+            raise ConfigError(f"{option.env} ({option.flag}) {raw!r}: {error}") from None
+    dns_tld = values.pop("dns_tld", None)
+    registry2_host = values.pop("registry2_host", DEFAULT_REGISTRY2_HOST)
+    if "registry_url" not in values:
+        upstream_host = f"registry2.{dns_tld}" if dns_tld else registry2_host
+        values["registry_url"] = f"https://{upstream_host}"
+    return Settings(**values)

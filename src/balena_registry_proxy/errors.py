@@ -1,0 +1,79 @@
+"""Error bodies in the OCI distribution format: ``{"errors": [{"code", "message", "detail"}]}``.
+
+Every answer the proxy makes up itself goes through here, so that no client ever has to parse an
+HTML page or a bare string (Docker fails on those with an unhelpful JSON parse error).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class RegistryError(Exception):
+    """An answer the proxy gives on its own, without asking upstream."""
+
+    status: int
+    code: str
+    message: str
+    detail: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        """The JSON body for this error."""
+        return error_body(self.code, self.message, self.detail)
+
+
+def error_body(code: str, message: str, detail: Any = None) -> bytes:
+    """Serialise one OCI error as the registry API's JSON envelope."""
+    errors = [{"code": code, "message": message, "detail": detail}]
+    return json.dumps({"errors": errors}, separators=(",", ":")).encode()
+
+
+def first_error_code(body: bytes) -> str | None:
+    """The ``code`` of the first error in an upstream error body, or None if it has none."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    errors = document.get("errors")
+    if not isinstance(errors, list) or not errors or not isinstance(errors[0], dict):
+        return None
+    code = errors[0].get("code")
+    return code if isinstance(code, str) else None
+
+
+def bad_request(code: str, message: str, detail: Any = None) -> RegistryError:
+    """A 400 for input the proxy refuses to forward."""
+    return RegistryError(400, code, message, detail)
+
+
+def unsupported_method(method: str) -> RegistryError:
+    """The 405 every write method gets: this proxy only serves pulls."""
+    return RegistryError(
+        405,
+        "UNSUPPORTED",
+        f"{method} is not supported: this registry proxy is read-only (pull only)",
+        headers={"Allow": "GET, HEAD"},
+    )
+
+
+def not_an_endpoint(message: str) -> RegistryError:
+    """A 404 for paths that are not part of the registry API."""
+    return RegistryError(404, "UNSUPPORTED", message)
+
+
+def upstream_unreachable() -> RegistryError:
+    """The 502 when the upstream registry cannot be reached or broke the exchange."""
+    return RegistryError(502, "UNAVAILABLE", "the upstream registry could not be reached")
+
+
+def upstream_timeout() -> RegistryError:
+    """The 504 when the upstream registry did not answer in time."""
+    return RegistryError(504, "UNAVAILABLE", "the upstream registry did not answer in time")

@@ -1,0 +1,82 @@
+"""Who the client is behind reverse proxies: the ``TRUST_PROXY`` setting.
+
+Pure functions, no I/O. The setting works as in the original proxy (Express's "trust proxy"):
+``false`` trusts no one (the socket peer is the client), ``true`` trusts every hop (the leftmost
+``X-Forwarded-For`` address is the client), a number trusts that many hops in front of the proxy,
+and a comma-separated list of addresses or CIDR ranges trusts exactly those peers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAMED_RANGES = {
+    "loopback": ("127.0.0.0/8", "::1/128"),
+    "linklocal": ("169.254.0.0/16", "fe80::/10"),
+    "uniquelocal": ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TrustProxy:
+    """A parsed ``TRUST_PROXY`` value."""
+
+    trust_all: bool = False
+    hops: int = 0
+    networks: tuple[Network, ...] = ()
+
+    def trusts(self, address: str, hop: int) -> bool:
+        """Whether the peer ``address``, ``hop`` steps from the proxy, may forward for others."""
+        if self.trust_all:
+            return True
+        if hop < self.hops:
+            return True
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+def parse_trust_proxy(value: str) -> TrustProxy:
+    """Parse ``true``/``false``, a hop count, or a list of addresses, CIDRs and range names.
+
+    Raises ValueError with a message naming what could not be read.
+    """
+    text = value.strip().lower()
+    if text in ("true", "yes"):
+        return TrustProxy(trust_all=True)
+    if text in ("false", "no", ""):
+        return TrustProxy()
+    if text.isdigit():
+        return TrustProxy(hops=int(text))
+    networks: list[Network] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item in _NAMED_RANGES:
+            networks.extend(ipaddress.ip_network(cidr) for cidr in _NAMED_RANGES[item])
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not true, false, a hop count, an address or a CIDR range"
+            ) from None
+    return TrustProxy(networks=tuple(networks))
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trust: TrustProxy) -> str:
+    """The client's address, walking ``X-Forwarded-For`` back only through trusted hops."""
+    chain = [peer or "-"]
+    if forwarded_for:
+        chain.extend(reversed([a.strip() for a in forwarded_for.split(",") if a.strip()]))
+    for hop, address in enumerate(chain[:-1]):
+        if not trust.trusts(address, hop):
+            return address
+    return chain[-1]

@@ -1,0 +1,77 @@
+"""Which headers cross the proxy, in each direction, and how ``Location`` is pointed back.
+
+Pure functions, no I/O. Everything end-to-end is relayed verbatim and in order (skopeo sends
+several ``Accept`` lines; dropping one turns OCI manifests into 404s or schema2 into schema1);
+hop-by-hop headers (RFC 9110 section 7.6.1) and the ones the proxy frames itself are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Framing and routing belong to each hop: the proxy sets its own Host, never sends a request
+# body upstream, and frames response bodies itself.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"))
+
+Headers = Iterable[tuple[str, str]]
+
+
+def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
+    """Header names listed in ``Connection``, which are hop-by-hop too."""
+    tokens: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _filter(headers: Headers, drop: frozenset[str]) -> list[tuple[str, str]]:
+    items = list(headers)
+    listed = _connection_tokens(items)
+    return [(k, v) for k, v in items if k.lower() not in drop and k.lower() not in listed]
+
+
+def upstream_request_headers(headers: Headers) -> list[tuple[str, str]]:
+    """The client's headers to send upstream, in order, duplicates kept."""
+    return _filter(headers, _REQUEST_DROP)
+
+
+def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
+    """Upstream's response headers to relay to the client, in order, duplicates kept."""
+    return _filter(headers, _RESPONSE_DROP)
+
+
+def rewrite_location(location: str, upstream_origin: str) -> str:
+    """Point a redirect at the proxy when it points at the upstream registry itself.
+
+    A relative ``Location`` (proxy and upstream share paths) and one on the upstream's own origin
+    become a relative path, so the client comes back through the proxy. A redirect to another host
+    (blob storage such as S3 or CloudFront) is returned untouched: the client fetches from there.
+    """
+    if location.startswith("/") and not location.startswith("//"):
+        return location
+    parts = urlsplit(location)
+    target = urlsplit(upstream_origin)
+    same_host = parts.netloc.lower() == target.netloc.lower()
+    same_scheme = parts.scheme in ("", target.scheme)
+    if parts.netloc and same_host and same_scheme:
+        path = parts.path or "/"
+        return f"{path}?{parts.query}" if parts.query else path
+    return location

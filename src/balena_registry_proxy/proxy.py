@@ -1,0 +1,166 @@
+"""The ``/v2/`` handler: parse, decide, forward, relay.
+
+The decisions are made by the pure modules (``routes``, ``access``, ``rewrite``, ``headers``);
+this module only moves bytes between the client and the upstream registry, streaming both ways
+with backpressure, so a multi-GiB layer never sits in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .access import Match, bearer_token, find_access, token_entries
+from .denial import DENIAL_STATUSES, explain
+from .errors import (
+    RegistryError,
+    bad_request,
+    first_error_code,
+    unsupported_method,
+    upstream_timeout,
+    upstream_unreachable,
+)
+from .headers import client_response_headers, upstream_request_headers
+from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
+from .routes import Kind, Route, parse_target
+from .upstream import Upstream
+
+log = logging.getLogger("balena_registry_proxy")
+
+UPSTREAM_TARGET = web.RequestKey("upstream_target", str)
+BODY_BYTES = web.RequestKey("body_bytes", int)
+READ_METHODS = frozenset({"GET", "HEAD"})
+# Bodies the proxy rewrites are small JSON documents; anything bigger is relayed untouched.
+MAX_REWRITTEN_BODY = 1 << 20
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class Proxy:
+    """Forwards registry API requests to one upstream registry."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        """Serve requests through ``upstream``."""
+        self.upstream = upstream
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request under ``/v2``."""
+        if request.method not in READ_METHODS:
+            raise unsupported_method(request.method)
+        route = parse_target(request.raw_path)
+        plan = plan_request(route, _match(request, route))
+        if plan.rewritten:
+            request[UPSTREAM_TARGET] = plan.target
+        headers = upstream_request_headers(request.headers.items())
+        try:
+            async with self.upstream.request(request.method, plan.target, headers) as upstream:
+                return await self._relay(request, route, plan, upstream)
+        except TimeoutError:
+            raise upstream_timeout() from None
+        except aiohttp.ClientError:
+            raise upstream_unreachable() from None
+
+    async def _relay(
+        self,
+        request: web.Request,
+        route: Route,
+        plan: Plan,
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        headers = map_response_headers(
+            client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
+        )
+        if plan.unresolved is not None and upstream.status in DENIAL_STATUSES:
+            denial = await _read_small(upstream) or b""
+            body = explain(plan.unresolved, first_error_code(denial), _proxy_host(request))
+            return _buffered(upstream.status, headers, body)
+        if (
+            plan.real is not None
+            and plan.alias is not None
+            and route.kind is Kind.TAGS
+            and upstream.status == 200
+            and request.method == "GET"
+        ):
+            original = await _read_small(upstream)
+            if original is not None:
+                mapped = map_tags_body(original, plan.real, plan.alias)
+                return _buffered(upstream.status, headers, mapped or original)
+        return await _stream(request, upstream, headers)
+
+
+def _match(request: web.Request, route: Route) -> Match | None:
+    if route.repository is None:
+        return None
+    authorizations = request.headers.getall("Authorization", [])
+    if len(authorizations) > 1:
+        raise bad_request("UNAUTHORIZED", "more than one Authorization header")
+    token = bearer_token(authorizations[0] if authorizations else None)
+    if token is None:
+        return None
+    return find_access(token_entries(token), route.repository)
+
+
+def _proxy_host(request: web.Request) -> str:
+    """The proxy's name as the client addressed it, for messages; never echo odd input."""
+    host = request.headers.get("Host", "")
+    return host if _HOST_RE.fullmatch(host) else "<proxy>"
+
+
+def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, headers=CIMultiDict(headers))
+
+
+async def _read_small(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body if it is small enough to rewrite; None, with nothing consumed, if not."""
+    length = upstream.content_length
+    if length is not None:
+        return None if length > MAX_REWRITTEN_BODY else await upstream.content.readexactly(length)
+    body = bytearray()
+    async for chunk in upstream.content.iter_any():
+        body += chunk
+        if len(body) > MAX_REWRITTEN_BODY:
+            raise RegistryError(
+                502, "UNAVAILABLE", "the upstream registry sent an unexpectedly large document"
+            )
+    return bytes(body)
+
+
+async def _stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
+    )
+    has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    elif has_body:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    if not has_body:
+        return response
+    sent = 0
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+            sent += len(chunk)
+    except ConnectionResetError:
+        # The client went away; leaving the upstream context closes that connection too.
+        return response
+    except (aiohttp.ClientError, TimeoutError) as error:
+        # Headers are out, so no error response is possible: cut the connection so the client
+        # sees a short body (and retries with Range) instead of waiting or trusting it.
+        log.warning(
+            "upstream failed mid-response for %s: %s",
+            request.get(UPSTREAM_TARGET, request.path),
+            type(error).__name__,
+        )
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        request[BODY_BYTES] = sent
+    return response

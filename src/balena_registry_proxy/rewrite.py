@@ -1,0 +1,109 @@
+"""Map between the names clients use and the repositories upstream, in both directions.
+
+Pure functions, no I/O. Requests: decide the upstream target from the parsed route and the
+token's verdict. Responses: put the client's name back where upstream mentions the real one
+(``tags/list`` bodies, pagination links, auth challenges), so the alias never leaks as a
+repository a client would then try to use under its own name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .access import Match, Verdict
+from .headers import rewrite_location
+from .routes import Kind, Route
+
+# Upstream stores one image per release and tags it `latest`; the client's tag is ignored.
+UPSTREAM_TAG = "latest"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where to send a request, and what the answer needs mapped back."""
+
+    target: str
+    """Upstream path and query."""
+    alias: str | None = None
+    """The client's name, when the request was rewritten to another repository."""
+    real: str | None = None
+    """The upstream repository, when the request was rewritten."""
+    unresolved: str | None = None
+    """The client's name, when the token server resolved it to nothing pullable."""
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the upstream target names another repository than the client did."""
+        return self.alias is not None
+
+
+def plan_request(route: Route, match: Match | None) -> Plan:
+    """Decide the upstream target for ``route`` given what the token says about its name.
+
+    Only an ALIASED verdict rewrites: manifests by tag go to the ``latest`` tag, everything
+    addressed by digest keeps its digest (multi-platform children and digest pins depend on it).
+    """
+    if match is None or route.repository is None:
+        return Plan(route.target())
+    if match.verdict is Verdict.UNRESOLVED:
+        return Plan(route.target(), unresolved=route.repository)
+    if match.verdict is not Verdict.ALIASED:
+        return Plan(route.target())
+    reference = route.reference
+    if route.kind is Kind.MANIFEST and not route.by_digest:
+        reference = UPSTREAM_TAG
+    target = route.target(repository=match.repository, reference=reference)
+    return Plan(target, alias=route.repository, real=match.repository)
+
+
+def map_tags_body(body: bytes, real: str, alias: str) -> bytes | None:
+    """Rewrite a ``tags/list`` JSON body's ``name`` from ``real`` to ``alias``.
+
+    Returns None when the body is not the expected JSON object, so it is relayed untouched.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("name") != real:
+        return None
+    document["name"] = alias
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def map_link(value: str, real: str, alias: str) -> str:
+    """Point a pagination ``Link`` header at the client's name instead of the real one."""
+    return value.replace(f"/v2/{real}/", f"/v2/{alias}/")
+
+
+def map_challenge(value: str, real: str, alias: str) -> str:
+    """Make a ``WWW-Authenticate`` scope ask for the client's name.
+
+    Clients fetch their next token with the scope the challenge names. Asking the token server
+    for the real repository would return a token without the alias entry, and the client's next
+    request under its own name could not be mapped any more.
+    """
+    pattern = re.compile(rf"(repository:){re.escape(real)}(:)")
+    return pattern.sub(lambda m: f"{m.group(1)}{alias}{m.group(2)}", value)
+
+
+def map_response_headers(
+    headers: list[tuple[str, str]], plan: Plan, upstream_origin: str
+) -> list[tuple[str, str]]:
+    """Point redirects back at the proxy and, for rewritten requests, names back at the alias."""
+    mapped = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "location":
+            value = rewrite_location(value, upstream_origin)
+            if plan.real is not None and plan.alias is not None and value.startswith("/"):
+                value = map_link(value, plan.real, plan.alias)
+        elif plan.real is not None and plan.alias is not None:
+            if lower == "www-authenticate":
+                value = map_challenge(value, plan.real, plan.alias)
+            elif lower == "link":
+                value = map_link(value, plan.real, plan.alias)
+        mapped.append((name, value))
+    return mapped

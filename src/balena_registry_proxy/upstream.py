@@ -1,0 +1,72 @@
+"""The upstream registry: one pooled HTTP client session for the proxy's lifetime.
+
+This is the only module that talks to the upstream. It never decompresses (the bytes a client
+receives must hash to the digest it asked for), never follows redirects (a blob redirect to
+storage is the client's to follow, without the proxy's involvement) and has no total timeout (a
+multi-GiB layer may take as long as it takes while bytes keep arriving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import __version__
+
+USER_AGENT = f"balena-registry-proxy/{__version__}"
+
+
+class Upstream:
+    """A keep-alive connection pool to one upstream registry."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float) -> None:
+        """Prepare a client for ``base_url`` (``scheme://host[:port]``); call ``start`` next."""
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            # The client's own headers are relayed; aiohttp must not add or replace any.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=1 << 20,
+        )
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send ``method target`` upstream and yield the response, body unread.
+
+        Leaving the context releases the connection: back to the pool when the body was read to
+        the end, closed when it was not (a client that went away mid-blob).
+        """
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not called")
+        header_map = CIMultiDict(headers)
+        header_map.setdefault("User-Agent", USER_AGENT)
+        async with self._session.request(
+            method,
+            URL(self.base_url + target, encoded=True),
+            headers=header_map,
+            allow_redirects=False,
+        ) as response:
+            yield response

@@ -1,0 +1,373 @@
+"""The proxy application against an in-process fake upstream registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from balena_registry_proxy.config import Settings
+
+from ..tokens import alias_entry, bearer, make_token
+from .conftest import (
+    ALIAS,
+    CHALLENGE,
+    MANIFEST,
+    MANIFEST_DIGEST,
+    MANIFEST_TYPE,
+    REAL,
+    FakeRegistry,
+    serve_proxy,
+)
+
+Client = TestClient[web.Request, web.Application]
+TOKEN = make_token(alias_entry(ALIAS, REAL))
+OCI_ACCEPT = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+]
+
+
+async def raw_get(client: Client, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """Send a request target byte for byte, as no URL library would let it through."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    lines = [f"GET {target} HTTP/1.1", f"Host: {client.host}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def assert_oci_error(body: dict[str, Any], code: str) -> None:
+    """``body`` is the registry's JSON error envelope with ``code`` first."""
+    assert set(body) == {"errors"}
+    assert body["errors"][0]["code"] == code
+    assert set(body["errors"][0]) == {"code", "message", "detail"}
+    assert body["errors"][0]["message"]
+
+
+async def test_ping_answers_pong_with_security_headers(proxy: Client) -> None:
+    response = await proxy.get("/ping")
+    assert response.status == 200
+    assert await response.text() == "pong"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_request_without_token_is_forwarded_unchanged(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/anytag")
+    assert response.status == 404
+    assert registry.seen[-1].path_qs == f"/v2/{ALIAS}/manifests/anytag"
+
+
+async def test_base_challenge_reaches_client_unchanged(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get("/v2/")
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == CHALLENGE
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert_oci_error(await response.json(), "UNAUTHORIZED")
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_manifest_by_tag_goes_to_latest_of_real_repository(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    headers = [("Accept", a) for a in OCI_ACCEPT] + list(bearer(TOKEN).items())
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/v9-ignored", headers=headers)
+    assert response.status == 200
+    assert await response.read() == MANIFEST
+    seen = registry.seen[-1]
+    assert seen.path_qs == f"/v2/{REAL}/manifests/latest"
+    assert seen.headers.getall("Accept") == OCI_ACCEPT
+    assert seen.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
+    assert response.headers["Content-Type"] == MANIFEST_TYPE
+    assert response.headers["Content-Length"] == str(len(MANIFEST))
+    assert response.headers["ETag"] == f'"{MANIFEST_DIGEST}"'
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_manifest_by_digest_keeps_its_digest(proxy: Client, registry: FakeRegistry) -> None:
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/{MANIFEST_DIGEST}", headers=bearer(TOKEN))
+    assert response.status == 200
+    assert registry.seen[-1].path_qs == f"/v2/{REAL}/manifests/{MANIFEST_DIGEST}"
+
+
+async def test_query_string_is_forwarded_verbatim(proxy: Client, registry: FakeRegistry) -> None:
+    await proxy.get(f"/v2/{ALIAS}/manifests/latest?ns=bh.cr", headers=bearer(TOKEN))
+    assert registry.seen[-1].path_qs == f"/v2/{REAL}/manifests/latest?ns=bh.cr"
+
+
+async def test_blob_streams_byte_for_byte(
+    proxy: Client, registry: FakeRegistry, blob: tuple[Any, bytes]
+) -> None:
+    _, data = blob
+    response = await proxy.get(f"/v2/{ALIAS}/blobs/{registry.blob_digest}", headers=bearer(TOKEN))
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(len(data))
+    assert response.headers["Docker-Content-Digest"] == registry.blob_digest
+    body = await response.read()
+    assert hashlib.sha256(body).hexdigest() == registry.blob_digest.split(":")[1]
+
+
+async def test_head_keeps_length_and_digest_without_body(
+    proxy: Client, registry: FakeRegistry, blob: tuple[Any, bytes]
+) -> None:
+    response = await proxy.head(f"/v2/{ALIAS}/blobs/{registry.blob_digest}", headers=bearer(TOKEN))
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(len(blob[1]))
+    assert response.headers["Docker-Content-Digest"] == registry.blob_digest
+    assert await response.read() == b""
+    assert registry.seen[-1].method == "HEAD"
+
+
+async def test_range_is_forwarded_and_206_relayed(
+    proxy: Client, registry: FakeRegistry, blob: tuple[Any, bytes]
+) -> None:
+    _, data = blob
+    headers = {**bearer(TOKEN), "Range": "bytes=500-1499"}
+    response = await proxy.get(f"/v2/{ALIAS}/blobs/{registry.blob_digest}", headers=headers)
+    assert response.status == 206
+    assert response.headers["Content-Range"] == f"bytes 500-1499/{len(data)}"
+    assert await response.read() == data[500:1500]
+    assert registry.seen[-1].headers["Range"] == "bytes=500-1499"
+
+
+async def test_unsatisfiable_range_gets_416(proxy: Client, registry: FakeRegistry) -> None:
+    headers = {**bearer(TOKEN), "Range": "bytes=99999999-"}
+    response = await proxy.get(f"/v2/{ALIAS}/blobs/{registry.blob_digest}", headers=headers)
+    assert response.status == 416
+
+
+async def test_conditional_headers_are_forwarded(proxy: Client, registry: FakeRegistry) -> None:
+    headers = {**bearer(TOKEN), "If-None-Match": '"x"', "If-Range": '"y"'}
+    await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    assert registry.seen[-1].headers["If-None-Match"] == '"x"'
+    assert registry.seen[-1].headers["If-Range"] == '"y"'
+
+
+async def test_tags_list_maps_name_and_link_back_to_alias(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get(f"/v2/{ALIAS}/tags/list", headers=bearer(TOKEN))
+    assert response.status == 200
+    assert await response.json() == {"name": ALIAS, "tags": ["latest"]}
+    assert registry.seen[-1].path_qs == f"/v2/{REAL}/tags/list"
+    assert response.headers["Link"] == f'</v2/{ALIAS}/tags/list?last=latest&n=1>; rel="next"'
+    assert REAL not in response.headers["Link"]
+
+
+async def test_redirect_to_storage_passes_through_untouched(proxy: Client) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/blobs/sha256:{'e' * 64}", headers=bearer(TOKEN), allow_redirects=False
+    )
+    assert response.status == 307
+    expected = "https://storage.test/blob?X-Amz-Signature=abc&X-Amz-Credential=k"
+    assert response.headers["Location"] == expected
+
+
+async def test_redirect_to_upstream_itself_points_back_at_proxy(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/blobs/sha256:{'f' * 64}", headers=bearer(TOKEN), allow_redirects=False
+    )
+    assert response.status == 307
+    assert response.headers["Location"] == f"/v2/{ALIAS}/blobs/{registry.blob_digest}"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_write_methods_are_refused_before_upstream(
+    proxy: Client, registry: FakeRegistry, method: str
+) -> None:
+    response = await proxy.request(
+        method, f"/v2/{ALIAS}/blobs/uploads/", headers=bearer(TOKEN), data=b"x"
+    )
+    assert response.status == 405
+    assert_oci_error(await response.json(), "UNSUPPORTED")
+    assert registry.seen == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/gh_acme/../secret/manifests/latest",
+        "/v2/gh_acme/./web/manifests/latest",
+        "/v2/gh_acme%2Fweb/manifests/latest",
+        "/v2/gh_acme/%2e%2e/manifests/latest",
+        "/v2/gh_acme//web/manifests/latest",
+        "/v2/GH_ACME/web/manifests/latest",
+        "/v2/gh_acme/web/manifests/bad%00tag",
+        "/v2/gh_acme/web/blobs/not-a-digest",
+        "/v2/gh_acme/web/manifests/-bad-tag",
+    ],
+)
+async def test_non_canonical_paths_get_400_and_never_reach_upstream(
+    proxy: Client, registry: FakeRegistry, path: str
+) -> None:
+    status, raw = await raw_get(proxy, path, bearer(TOKEN))
+    assert status == 400
+    body = json.loads(raw)
+    assert body["errors"][0]["code"] in {"NAME_INVALID", "MANIFEST_INVALID", "DIGEST_INVALID"}
+    assert registry.seen == []
+
+
+async def test_unknown_endpoint_and_non_registry_path_get_oci_404(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    for path in ("/v2/gh_acme/web/whatever", "/index.html"):
+        response = await proxy.get(path)
+        assert response.status == 404
+        assert_oci_error(await response.json(), "UNSUPPORTED")
+    assert registry.seen == []
+
+
+async def test_token_mapping_to_invalid_name_is_refused(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    token = make_token(alias_entry(ALIAS, "../../admin"))
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer(token))
+    assert response.status == 400
+    assert_oci_error(await response.json(), "NAME_INVALID")
+    assert registry.seen == []
+
+
+async def test_duplicate_authorization_headers_are_refused(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    headers = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")]
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    assert response.status == 400
+    assert registry.seen == []
+
+
+async def test_garbage_token_is_forwarded_unchanged(proxy: Client, registry: FakeRegistry) -> None:
+    await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer("not.a.jwt"))
+    assert registry.seen[-1].path_qs == f"/v2/{ALIAS}/manifests/latest"
+    assert registry.seen[-1].headers["Authorization"] == "Bearer not.a.jwt"
+
+
+async def test_unresolved_name_keeps_status_and_challenge_with_helpful_message(
+    proxy: Client,
+) -> None:
+    name = "gh_acme/web/9.9.9"
+    token = make_token({"type": "repository", "name": name, "actions": []})
+    response = await proxy.get(
+        f"/v2/{name}/manifests/latest", headers={**bearer(token), "Host": "proxy.test:8080"}
+    )
+    assert response.status == 401
+    assert 'scope="repository:gh_acme/web/9.9.9:pull"' in response.headers["WWW-Authenticate"]
+    body = await response.json()
+    assert_oci_error(body, "UNAUTHORIZED")
+    message = body["errors"][0]["message"]
+    assert "release '9.9.9' of app 'gh_acme/web'" in message
+    assert "without a leading 'v'" in message
+    assert "'+rev'" in message
+    assert "docker login proxy.test:8080" in message
+    assert token not in message
+
+
+async def test_rewritten_challenge_asks_for_the_alias(
+    registry: FakeRegistry,
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    async def expired(request: web.Request) -> web.Response:
+        challenge = CHALLENGE + f',scope="repository:{REAL}:pull",error="invalid_token"'
+        headers = {"WWW-Authenticate": challenge}
+        return web.json_response({"errors": []}, status=401, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", expired)
+    upstream = await aiohttp_server(app)
+    settings = Settings(registry_url=str(upstream.make_url("")).rstrip("/"))
+    client = await serve_proxy(settings, aiohttp_client)
+    response = await client.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer(TOKEN))
+    assert response.status == 401
+    assert f'scope="repository:{ALIAS}:pull"' in response.headers["WWW-Authenticate"]
+
+
+async def test_compressed_bodies_are_never_decompressed(proxy: Client) -> None:
+    response = await proxy.get(
+        f"/v2/gzip/blobs/sha256:{'a' * 64}", headers={"Accept-Encoding": "gzip"}
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert await response.read() == b"\x1f\x8b\x08\x00not-really-gzip"
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    headers = {
+        **bearer(TOKEN),
+        "Connection": "keep-alive, X-Client-Hop",
+        "X-Client-Hop": "1",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "X-End-To-End": "kept",
+    }
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    seen = registry.seen[-1].headers
+    assert "X-Client-Hop" not in seen
+    assert "Proxy-Authorization" not in seen
+    assert seen["X-End-To-End"] == "kept"
+    assert "X-Upstream-Hop" not in response.headers
+
+
+async def test_upstream_unreachable_gives_502(
+    aiohttp_client: Callable[..., Awaitable[Client]], unused_tcp_port: int
+) -> None:
+    settings = Settings(registry_url=f"http://127.0.0.1:{unused_tcp_port}")
+    client = await serve_proxy(settings, aiohttp_client)
+    response = await client.get("/v2/")
+    assert response.status == 502
+    assert_oci_error(await response.json(), "UNAVAILABLE")
+    assert (await client.get("/ping")).status == 200
+
+
+async def test_upstream_timeout_gives_504_and_proxy_keeps_serving(proxy: Client) -> None:
+    response = await proxy.get("/v2/slow/manifests/latest")
+    assert response.status == 504
+    assert_oci_error(await response.json(), "UNAVAILABLE")
+    assert (await proxy.get("/v2/")).status == 401
+
+
+async def test_upstream_cut_mid_blob_cuts_the_client_too(proxy: Client) -> None:
+    response = await proxy.get(f"/v2/cut/blobs/sha256:{'b' * 64}")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert (await proxy.get("/ping")).status == 200
+
+
+async def test_access_log_has_one_line_without_secrets(
+    proxy: Client, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="balena_registry_proxy.access")
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest?token=hunter2", headers=bearer(TOKEN))
+    await response.read()
+    await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "balena_registry_proxy.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert f"GET /v2/{ALIAS}/manifests/latest?token=***" in line
+    assert f"-> /v2/{REAL}/manifests/latest?token=***" in line
+    assert " 200 " in line
+    assert f" {len(MANIFEST)} " in line
+    assert "hunter2" not in line
+    assert TOKEN not in caplog.text
