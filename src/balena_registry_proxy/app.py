@@ -90,9 +90,8 @@ class AccessLogger(AbstractAccessLogger):
 
 def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Body bytes sent: counted while streaming, else the length of a buffered body."""
-    counted = request.get(BODY_BYTES) if isinstance(request, web.Request) else None
-    if counted is not None:
-        return counted
+    if isinstance(request, web.Request) and BODY_BYTES in request:
+        return request[BODY_BYTES]
     if request.method == "HEAD":
         return 0
     return response.content_length or 0

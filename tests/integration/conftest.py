@@ -94,12 +94,12 @@ class FakeRegistry:
                 headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
             )
         if path == "/v2/cut/blobs/sha256:" + "b" * 64:
-            response = web.StreamResponse(headers={"Content-Length": "1000000"})
-            await response.prepare(request)
-            await response.write(b"x" * 1000)
+            cut = web.StreamResponse(headers={"Content-Length": "1000000"})
+            await cut.prepare(request)
+            await cut.write(b"x" * 1000)
             assert request.transport is not None
             request.transport.close()
-            return response
+            return cut
         return _denied(404, "NAME_UNKNOWN", "repository name not known to registry", None)
 
 

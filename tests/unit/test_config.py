@@ -1,0 +1,67 @@
+"""Settings from the environment and flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from balena_registry_proxy.cli import build_parser
+from balena_registry_proxy.config import ConfigError, Settings, load_settings
+from balena_registry_proxy.forwarded import TrustProxy
+
+
+def settings(env: dict[str, str], *argv: str) -> Settings:
+    return load_settings(env, vars(build_parser().parse_args(list(argv))))
+
+
+def test_defaults_match_the_original() -> None:
+    loaded = settings({})
+    assert loaded == Settings()
+    assert loaded.port == 80
+    assert loaded.registry_url == "https://registry2.balena-cloud.com"
+    assert loaded.trust_proxy == TrustProxy()
+
+
+def test_upstream_precedence() -> None:
+    assert settings({"REGISTRY2_HOST": "reg.example.com"}).registry_url == "https://reg.example.com"
+    env = {"REGISTRY2_HOST": "reg.example.com", "DNS_TLD": "balena.local"}
+    assert settings(env).registry_url == "https://registry2.balena.local"
+    env["REGISTRY_URL"] = "http://127.0.0.1:5000/"
+    assert settings(env).registry_url == "http://127.0.0.1:5000"
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"PROXY_PORT": "8080", "REGISTRY_URL": "http://a:1", "TRUST_PROXY": "true"}
+    loaded = settings(env, "--port", "9090", "--registry-url", "http://b:2", "--trust-proxy", "2")
+    assert loaded.port == 9090
+    assert loaded.registry_url == "http://b:2"
+    assert loaded.trust_proxy == TrustProxy(hops=2)
+
+
+def test_timeouts_and_log_level() -> None:
+    env = {"UPSTREAM_CONNECT_TIMEOUT": "2.5", "UPSTREAM_READ_TIMEOUT": "60", "LOG_LEVEL": "debug"}
+    loaded = settings(env, "--shutdown-timeout", "5")
+    assert (loaded.connect_timeout, loaded.read_timeout, loaded.shutdown_timeout) == (2.5, 60, 5)
+    assert loaded.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "names"),
+    [
+        ({"PROXY_PORT": "http"}, [], "PROXY_PORT (--port)"),
+        ({}, ["--port", "70000"], "PROXY_PORT (--port)"),
+        ({"REGISTRY_URL": "registry2.balena-cloud.com"}, [], "REGISTRY_URL (--registry-url)"),
+        ({"REGISTRY_URL": "https://r.example.com/v2"}, [], "REGISTRY_URL (--registry-url)"),
+        ({"REGISTRY2_HOST": "https://r.example.com"}, [], "REGISTRY2_HOST (--registry2-host)"),
+        ({"DNS_TLD": "a b"}, [], "DNS_TLD (--dns-tld)"),
+        ({"TRUST_PROXY": "perhaps"}, [], "TRUST_PROXY (--trust-proxy)"),
+        ({"UPSTREAM_READ_TIMEOUT": "-1"}, [], "UPSTREAM_READ_TIMEOUT (--read-timeout)"),
+        ({}, ["--connect-timeout", "soon"], "UPSTREAM_CONNECT_TIMEOUT (--connect-timeout)"),
+        ({"LOG_LEVEL": "loud"}, [], "LOG_LEVEL (--log-level)"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], argv: list[str], names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings(env, *argv)
+    message = str(caught.value)
+    assert message.startswith(names)
+    assert "\n" not in message

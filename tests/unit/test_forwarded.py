@@ -1,0 +1,42 @@
+"""TRUST_PROXY: who the client is behind reverse proxies."""
+
+from __future__ import annotations
+
+import pytest
+
+from balena_registry_proxy.forwarded import TrustProxy, client_address, parse_trust_proxy
+
+XFF = "203.0.113.9, 10.0.0.2, 10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("setting", "peer", "forwarded", "expected"),
+    [
+        ("false", "10.0.0.1", XFF, "10.0.0.1"),
+        ("", "10.0.0.1", XFF, "10.0.0.1"),
+        ("true", "10.0.0.1", XFF, "203.0.113.9"),
+        ("true", "10.0.0.1", None, "10.0.0.1"),
+        ("1", "10.0.0.5", XFF, "10.0.0.1"),
+        ("2", "10.0.0.5", XFF, "10.0.0.2"),
+        ("9", "10.0.0.5", XFF, "203.0.113.9"),
+        ("0", "10.0.0.5", XFF, "10.0.0.5"),
+        ("10.0.0.0/8", "10.0.0.5", XFF, "203.0.113.9"),
+        ("10.0.0.5, 10.0.0.1", "10.0.0.5", XFF, "10.0.0.2"),
+        ("loopback", "127.0.0.1", "198.51.100.7", "198.51.100.7"),
+        ("loopback", "10.0.0.1", "198.51.100.7", "10.0.0.1"),
+        ("uniquelocal", "192.168.1.2", "garbage, 10.1.1.1", "garbage"),
+        ("::1", "::1", "2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_client_address(setting: str, peer: str, forwarded: str | None, expected: str) -> None:
+    assert client_address(peer, forwarded, parse_trust_proxy(setting)) == expected
+
+
+def test_unknown_peer() -> None:
+    assert client_address(None, None, TrustProxy()) == "-"
+
+
+@pytest.mark.parametrize("setting", ["maybe", "10.0.0.0/33", "1.2.3.4, nope", "-1"])
+def test_bad_settings_are_refused_with_the_offending_part(setting: str) -> None:
+    with pytest.raises(ValueError, match="is not true, false"):
+        parse_trust_proxy(setting)

@@ -1,0 +1,101 @@
+"""Which headers cross the proxy, and where redirects point."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balena_registry_proxy.headers import (
+    HOP_BY_HOP,
+    client_response_headers,
+    rewrite_location,
+    upstream_request_headers,
+)
+
+
+def test_request_headers_keep_duplicates_and_order() -> None:
+    headers = [
+        ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+        ("Host", "proxy"),
+        ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
+        ("Range", "bytes=0-1"),
+        ("If-Range", '"e"'),
+        ("If-None-Match", '"e"'),
+        ("Authorization", "Bearer t"),
+        ("Content-Length", "0"),
+        ("Transfer-Encoding", "chunked"),
+        ("Connection", "close, X-Hop"),
+        ("X-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Upgrade", "h2c"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Expect", "100-continue"),
+    ]
+    assert upstream_request_headers(headers) == [
+        ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+        ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
+        ("Range", "bytes=0-1"),
+        ("If-Range", '"e"'),
+        ("If-None-Match", '"e"'),
+        ("Authorization", "Bearer t"),
+    ]
+
+
+def test_response_headers_drop_framing_and_hop_by_hop() -> None:
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "10"),
+        ("Docker-Content-Digest", "sha256:x"),
+        ("Transfer-Encoding", "chunked"),
+        ("Connection", "X-Secret"),
+        ("x-secret", "1"),
+        ("Proxy-Authenticate", "Basic"),
+        ("WWW-Authenticate", "Bearer realm=x"),
+        ("Content-Range", "bytes 0-1/2"),
+        ("ETag", '"e"'),
+        ("Docker-Distribution-API-Version", "registry/2.0"),
+    ]
+    assert client_response_headers(headers) == [
+        ("Content-Type", "application/json"),
+        ("Docker-Content-Digest", "sha256:x"),
+        ("WWW-Authenticate", "Bearer realm=x"),
+        ("Content-Range", "bytes 0-1/2"),
+        ("ETag", '"e"'),
+        ("Docker-Distribution-API-Version", "registry/2.0"),
+    ]
+
+
+header_names = st.one_of(
+    st.sampled_from(sorted(HOP_BY_HOP)).map(lambda n: n.upper()),
+    st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True),
+)
+
+
+@given(st.lists(st.tuples(header_names, st.text(max_size=20))))
+def test_no_hop_by_hop_header_ever_crosses(headers: list[tuple[str, str]]) -> None:
+    for filtered in (upstream_request_headers(headers), client_response_headers(headers)):
+        assert not any(name.lower() in HOP_BY_HOP for name, _ in filtered)
+        assert all(pair in headers for pair in filtered)
+
+
+UPSTREAM = "https://registry2.example.com"
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("/v2/x/blobs/sha256:a", "/v2/x/blobs/sha256:a"),
+        ("https://registry2.example.com/v2/x/blobs/sha256:a?s=1", "/v2/x/blobs/sha256:a?s=1"),
+        ("https://REGISTRY2.example.com/v2/x", "/v2/x"),
+        ("https://s3.amazonaws.com/bucket/blob?X-Amz-Signature=1", None),
+        ("https://d123.cloudfront.net/blob", None),
+        ("http://registry2.example.com/v2/x", None),
+        ("https://registry2.example.com:8443/v2/x", None),
+        ("//registry2.example.com/v2/x", "/v2/x"),
+        ("//evil.example.com/v2/x", None),
+    ],
+)
+def test_rewrite_location(location: str, expected: str | None) -> None:
+    assert rewrite_location(location, UPSTREAM) == (expected or location)

@@ -1,0 +1,73 @@
+"""Error bodies, the helpful denial and access-log lines."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balena_registry_proxy.accesslog import format_line, printable, redact_target
+from balena_registry_proxy.denial import explain
+from balena_registry_proxy.errors import error_body, first_error_code, unsupported_method
+
+
+def test_error_body_shape() -> None:
+    body = json.loads(error_body("DENIED", "no", {"a": 1}))
+    assert body == {"errors": [{"code": "DENIED", "message": "no", "detail": {"a": 1}}]}
+
+
+def test_unsupported_method_is_405_with_allow() -> None:
+    error = unsupported_method("PUT")
+    assert (error.status, error.code, error.headers) == (405, "UNSUPPORTED", {"Allow": "GET, HEAD"})
+
+
+def test_first_error_code() -> None:
+    assert first_error_code(error_body("NAME_UNKNOWN", "x")) == "NAME_UNKNOWN"
+    for body in (b"", b"<html>", b"[]", b'{"errors":[]}', b'{"errors":[1]}', b'{"errors":"x"}'):
+        assert first_error_code(body) is None
+
+
+def test_explain_release() -> None:
+    body = json.loads(explain("gh_acme/web/v1.2.3", "UNAUTHORIZED", "proxy.example:8080"))
+    error = body["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert "release 'v1.2.3' of app 'gh_acme/web' was not found" in error["message"]
+    assert "without a leading 'v' and without '+rev'" in error["message"]
+    assert "docker login proxy.example:8080" in error["message"]
+    assert error["detail"] == {"name": "gh_acme/web/v1.2.3", "upstream_code": "UNAUTHORIZED"}
+
+
+def test_explain_app_without_upstream_code() -> None:
+    error = json.loads(explain("gh_acme/nope", None, "p"))["errors"][0]
+    assert error["code"] == "DENIED"
+    assert error["message"].startswith("app 'gh_acme/nope' was not found")
+
+
+def test_redact_target() -> None:
+    target = "/v2/x?n=10&token=abc&X-Amz-Signature=s&password=p&api_key=k&last=b"
+    assert redact_target(target) == (
+        "/v2/x?n=10&token=***&X-Amz-Signature=***&password=***&api_key=***&last=b"
+    )
+    assert redact_target("/v2/x") == "/v2/x"
+
+
+@given(st.text(max_size=50), st.text(max_size=50))
+def test_log_lines_are_single_printable_lines(method: str, target: str) -> None:
+    line = format_line(
+        client="1.2.3.4",
+        method=method,
+        target=target,
+        upstream_target=None,
+        status=200,
+        size=1,
+        elapsed_ms=1.0,
+    )
+    assert line.isprintable()
+    assert "\n" not in line
+    assert "\r" not in line
+
+
+def test_printable_keeps_plain_text() -> None:
+    assert printable("GET /v2/") == "GET /v2/"
+    assert printable("a\nb") == "a\\nb"

@@ -1,0 +1,131 @@
+"""Deciding the upstream target, and mapping answers back to the client's name."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balena_registry_proxy.access import Match, Verdict
+from balena_registry_proxy.rewrite import (
+    Plan,
+    map_challenge,
+    map_link,
+    map_response_headers,
+    map_tags_body,
+    plan_request,
+)
+from balena_registry_proxy.routes import Kind, parse_target
+
+from .strategies import digests, names, tags
+
+REAL = "v2/0123456789abcdef0123456789abcdef"
+DIGEST = "sha256:" + "cd" * 32
+COMMIT = "b1678e01687d42ae9b2fe254543c7d18"
+SELECTORS = ["", "/latest", "/current", "/default", "/pinned", "/1.2.3", "/1.2.3-1700000000000"]
+
+
+def aliased(real: str = REAL) -> Match:
+    return Match(Verdict.ALIASED, real)
+
+
+@pytest.mark.parametrize("selector", [*SELECTORS, f"/{COMMIT}"])
+@pytest.mark.parametrize("tag", ["latest", "v1.0", "ignored_tag"])
+def test_manifest_by_tag_goes_to_latest_for_every_selector(selector: str, tag: str) -> None:
+    name = f"gh_acme/web{selector}"
+    plan = plan_request(parse_target(f"/v2/{name}/manifests/{tag}"), aliased())
+    assert plan == Plan(f"/v2/{REAL}/manifests/latest", alias=name, real=REAL)
+    assert plan.rewritten
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (f"/v2/org/app/1.2.3/manifests/{DIGEST}", f"/v2/{REAL}/manifests/{DIGEST}"),
+        (f"/v2/org/app/1.2.3/blobs/{DIGEST}", f"/v2/{REAL}/blobs/{DIGEST}"),
+        ("/v2/org/app/1.2.3/tags/list?n=5", f"/v2/{REAL}/tags/list?n=5"),
+        (f"/v2/org/app/1.2.3/referrers/{DIGEST}", f"/v2/{REAL}/referrers/{DIGEST}"),
+        ("/v2/org/app/1.2.3/manifests/x?ns=bh.cr", f"/v2/{REAL}/manifests/latest?ns=bh.cr"),
+    ],
+)
+def test_digests_and_queries_are_kept(target: str, expected: str) -> None:
+    assert plan_request(parse_target(target), aliased()).target == expected
+
+
+@pytest.mark.parametrize("target", ["/v2/", "/v2/_catalog"])
+def test_base_and_catalog_are_never_rewritten(target: str) -> None:
+    assert plan_request(parse_target(target), aliased()) == Plan(target)
+
+
+def test_no_match_forwards_unchanged() -> None:
+    route = parse_target("/v2/org/app/manifests/v1")
+    assert plan_request(route, None) == Plan("/v2/org/app/manifests/v1")
+
+
+def test_direct_grant_forwards_unchanged() -> None:
+    route = parse_target("/v2/v2/abc/manifests/v1")
+    assert plan_request(route, Match(Verdict.GRANTED, "v2/abc")) == Plan(route.target())
+
+
+def test_unresolved_forwards_unchanged_and_remembers_the_name() -> None:
+    route = parse_target("/v2/org/app/9.9.9/manifests/latest")
+    plan = plan_request(route, Match(Verdict.UNRESOLVED, "org/app/9.9.9"))
+    assert plan == Plan(route.target(), unresolved="org/app/9.9.9")
+    assert not plan.rewritten
+
+
+@given(names, names, st.one_of(tags, digests))
+def test_rewritten_targets_parse_to_the_real_repository(alias: str, real: str, ref: str) -> None:
+    route = parse_target(f"/v2/{alias}/manifests/{ref}")
+    upstream = parse_target(plan_request(route, aliased(real)).target)
+    assert upstream.kind is Kind.MANIFEST
+    assert upstream.repository == real
+    assert upstream.reference == (ref if route.by_digest else "latest")
+
+
+def test_tags_body_name_is_mapped_back() -> None:
+    body = b'{"name":"v2/abc","tags":["latest"]}'
+    assert map_tags_body(body, "v2/abc", "org/app") == b'{"name":"org/app","tags":["latest"]}'
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"name":"other","tags":[]}', b"\xff"])
+def test_unexpected_tags_bodies_are_left_alone(body: bytes) -> None:
+    assert map_tags_body(body, "v2/abc", "org/app") is None
+
+
+def test_link_is_mapped_back() -> None:
+    link = '</v2/v2/abc/tags/list?n=1&last=a>; rel="next"'
+    assert map_link(link, "v2/abc", "org/app") == '</v2/org/app/tags/list?n=1&last=a>; rel="next"'
+
+
+def test_challenge_scope_is_mapped_back_exactly() -> None:
+    challenge = (
+        'Bearer realm="https://api/auth",service="reg",'
+        'scope="repository:v2/abc:pull",error="invalid_token"'
+    )
+    mapped = map_challenge(challenge, "v2/abc", "org/app/1.2.3")
+    assert 'scope="repository:org/app/1.2.3:pull"' in mapped
+    assert 'realm="https://api/auth"' in mapped
+    # A name that merely starts with the real one is not touched; dots are not wildcards.
+    other = 'scope="repository:v2/abcd:pull repository:v2xabc:pull"'
+    assert map_challenge(other, "v2/abc", "org/app") == other
+    assert map_challenge('scope="repository:v2/a.c:pull"', "v2/a.c", "o/a").count("o/a") == 1
+
+
+def test_response_headers_mapping() -> None:
+    plan = Plan(f"/v2/{REAL}/blobs/{DIGEST}", alias="org/app", real=REAL)
+    headers = [
+        ("Location", f"https://registry.test/v2/{REAL}/blobs/{DIGEST}"),
+        ("WWW-Authenticate", f'Bearer scope="repository:{REAL}:pull"'),
+        ("Docker-Content-Digest", DIGEST),
+    ]
+    assert map_response_headers(headers, plan, "https://registry.test") == [
+        ("Location", f"/v2/org/app/blobs/{DIGEST}"),
+        ("WWW-Authenticate", 'Bearer scope="repository:org/app:pull"'),
+        ("Docker-Content-Digest", DIGEST),
+    ]
+
+
+def test_response_headers_of_unrewritten_requests_keep_names() -> None:
+    headers = [("WWW-Authenticate", 'Bearer scope="repository:org/app:pull"')]
+    assert map_response_headers(headers, Plan("/v2/"), "https://registry.test") == headers

@@ -1,0 +1,131 @@
+"""Parsing request targets under /v2/."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balena_registry_proxy.errors import RegistryError
+from balena_registry_proxy.routes import NAME_RE, Kind, Route, is_valid_name, parse_target
+
+from .strategies import digests, names, tags
+
+DIGEST = "sha256:" + "ab" * 32
+COMMIT = "b1678e01687d42ae9b2fe254543c7d18"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/v2/", Route(Kind.BASE)),
+        ("/v2", Route(Kind.BASE)),
+        ("/v2/_catalog?n=10", Route(Kind.CATALOG, query="n=10")),
+        ("/v2/org/app/manifests/latest", Route(Kind.MANIFEST, "org/app", "latest")),
+        (f"/v2/org/app/manifests/{DIGEST}", Route(Kind.MANIFEST, "org/app", DIGEST)),
+        (f"/v2/org/app/1.2.3/blobs/{DIGEST}", Route(Kind.BLOB, "org/app/1.2.3", DIGEST)),
+        ("/v2/org/app/tags/list?n=1&last=a", Route(Kind.TAGS, "org/app", query="n=1&last=a")),
+        (f"/v2/org/app/referrers/{DIGEST}", Route(Kind.REFERRERS, "org/app", DIGEST)),
+        ("/v2/org/app/blobs/uploads/", None),
+        ("/v2/org/app/blobs/uploads/abc-123", Route(Kind.UPLOAD, "org/app", "abc-123")),
+        ("/v2/org/app/blobs/uploads", Route(Kind.UPLOAD, "org/app")),
+    ],
+)
+def test_parses_every_endpoint(target: str, expected: Route | None) -> None:
+    if expected is None:
+        with pytest.raises(RegistryError):
+            parse_target(target)
+        return
+    assert parse_target(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "tag"),
+    [
+        ("gh_acme/web", "latest"),
+        ("gh_acme/web/latest", "latest"),
+        ("gh_acme/web/current", "anything"),
+        ("gh_acme/web/default", "v1"),
+        ("gh_acme/web/pinned", "latest"),
+        ("gh_acme/web/1.2.3", "latest"),
+        ("gh_acme/web/1.2.3-1700000000000", "latest"),
+        (f"gh_acme/web/{COMMIT}", "ignored-tag"),
+        ("balena_os/raspberrypi4-64/2.108.1", "x"),
+    ],
+)
+def test_every_reference_form_of_the_readme_parses(name: str, tag: str) -> None:
+    route = parse_target(f"/v2/{name}/manifests/{tag}")
+    assert route == Route(Kind.MANIFEST, name, tag)
+    assert not route.by_digest
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "code"),
+    [
+        ("/v2/org/../app/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/./app/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org%2Fapp/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/%2e%2e/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org//app/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app/manifests/latest/", 400, "NAME_INVALID"),
+        ("/v2/Org/app/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app-/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app\\x/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app/1.2.3+rev2/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app/manifests/.hidden", 400, "MANIFEST_INVALID"),
+        ("/v2/org/app/manifests/" + "t" * 129, 400, "MANIFEST_INVALID"),
+        ("/v2/org/app/blobs/latest", 400, "DIGEST_INVALID"),
+        ("/v2/org/app/referrers/latest", 400, "DIGEST_INVALID"),
+        ("/v2/org/app/manifests/a b", 400, "NAME_INVALID"),
+        ("/v2/org/app/manifests/latest?x=\x00", 400, "UNSUPPORTED"),
+        ("/v2/" + "a/" * 130 + "manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/org/app/whatever", 404, "UNSUPPORTED"),
+        ("/v2/manifests/latest", 404, "UNSUPPORTED"),
+        ("/v3/org/app/manifests/latest", 404, "UNSUPPORTED"),
+        ("/v2/" + "a" * 5000, 414, "NAME_INVALID"),
+    ],
+)
+def test_rejections(target: str, status: int, code: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_target(target)
+    assert caught.value.status == status
+    assert caught.value.code == code
+
+
+def test_name_length_limit() -> None:
+    assert is_valid_name("a" * 255)
+    assert not is_valid_name("a" * 256)
+
+
+@given(names, st.one_of(tags, digests))
+def test_canonical_manifest_targets_round_trip(name: str, reference: str) -> None:
+    target = f"/v2/{name}/manifests/{reference}"
+    route = parse_target(target)
+    assert route.repository == name
+    assert route.reference == reference
+    assert route.target() == target
+
+
+@given(names, digests)
+def test_blob_targets_round_trip(name: str, digest: str) -> None:
+    route = parse_target(f"/v2/{name}/blobs/{digest}")
+    assert route.kind is Kind.BLOB
+    assert route.by_digest
+    assert route.target() == f"/v2/{name}/blobs/{digest}"
+
+
+@given(st.text(max_size=300).map(lambda t: "/v2/" + t))
+def test_any_target_is_refused_cleanly_or_forwarded_exactly(target: str) -> None:
+    try:
+        route = parse_target(target)
+    except RegistryError as error:
+        status = error.status
+        assert 400 <= status < 500, status
+        return
+    # What parses is forwarded exactly as the client sent it: nothing to normalise, nothing odd.
+    expected = "/v2/" if target.partition("?")[0] in ("/v2", "/v2/") else target.partition("?")[0]
+    assert route.path() == expected
+    assert ".." not in route.path().split("/")
+    assert "%" not in route.path()
+    if route.repository is not None:
+        assert NAME_RE.fullmatch(route.repository)
