@@ -1,0 +1,106 @@
+"""The command as an operator runs it: start-up errors, serving, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "balena_registry_proxy",
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--port", "x"], {}, "PROXY_PORT (--port) 'x': must be a port number"),
+        ([], {"REGISTRY_URL": "ftp://x"}, "REGISTRY_URL (--registry-url) 'ftp://x'"),
+        ([], {"TRUST_PROXY": "sometimes"}, "TRUST_PROXY (--trust-proxy) 'sometimes'"),
+    ],
+)
+async def test_bad_settings_stop_start_up_with_one_line(
+    args: list[str], env: dict[str, str], expected: str
+) -> None:
+    process = await run_cli(*args, env=env)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert expected in lines[0]
+
+
+async def test_port_in_use_is_one_clear_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = await run_cli("--host", "127.0.0.1", "--port", str(port))
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "cannot listen on 127.0.0.1" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
+@pytest.fixture
+async def slow_upstream(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> TestServer:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.Response(text="finished")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    return await aiohttp_server(app)
+
+
+async def test_sigterm_drains_in_flight_requests_then_exits_0(slow_upstream: TestServer) -> None:
+    port = free_port()
+    upstream = str(slow_upstream.make_url("")).rstrip("/")
+    process = await run_cli("--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ping") as ping:
+                        assert await ping.text() == "pong"
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            in_flight = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/"))
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            response = await in_flight
+            assert response.status == 200
+            assert await response.text() == "finished"
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+        assert b"Traceback" not in stderr
+        assert b'"GET /v2/" 200' in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
