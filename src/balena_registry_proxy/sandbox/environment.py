@@ -1,0 +1,167 @@
+"""The whole sandbox in one context manager: signing key, token service, registry, seed data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from .catalog import Catalog, ScopeRequest, default_catalog_path, load_catalog, resolve_scope
+from .keys import SigningKey, generate_signing_key
+from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, run_registry
+from .seed import SeededRelease, SeedResult, seed_registry
+from .token_service import (
+    TOKEN_PATH,
+    TOKEN_REQUESTS,
+    TokenIssuer,
+    TokenRequestRecord,
+    create_token_app,
+)
+
+__all__ = ["DEFAULT_ISSUER", "DEFAULT_SERVICE", "Sandbox"]
+
+DEFAULT_SERVICE = "registry2.sandbox.local"
+DEFAULT_ISSUER = "api.sandbox.local"
+_LOCALHOST = "127.0.0.1"
+
+
+class Sandbox:
+    """A running stand-in for balenaCloud's registry and its token server.
+
+    Obtain one with ``async with Sandbox.start() as sb``; the attributes are plain values that
+    are safe to read from any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        token_issuer: TokenIssuer,
+        token_url: str,
+        token_requests: list[TokenRequestRecord],
+        registry: RegistryProcess,
+        seed: SeedResult,
+        workdir: Path,
+    ) -> None:
+        self.catalog = catalog
+        self.token_issuer = token_issuer
+        self.token_url = token_url
+        self.token_requests = token_requests
+        self.registry = registry
+        self.seed = seed
+        self.workdir = workdir
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The key tokens are signed with; its certificate is the registry's trust root."""
+        return self.token_issuer.signing_key
+
+    @property
+    def service(self) -> str:
+        """The registry's token service name, i.e. the tokens' ``aud``."""
+        return self.token_issuer.service
+
+    @property
+    def issuer(self) -> str:
+        """The tokens' ``iss``."""
+        return self.token_issuer.issuer
+
+    @property
+    def registry_url(self) -> str:
+        """Registry base URL, ``http://127.0.0.1:<port>``."""
+        return self.registry.url
+
+    @property
+    def registry_host(self) -> str:
+        """``127.0.0.1:<port>``, as written in image references."""
+        return self.registry.host
+
+    @property
+    def registry_log_path(self) -> Path:
+        """The registry's access log: one Apache combined-format line per request."""
+        return self.registry.access_log_path
+
+    def expected_release(self, name: str, username: str | None = None) -> SeededRelease | None:
+        """What pulling ``name`` (``org/app[/selector]``) should yield for ``username``.
+
+        Applies the token service's resolution rules, so tests can compare what a client
+        received with what was seeded; ``None`` when balena would not serve the name.
+        """
+        user = None if username is None else self.catalog.user(username)
+        if username is not None and user is None:
+            raise KeyError(username)
+        entry = resolve_scope(self.catalog, ScopeRequest(name, ("pull",)), user)
+        if entry is None or entry.alias is None:
+            return None
+        found = self.catalog.release_by_hash(entry.name.removeprefix("v2/"))
+        return None if found is None else self.seed[found[1].commit]
+
+    def registry_requests(self) -> list[AccessLogEntry]:
+        """Requests the registry has served so far (see :meth:`RegistryProcess.access_log`)."""
+        return self.registry.access_log()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(
+        cls,
+        catalog_path: Path | str | None = None,
+        workdir: Path | str | None = None,
+        *,
+        registry_binary: Path | str | None = None,
+        service: str = DEFAULT_SERVICE,
+        issuer: str = DEFAULT_ISSUER,
+    ) -> AsyncIterator[Sandbox]:
+        """Start the token service and the registry, seed every release, yield the sandbox.
+
+        ``catalog_path`` defaults to the packaged ``default_catalog.yaml``. Without ``workdir``
+        all state lives in a temporary directory removed on exit; a given ``workdir`` is kept.
+        """
+        catalog = load_catalog(catalog_path or default_catalog_path())
+        directory = (
+            Path(workdir)
+            if workdir is not None
+            else Path(tempfile.mkdtemp(prefix="balena-sandbox-"))
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            if workdir is None:
+                stack.callback(shutil.rmtree, directory, ignore_errors=True)
+            signing_key = await asyncio.to_thread(generate_signing_key)
+            _, cert_path = await asyncio.to_thread(_write_keys, signing_key, directory / "keys")
+            token_issuer = TokenIssuer(catalog, signing_key, issuer=issuer, service=service)
+            token_app = create_token_app(token_issuer)
+            runner = web.AppRunner(token_app)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, _LOCALHOST, 0)
+            await site.start()
+            token_port = runner.addresses[0][1]
+            token_url = f"http://{_LOCALHOST}:{token_port}{TOKEN_PATH}"
+
+            settings = RegistrySettings(
+                realm=token_url, service=service, issuer=issuer, root_cert_path=cert_path
+            )
+            registry = await stack.enter_async_context(
+                run_registry(settings, directory / "registry", binary=registry_binary)
+            )
+
+            repositories = [release.repository for _, release in catalog.all_releases()]
+            seed = await seed_registry(registry.url, catalog, token_issuer.push_token(repositories))
+            yield cls(
+                catalog=catalog,
+                token_issuer=token_issuer,
+                token_url=token_url,
+                token_requests=token_app[TOKEN_REQUESTS],
+                registry=registry,
+                seed=seed,
+                workdir=directory,
+            )
+
+
+def _write_keys(signing_key: SigningKey, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return signing_key.write_pem(directory)

@@ -1,0 +1,428 @@
+"""Build small deterministic OCI images for every catalog release and push them to the registry.
+
+Image construction is pure (bytes in, bytes out, stable digests); :func:`seed_registry` does the
+pushing over the registry HTTP API with a push token minted in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import zlib
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from .catalog import App, Catalog, Platform, Release
+
+__all__ = [
+    "DEFAULT_PLATFORM",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER_GZIP",
+    "OCI_MANIFEST",
+    "Descriptor",
+    "GeneratedLayer",
+    "Image",
+    "Layer",
+    "PushedManifest",
+    "SeedError",
+    "SeedResult",
+    "SeededRelease",
+    "build_image",
+    "build_index",
+    "deterministic_tar_gz",
+    "release_text",
+    "seed_registry",
+]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DEFAULT_PLATFORM = Platform(os="linux", architecture="amd64")
+
+_MIB = 1024 * 1024
+_TAR_BLOCK = 512
+# Fixed timestamps keep the digests identical from one run to the next.
+_CREATED = "2023-11-14T22:13:20Z"
+_MTIME = 1700000000
+_PUSH_CONCURRENCY = 4
+
+
+class SeedError(RuntimeError):
+    """The registry refused part of the seed."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor."""
+
+    media_type: str
+    digest: str
+    size: int
+    platform: Platform | None = None
+
+    @classmethod
+    def of(cls, media_type: str, data: bytes, platform: Platform | None = None) -> Descriptor:
+        """Describe ``data``."""
+        return cls(media_type, _sha256(data), len(data), platform)
+
+    def to_json(self) -> dict[str, Any]:
+        """The descriptor as it appears inside a manifest or index."""
+        doc: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.platform is not None:
+            doc["platform"] = _platform_json(self.platform)
+        return doc
+
+
+@dataclass(frozen=True)
+class GeneratedLayer:
+    """A large incompressible layer, regenerated chunk by chunk instead of held in memory.
+
+    The layer is a tar holding ``random.bin``: ``size_mib`` MiB of SHAKE-128 output keyed by
+    ``seed``, gzip-wrapped with stored (level 0) blocks since random bytes do not compress.
+    """
+
+    seed: str
+    size_mib: int
+    chunk_size: int = _MIB
+
+    def uncompressed_chunks(self) -> Iterator[bytes]:
+        """The tar stream."""
+        info = tarfile.TarInfo("random.bin")
+        info.size = self.size_mib * _MIB
+        info.mtime = _MTIME
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.USTAR_FORMAT)
+        for index in range(info.size // self.chunk_size):
+            yield hashlib.shake_128(f"{self.seed}:{index}".encode()).digest(self.chunk_size)
+        # Size is a whole number of MiB, hence of tar blocks: only the end-of-archive marker.
+        yield bytes(2 * _TAR_BLOCK)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The gzip stream, i.e. the blob as stored in the registry."""
+        # wbits=31 selects the gzip container; zlib writes a zero mtime, keeping it stable.
+        compressor = zlib.compressobj(0, zlib.DEFLATED, 31)
+        for chunk in self.uncompressed_chunks():
+            yield compressor.compress(chunk)
+        yield compressor.flush()
+
+    def measure(self) -> Layer:
+        """Hash the layer in one streaming pass (CPU-bound: run it off the event loop)."""
+        diff_id = hashlib.sha256()
+        digest = hashlib.sha256()
+        size = 0
+        compressor = zlib.compressobj(0, zlib.DEFLATED, 31)
+        for chunk in self.uncompressed_chunks():
+            diff_id.update(chunk)
+            compressed = compressor.compress(chunk)
+            digest.update(compressed)
+            size += len(compressed)
+        tail = compressor.flush()
+        digest.update(tail)
+        size += len(tail)
+        descriptor = Descriptor(OCI_LAYER_GZIP, f"sha256:{digest.hexdigest()}", size)
+        return Layer(descriptor=descriptor, diff_id=f"sha256:{diff_id.hexdigest()}", content=self)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer blob: its descriptor, its uncompressed digest and its bytes or generator."""
+
+    descriptor: Descriptor
+    diff_id: str
+    content: bytes | GeneratedLayer = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A single-platform image ready to push: config, layers and the manifest bytes."""
+
+    platform: Platform
+    config: bytes
+    layers: tuple[Layer, ...]
+    manifest: bytes
+
+    @property
+    def config_descriptor(self) -> Descriptor:
+        """Descriptor of the config blob."""
+        return Descriptor.of(OCI_CONFIG, self.config)
+
+    @property
+    def manifest_descriptor(self) -> Descriptor:
+        """Descriptor of the manifest, carrying the platform for use in an index."""
+        return Descriptor.of(OCI_MANIFEST, self.manifest, self.platform)
+
+
+@dataclass(frozen=True)
+class PushedManifest:
+    """A manifest as stored in the registry."""
+
+    digest: str
+    media_type: str
+    size: int
+    config_digest: str | None = None
+    layer_digests: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeededRelease:
+    """What was pushed for one release, at ``<repository>:latest``."""
+
+    commit: str
+    repository: str
+    manifest: PushedManifest
+    # Child manifests by platform string ("linux/arm64"); empty unless ``manifest`` is an index.
+    platform_manifests: Mapping[str, PushedManifest] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Digest of the manifest (or index) tagged ``latest``."""
+        return self.manifest.digest
+
+    @property
+    def media_type(self) -> str:
+        """Media type of the manifest (or index) tagged ``latest``."""
+        return self.manifest.media_type
+
+    @property
+    def layer_digests(self) -> tuple[str, ...]:
+        """Every layer digest of the release, children included for an index."""
+        children = [d for m in self.platform_manifests.values() for d in m.layer_digests]
+        return self.manifest.layer_digests + tuple(children)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """Every seeded release, keyed by commit."""
+
+    releases: Mapping[str, SeededRelease]
+
+    def __getitem__(self, commit: str) -> SeededRelease:
+        return self.releases[commit]
+
+
+# --------------------------------------------------------------------------- pure construction
+
+
+def _sha256(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def _canonical_json(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _platform_json(platform: Platform) -> dict[str, str]:
+    doc = {"architecture": platform.architecture, "os": platform.os}
+    if platform.variant is not None:
+        doc["variant"] = platform.variant
+    return doc
+
+
+def deterministic_tar_gz(files: Mapping[str, bytes]) -> tuple[bytes, bytes]:
+    """Return ``(tar, tar.gz)`` for ``files`` with fixed metadata, so digests never drift."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = _MTIME
+            info.mode = 0o644
+            archive.addfile(info, io.BytesIO(data))
+    tar = buffer.getvalue()
+    return tar, gzip.compress(tar, mtime=0)
+
+
+def release_text(app: App, release: Release, platform: Platform | None = None) -> str:
+    """The ``release.txt`` contents identifying which image a client actually received."""
+    text = f"{app.slug} commit={release.commit} version={release.version}"
+    return text if platform is None else f"{text} platform={platform}"
+
+
+def build_image(
+    app: App,
+    release: Release,
+    platform: Platform | None = None,
+    extra_layer: Layer | None = None,
+) -> Image:
+    """Build the image of ``release`` (for one of its platforms, if it has several)."""
+    tar, tar_gz = deterministic_tar_gz(
+        {"release.txt": (release_text(app, release, platform) + "\n").encode()}
+    )
+    layers = [Layer(Descriptor.of(OCI_LAYER_GZIP, tar_gz), _sha256(tar), tar_gz)]
+    if extra_layer is not None:
+        layers.append(extra_layer)
+    target = platform or DEFAULT_PLATFORM
+    config = _canonical_json(
+        {
+            **_platform_json(target),
+            "created": _CREATED,
+            "config": {
+                "Labels": {
+                    "io.balena.sandbox.app": app.slug,
+                    "io.balena.sandbox.commit": release.commit,
+                    "io.balena.sandbox.version": release.version,
+                },
+            },
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        }
+    )
+    manifest = _canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": Descriptor.of(OCI_CONFIG, config).to_json(),
+            "layers": [layer.descriptor.to_json() for layer in layers],
+        }
+    )
+    return Image(platform=target, config=config, layers=tuple(layers), manifest=manifest)
+
+
+def build_index(images: Sequence[Image]) -> bytes:
+    """Build the OCI image index referencing ``images`` by platform."""
+    return _canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [image.manifest_descriptor.to_json() for image in images],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- pushing
+
+
+class _Pusher:
+    """Registry v2 push operations over one authenticated session."""
+
+    def __init__(self, session: aiohttp.ClientSession, registry_url: str, token: str) -> None:
+        self._session = session
+        self._base = registry_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    async def upload_blob(
+        self, repository: str, digest: str, content: bytes | GeneratedLayer
+    ) -> None:
+        """POST an upload session, then finish it with one monolithic PUT ``?digest=``."""
+        start_url = f"{self._base}/v2/{repository}/blobs/uploads/"
+        async with self._session.post(start_url, headers=self._headers) as response:
+            await _expect(response, 202, f"start upload of {digest} to {repository}")
+            location = response.headers["Location"]
+        # The Location already carries the upload state in its query; append, do not rebuild.
+        separator = "&" if "?" in location else "?"
+        put_url = URL(self._base).join(URL(f"{location}{separator}digest={digest}", encoded=True))
+        body: bytes | AsyncIterator[bytes] = (
+            content if isinstance(content, bytes) else _async_chunks(content)
+        )
+        headers = {**self._headers, "Content-Type": "application/octet-stream"}
+        async with self._session.put(put_url, data=body, headers=headers) as response:
+            await _expect(response, 201, f"upload {digest} to {repository}")
+
+    async def put_manifest(
+        self, repository: str, reference: str, media_type: str, body: bytes
+    ) -> str:
+        """PUT a manifest and return the digest the registry computed for it."""
+        url = f"{self._base}/v2/{repository}/manifests/{reference}"
+        headers = {**self._headers, "Content-Type": media_type}
+        async with self._session.put(url, data=body, headers=headers) as response:
+            await _expect(response, 201, f"put manifest {repository}:{reference}")
+            digest = response.headers.get("Docker-Content-Digest", "")
+        if digest != _sha256(body):
+            raise SeedError(f"{repository}:{reference}: registry stored digest {digest!r}")
+        return digest
+
+    async def push_image(
+        self, repository: str, image: Image, reference: str, uploaded: set[str]
+    ) -> PushedManifest:
+        """Upload the blobs ``image`` needs (once per repository) and put its manifest."""
+        blobs: list[tuple[str, bytes | GeneratedLayer]] = [
+            (layer.descriptor.digest, layer.content) for layer in image.layers
+        ]
+        blobs.append((image.config_descriptor.digest, image.config))
+        for digest, content in blobs:
+            if digest not in uploaded:
+                await self.upload_blob(repository, digest, content)
+                uploaded.add(digest)
+        digest = await self.put_manifest(repository, reference, OCI_MANIFEST, image.manifest)
+        return PushedManifest(
+            digest=digest,
+            media_type=OCI_MANIFEST,
+            size=len(image.manifest),
+            config_digest=image.config_descriptor.digest,
+            layer_digests=tuple(layer.descriptor.digest for layer in image.layers),
+        )
+
+
+async def _async_chunks(layer: GeneratedLayer) -> AsyncIterator[bytes]:
+    for chunk in layer.chunks():
+        yield chunk
+
+
+async def _expect(response: aiohttp.ClientResponse, status: int, action: str) -> None:
+    if response.status != status:
+        body = (await response.text())[:500]
+        raise SeedError(f"{action}: HTTP {response.status}: {body}")
+
+
+async def _seed_release(pusher: _Pusher, app: App, release: Release) -> SeededRelease:
+    extra_layer = None
+    if release.big_layer_mib:
+        generated = GeneratedLayer(seed=release.commit, size_mib=release.big_layer_mib)
+        extra_layer = await asyncio.to_thread(generated.measure)
+    uploaded: set[str] = set()
+    repository = release.repository
+    if not release.platforms:
+        image = build_image(app, release, extra_layer=extra_layer)
+        manifest = await pusher.push_image(repository, image, "latest", uploaded)
+        return SeededRelease(release.commit, repository, manifest)
+    images = [build_image(app, release, p, extra_layer) for p in release.platforms]
+    children: dict[str, PushedManifest] = {}
+    for image in images:
+        # Children go by digest: the registry checks that an index's manifests exist.
+        reference = image.manifest_descriptor.digest
+        children[str(image.platform)] = await pusher.push_image(
+            repository, image, reference, uploaded
+        )
+    index = build_index(images)
+    digest = await pusher.put_manifest(repository, "latest", OCI_INDEX, index)
+    return SeededRelease(
+        release.commit,
+        repository,
+        PushedManifest(digest=digest, media_type=OCI_INDEX, size=len(index)),
+        children,
+    )
+
+
+async def seed_registry(registry_url: str, catalog: Catalog, push_token: str) -> SeedResult:
+    """Push an image for every release of ``catalog``, failed ones included.
+
+    ``push_token`` must grant push on every release repository.
+    """
+    limit = asyncio.Semaphore(_PUSH_CONCURRENCY)
+
+    async def bounded(pusher: _Pusher, app: App, release: Release) -> SeededRelease:
+        async with limit:
+            return await _seed_release(pusher, app, release)
+
+    async with aiohttp.ClientSession() as session:
+        pusher = _Pusher(session, registry_url, push_token)
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(bounded(pusher, app, release))
+                for app, release in catalog.all_releases()
+            ]
+    seeded = [task.result() for task in tasks]
+    return SeedResult({r.commit: r for r in seeded})

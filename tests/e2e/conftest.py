@@ -1,0 +1,117 @@
+"""The proxy, run as its own command, in front of the sandbox's real registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from balena_registry_proxy.sandbox import Sandbox
+
+
+@dataclass(frozen=True)
+class RunningProxy:
+    """A proxy process: where it listens and where it logs."""
+
+    host: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the proxy has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
+    """``balena-registry-proxy`` listening on loopback, upstream the sandbox registry."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
+            env={
+                **os.environ,
+                "PROXY_PORT": str(port),
+                "REGISTRY_URL": sandbox.registry_url,
+                "LOG_LEVEL": "info",
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
+        yield RunningProxy(f"127.0.0.1:{port}", log_path)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the proxy exited with {process.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.read() == b"pong":
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the proxy did not answer /ping within 30 s")
+
+
+@dataclass(frozen=True)
+class Skopeo:
+    """The real skopeo client, pointed at the proxy over plain HTTP."""
+
+    binary: str
+    host: str
+    workdir: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a skopeo command; never raises, the caller checks the outcome."""
+        command = [self.binary, "--debug"] if os.environ.get("SKOPEO_DEBUG") else [self.binary]
+        return subprocess.run(
+            [*command, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            # No shared auth file or policy on the machine may change what the test sees.
+            env={**os.environ, "REGISTRY_AUTH_FILE": str(self.workdir / "auth.json")},
+        )
+
+    def inspect(self, name: str, *extra: str, creds: str | None = None) -> dict[str, object]:
+        """``skopeo inspect`` of ``name`` through the proxy; fails the test if skopeo fails."""
+        options = [f"--creds={creds}"] if creds else []
+        result = self.run("inspect", "--tls-verify=false", *options, *extra, self.ref(name))
+        assert result.returncode == 0, result.stderr
+        document: dict[str, object] = json.loads(result.stdout)
+        return document
+
+    def ref(self, name: str) -> str:
+        """A ``docker://`` reference to ``name`` on the proxy."""
+        return f"docker://{self.host}/{name}"
+
+
+@pytest.fixture(scope="session")
+def client(proxy: RunningProxy, skopeo: str, tmp_path_factory: pytest.TempPathFactory) -> Skopeo:
+    """skopeo, talking to the proxy."""
+    workdir = tmp_path_factory.mktemp("skopeo")
+    (workdir / "auth.json").write_text("{}")
+    return Skopeo(skopeo, proxy.host, workdir)

@@ -1,0 +1,106 @@
+"""Registry protocol details through the proxy, with a token from the sandbox's token service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from balena_registry_proxy.sandbox import Sandbox
+
+from .conftest import RunningProxy, Skopeo
+from .test_pull import ALICE, BIG, REV2
+
+pytestmark = pytest.mark.e2e
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+async def token_for(sandbox: Sandbox, name: str) -> str:
+    """A pull token for ``name``, fetched the way clients fetch it."""
+    params = [("service", sandbox.service), ("scope", f"repository:{name}:pull")]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(sandbox.token_url, params=params) as response,
+    ):
+        assert response.status == 200
+        token: str = (await response.json())["token"]
+        return token
+
+
+async def test_head_by_tag_and_blob_keep_digest_and_length(
+    sandbox: Sandbox, proxy: RunningProxy
+) -> None:
+    name = "gh_acme/web/1.2.3"
+    headers = {"Authorization": f"Bearer {await token_for(sandbox, name)}", "Accept": OCI_MANIFEST}
+    base = f"http://{proxy.host}/v2/{name}"
+    seeded = sandbox.seed[REV2]
+    async with aiohttp.ClientSession() as session:
+        async with session.head(f"{base}/manifests/anything", headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Docker-Content-Digest"] == seeded.digest
+            assert int(response.headers["Content-Length"]) == seeded.manifest.size
+        layer = seeded.layer_digests[0]
+        async with session.head(f"{base}/blobs/{layer}", headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Docker-Content-Digest"] == layer
+            assert int(response.headers["Content-Length"]) > 0
+            assert await response.read() == b""
+
+
+async def test_range_request_on_a_blob_gets_206(sandbox: Sandbox, proxy: RunningProxy) -> None:
+    name = "gh_acme/big"
+    auth = {"Authorization": f"Bearer {await token_for(sandbox, name)}"}
+    base = f"http://{proxy.host}/v2/{name}/blobs"
+    async with aiohttp.ClientSession() as session:
+        sizes = {}
+        for layer in sandbox.seed[BIG].layer_digests:
+            async with session.head(f"{base}/{layer}", headers=auth) as response:
+                sizes[layer] = int(response.headers["Content-Length"])
+        layer = max(sizes, key=lambda digest: sizes[digest])
+        ranged = {**auth, "Range": "bytes=100-1123"}
+        async with session.get(f"{base}/{layer}", headers=ranged) as response:
+            assert response.status == 206
+            assert response.headers["Content-Range"] == f"bytes 100-1123/{sizes[layer]}"
+            assert len(await response.read()) == 1024
+
+
+async def test_tags_list_answers_under_the_alias(sandbox: Sandbox, proxy: RunningProxy) -> None:
+    name = "gh_acme/web/1.2.3"
+    headers = {"Authorization": f"Bearer {await token_for(sandbox, name)}"}
+    url = f"http://{proxy.host}/v2/{name}/tags/list"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert await response.json() == {"name": name, "tags": ["latest"]}
+
+
+def test_push_fails_and_upstream_storage_is_unchanged(
+    client: Skopeo, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    pulled = tmp_path / "image"
+    result = client.run(
+        "copy", "--src-tls-verify=false", client.ref("gh_acme/web/1.2.3"), f"dir:{pulled}"
+    )
+    assert result.returncode == 0, result.stderr
+    before = _snapshot(sandbox.registry.storage_dir)
+    pushed = client.run(
+        "copy",
+        "--dest-tls-verify=false",
+        f"--dest-creds={ALICE}",
+        f"dir:{pulled}",
+        client.ref("gh_acme/web/9.0.0"),
+    )
+    assert pushed.returncode != 0
+    assert _snapshot(sandbox.registry.storage_dir) == before
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(folder, name), root): os.stat(
+            os.path.join(folder, name)
+        ).st_size
+        for folder, _, names in os.walk(root)
+        for name in names
+    }

@@ -1,0 +1,166 @@
+"""Deterministic image construction (no registry involved)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any
+
+import pytest
+
+from balena_registry_proxy.sandbox.catalog import App, Catalog, Platform, Release
+from balena_registry_proxy.sandbox.seed import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    GeneratedLayer,
+    PushedManifest,
+    SeededRelease,
+    SeedResult,
+    build_image,
+    build_index,
+    deterministic_tar_gz,
+    release_text,
+)
+
+WEB_REV2 = "e8b6a13ac1443a731f1ad8fe7b6573f6"
+MULTI = "df536a8c7e7306f41113f698a6a97911"
+
+
+def sha256(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def untar(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        files: dict[str, bytes] = {}
+        for member in archive.getmembers():
+            extracted = archive.extractfile(member)
+            assert extracted is not None
+            files[member.name] = extracted.read()
+        return files
+
+
+@pytest.fixture
+def web_rev2(default_catalog: Catalog) -> tuple[App, Release]:
+    return default_catalog.release(WEB_REV2)
+
+
+def test_tar_gz_is_deterministic() -> None:
+    first = deterministic_tar_gz({"b.txt": b"b", "a.txt": b"a"})
+    second = deterministic_tar_gz({"a.txt": b"a", "b.txt": b"b"})
+    assert first == second
+    tar, tar_gz = first
+    assert gzip.decompress(tar_gz) == tar
+    assert tar_gz[4:8] == b"\0\0\0\0"  # gzip header mtime
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        assert [m.mtime for m in archive.getmembers()] == [1700000000, 1700000000]
+    assert untar(tar) == {"a.txt": b"a", "b.txt": b"b"}
+
+
+def test_release_text(web_rev2: tuple[App, Release]) -> None:
+    app, release = web_rev2
+    assert release_text(app, release) == f"gh_acme/web commit={WEB_REV2} version=1.2.3+rev2"
+    assert release_text(app, release, Platform("linux", "arm64")).endswith(" platform=linux/arm64")
+
+
+def test_image_is_a_consistent_oci_image(web_rev2: tuple[App, Release]) -> None:
+    image = build_image(*web_rev2)
+    manifest: dict[str, Any] = json.loads(image.manifest)
+    config: dict[str, Any] = json.loads(image.config)
+    assert manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == OCI_MANIFEST
+    assert manifest["config"] == {
+        "mediaType": OCI_CONFIG,
+        "digest": sha256(image.config),
+        "size": len(image.config),
+    }
+    (layer,) = image.layers
+    assert isinstance(layer.content, bytes)
+    assert manifest["layers"] == [
+        {"mediaType": OCI_LAYER_GZIP, "digest": sha256(layer.content), "size": len(layer.content)}
+    ]
+    tar = gzip.decompress(layer.content)
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [sha256(tar)]}
+    assert (config["os"], config["architecture"]) == ("linux", "amd64")
+    assert untar(tar) == {"release.txt": release_text(*web_rev2).encode() + b"\n"}
+    assert config["config"]["Labels"]["io.balena.sandbox.commit"] == WEB_REV2
+
+
+def test_images_are_reproducible(web_rev2: tuple[App, Release]) -> None:
+    assert build_image(*web_rev2) == build_image(*web_rev2)
+
+
+def test_platform_images_differ_and_index_lists_them(default_catalog: Catalog) -> None:
+    app, release = default_catalog.release(MULTI)
+    images = [build_image(app, release, platform) for platform in release.platforms]
+    assert len({image.manifest_descriptor.digest for image in images}) == 2
+    arm = json.loads(images[1].config)
+    assert (arm["os"], arm["architecture"]) == ("linux", "arm64")
+    index: dict[str, Any] = json.loads(build_index(images))
+    assert index["mediaType"] == OCI_INDEX
+    assert index["manifests"] == [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": sha256(image.manifest),
+            "size": len(image.manifest),
+            "platform": {"architecture": str(p.architecture), "os": "linux"},
+        }
+        for image, p in zip(images, release.platforms, strict=True)
+    ]
+
+
+def test_variant_is_part_of_the_platform(web_rev2: tuple[App, Release]) -> None:
+    image = build_image(*web_rev2, platform=Platform("linux", "arm", "v7"))
+    assert json.loads(image.config)["variant"] == "v7"
+    assert image.manifest_descriptor.to_json()["platform"] == {
+        "architecture": "arm",
+        "os": "linux",
+        "variant": "v7",
+    }
+
+
+def test_generated_layer_streams_what_it_measures() -> None:
+    generated = GeneratedLayer(seed="s", size_mib=2, chunk_size=64 * 1024)
+    layer = generated.measure()
+    blob = b"".join(generated.chunks())
+    assert layer.descriptor.digest == sha256(blob)
+    assert layer.descriptor.size == len(blob)
+    assert layer.descriptor.media_type == OCI_LAYER_GZIP
+    tar = gzip.decompress(blob)
+    assert layer.diff_id == sha256(tar)
+    content = untar(tar)["random.bin"]
+    assert len(content) == 2 * 1024 * 1024
+    # Every chunk is distinct, not one block repeated.
+    assert len({content[i : i + 64 * 1024] for i in range(0, len(content), 64 * 1024)}) == 32
+    assert max(len(chunk) for chunk in generated.chunks()) <= 64 * 1024 + 1024
+
+
+def test_generated_layer_depends_on_seed_only() -> None:
+    first = GeneratedLayer(seed="a", size_mib=1).measure()
+    assert first == GeneratedLayer(seed="a", size_mib=1).measure()
+    assert first.descriptor != GeneratedLayer(seed="b", size_mib=1).measure().descriptor
+
+
+def test_extra_layer_is_appended(web_rev2: tuple[App, Release]) -> None:
+    extra = GeneratedLayer(seed="x", size_mib=1).measure()
+    image = build_image(*web_rev2, extra_layer=extra)
+    assert image.layers[-1] == extra
+    assert json.loads(image.config)["rootfs"]["diff_ids"][-1] == extra.diff_id
+
+
+def test_seeded_release_layer_digests_include_children() -> None:
+    child = PushedManifest("sha256:c", OCI_MANIFEST, 1, "sha256:cfg", ("sha256:l1",))
+    seeded = SeededRelease(
+        "c" * 32,
+        "v2/x",
+        PushedManifest("sha256:i", OCI_INDEX, 2),
+        {"linux/amd64": child},
+    )
+    result = SeedResult({seeded.commit: seeded})
+    assert result["c" * 32].layer_digests == ("sha256:l1",)
+    assert (seeded.digest, seeded.media_type) == ("sha256:i", OCI_INDEX)
