@@ -22,10 +22,19 @@ from balena_registry_proxy.sandbox import (
 )
 
 
-def _missing(reason: str) -> NoReturn:
+def missing(reason: str) -> NoReturn:
+    """Skip the test for a missing real part, or fail it when CI requires every part."""
     if os.environ.get("REQUIRE_E2E") == "1":
         pytest.fail(f"REQUIRE_E2E=1 but {reason}")
     pytest.skip(reason)
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of executable ``name``, else ``missing`` with the install line for ``package``."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} not found; install it with: apt-get install {package}")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +43,7 @@ def registry_binary() -> Path:
     try:
         return find_registry_binary()
     except RegistryNotInstalledError as error:
-        _missing(str(error))
+        missing(str(error))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +56,4 @@ def sandbox(registry_binary: Path) -> Iterator[Sandbox]:
 @pytest.fixture(scope="session")
 def skopeo() -> str:
     """Path of the skopeo binary."""
-    path = shutil.which("skopeo")
-    if path is None:
-        _missing("skopeo not found; install it with: apt-get install skopeo")
-    return path
+    return require_binary("skopeo", "skopeo")
