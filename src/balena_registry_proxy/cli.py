@@ -8,7 +8,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balena-registry-proxy",
         description="Pull balenaCloud release images by app slug: <org>/<app>/<commit|semver>.",
-        epilog="Every flag can also be set by the environment variable shown; flags win.",
+        epilog="Every flag can also be set by the environment variable shown; flags win. "
+        "'balena-registry-proxy sandbox --help' describes the local balenaCloud stand-in.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     for option in OPTIONS:
@@ -32,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(settings: Settings, ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    settings: Settings, ready: Callable[[int], Coroutine[Any, Any, None]] | None = None
+) -> None:
     """Run the proxy until SIGTERM/SIGINT, then drain in-flight requests and return.
 
-    ``ready`` is called with the bound port once the proxy accepts connections.
+    ``ready`` runs with the bound port once the proxy accepts connections, beside the serving;
+    a signal cancels it if it is still running.
     """
     runner = web.AppRunner(create_app(settings), **runner_options(settings))
     await runner.setup()
@@ -52,7 +57,8 @@ async def serve(settings: Settings, ready: Callable[[int], None] | None = None) 
         await runner.cleanup()
         raise ConfigError(
             f"PROXY_PORT (--port) {settings.port}: cannot listen on "
-            f"{settings.host}:{settings.port}: {error.strerror}"
+            f"{settings.host}:{settings.port}: "
+            f"{os.strerror(error.errno) if error.errno else error}"
         ) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,14 +66,15 @@ async def serve(settings: Settings, ready: Callable[[int], None] | None = None) 
         loop.add_signal_handler(signum, stop.set)
     port = _bound_port(runner, settings.port)
     log.info("listening on %s:%d, upstream %s", settings.host, port, settings.registry_url)
-    if ready is not None:
-        ready(port)
+    ready_task = asyncio.create_task(ready(port)) if ready is not None else None
     try:
         await stop.wait()
         log.info(
             "shutting down: finishing in-flight requests (up to %gs)", settings.shutdown_timeout
         )
     finally:
+        if ready_task is not None:
+            ready_task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
@@ -91,8 +98,14 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``balena-registry-proxy`` command."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``balena-registry-proxy`` command (``sandbox`` runs the sandbox)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["sandbox"]:
+        # Imported only here: the proxy itself needs none of the sandbox's dependencies.
+        from .sandbox.command import main as sandbox_main
+
+        return sandbox_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         settings = load_settings(os.environ, vars(args))
     except ConfigError as error:
@@ -101,9 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    return run(serve(settings))
+
+
+def run(main_coroutine: Coroutine[Any, Any, None]) -> int:
+    """Run ``main_coroutine`` on the fastest event loop available; exit status 2 on ConfigError."""
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(serve(settings))
+            runner.run(main_coroutine)
     except ConfigError as error:
         print(f"balena-registry-proxy: {error}", file=sys.stderr)
         return 2

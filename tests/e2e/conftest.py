@@ -30,7 +30,8 @@ class RunningProxy:
         return self.log_path.read_text(errors="replace")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -39,7 +40,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """``balena-registry-proxy`` listening on loopback, upstream the sandbox registry."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

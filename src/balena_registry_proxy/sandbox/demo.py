@@ -1,0 +1,140 @@
+"""What the sandbox shows a person: the banner with ready-to-paste commands, and a table of
+which release each selector resolves to, pulled for real through the proxy with skopeo.
+
+The texts and the list of names to try are pure functions of the catalog; only ``pull_table``
+runs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from .catalog import App, Catalog, ReleaseStatus, User
+from .environment import Sandbox
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One name to pull, optionally as a user, to show what it resolves to."""
+
+    name: str
+    user: User | None = None
+
+
+def member_of(catalog: Catalog, app: App) -> User | None:
+    """A user who may pull ``app`` (None for public apps: they need no login)."""
+    if app.public:
+        return None
+    return next((user for user in catalog.users if app.org in user.orgs), None)
+
+
+def probes(catalog: Catalog) -> list[Probe]:
+    """Names worth trying for every app: each selector form of the README, and two mistakes."""
+    found: list[Probe] = []
+    for app in catalog.apps:
+        user = member_of(catalog, app)
+        good = [r for r in app.releases if r.status is ReleaseStatus.SUCCESS]
+        if not good:
+            continue
+        selectors = ["", "/latest"]
+        selectors += sorted({f"/{r.semver}" for r in good if r.is_final})
+        selectors += [f"/{r.raw_version}" for r in good if not r.is_final]
+        selectors.append(f"/{good[0].commit}")
+        found += [Probe(app.slug + selector, user) for selector in selectors]
+        if user is not None:
+            found.append(Probe(f"{app.slug}/{good[-1].semver}"))
+    first = next((a for a in catalog.apps if a.public and a.releases), None)
+    if first is not None:
+        found.append(Probe(f"{first.slug}/v{first.releases[0].semver}"))
+        found.append(Probe(f"{first.slug}/9.9.9"))
+    return found
+
+
+def banner(sandbox: Sandbox, proxy_host: str) -> str:
+    """Addresses, demo credentials and commands to paste, printed once the sandbox is up."""
+    users = "\n".join(
+        f"    {u.username:<10} API key {u.api_key}  (member of {', '.join(sorted(u.orgs))})"
+        for u in sandbox.catalog.users
+    )
+    apps = "\n".join(
+        f"    {app.slug:<18} {'public ' if app.public else 'private'}  "
+        f"releases: {', '.join(r.version for r in app.releases) or '-'}"
+        for app in sandbox.catalog.apps
+    )
+    private = next((a for a in sandbox.catalog.apps if not a.public and a.releases), None)
+    member = member_of(sandbox.catalog, private) if private is not None else None
+    creds = f"{member.username}:{member.api_key}" if member is not None else "user:key"
+    private_slug = private.slug if private is not None else "org/app"
+    return f"""\
+balena-registry-proxy sandbox is running
+  proxy (pull through this):  http://{proxy_host}
+  registry (upstream):        {sandbox.registry_url}  (token auth on)
+  token service (balena API): {sandbox.token_url}
+
+  users:
+{users}
+
+  apps:
+{apps}
+
+  try:
+    skopeo inspect --tls-verify=false docker://{proxy_host}/gh_acme/web/1.2.3
+    skopeo copy --src-tls-verify=false docker://{proxy_host}/gh_acme/web dir:/tmp/web
+    skopeo inspect --tls-verify=false --creds {creds} docker://{proxy_host}/{private_slug}
+    podman pull --tls-verify=false {proxy_host}/gh_acme/multi --arch arm64
+    docker pull {proxy_host}/gh_acme/web/1.2.3
+      (docker needs "insecure-registries": ["{proxy_host}"] in /etc/docker/daemon.json)
+
+  Ctrl-C stops everything and removes the sandbox's temporary data.
+"""
+
+
+def describe_digest(sandbox: Sandbox, digest: str) -> str:
+    """Which seeded release a pulled manifest digest belongs to."""
+    for commit, seeded in sandbox.seed.releases.items():
+        children = {m.digest for m in seeded.platform_manifests.values()}
+        if digest == seeded.digest or digest in children:
+            app, release = sandbox.catalog.release(commit)
+            return f"{app.slug} {release.version} (commit {commit[:7]})"
+    return f"unknown digest {digest}"
+
+
+def format_table(rows: list[tuple[str, str, str]]) -> str:
+    """A plain-text table of (name, user, outcome) rows with a header."""
+    header = ("pulled through the proxy", "as", "resolved to")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(2)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in [header, *rows]]
+    lines.insert(1, "-" * (widths[0] + widths[1] + 4 + len(header[2])))
+    return "\n".join(lines)
+
+
+async def pull_table(sandbox: Sandbox, proxy_host: str, skopeo: str = "skopeo") -> str:
+    """Pull every probe through the proxy with skopeo and tabulate what each resolved to."""
+    found = probes(sandbox.catalog)
+    outcomes = await asyncio.gather(
+        *(_inspect(sandbox, proxy_host, probe, skopeo) for probe in found)
+    )
+    rows = [
+        (probe.name, probe.user.username if probe.user else "anonymous", outcome)
+        for probe, outcome in zip(found, outcomes, strict=True)
+    ]
+    return format_table(rows)
+
+
+async def _inspect(sandbox: Sandbox, proxy_host: str, probe: Probe, skopeo: str) -> str:
+    command = [skopeo, "inspect", "--tls-verify=false", "--no-tags"]
+    if probe.user is not None:
+        command.append(f"--creds={probe.user.username}:{probe.user.api_key}")
+    command.append(f"docker://{proxy_host}/{probe.name}")
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode == 0:
+        return describe_digest(sandbox, json.loads(stdout)["Digest"])
+    message = stderr.decode(errors="replace")
+    if "was not found, or you are not allowed" in message:
+        return "refused: not found or not allowed (see the proxy's message)"
+    return "failed: " + message.strip().splitlines()[-1][-120:]
