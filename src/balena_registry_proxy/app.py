@@ -13,15 +13,13 @@ from aiohttp.typedefs import Handler
 from .accesslog import format_line
 from .config import Settings
 from .errors import CONTENT_TYPE, RegistryError
-from .forwarded import client_address
+from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
 from .proxy import BODY_BYTES, UPSTREAM_TARGET, Proxy
 from .upstream import Upstream
 
 ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
 
-SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM = web.AppKey("upstream", Upstream)
 _CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "UNSUPPORTED", 405: "UNSUPPORTED"}
 
 
@@ -62,13 +60,18 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per finished request, written after the last byte (or the disconnect)."""
+    """One line per finished request, written after the last byte (or the disconnect).
+
+    Also called for requests that never reached the application (a TLS hello on the plain
+    port, say), so it must not depend on anything but the request itself.
+    """
+
+    trust_proxy = TrustProxy()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access-log line for ``request``."""
-        settings = request.app[SETTINGS] if isinstance(request, web.Request) else Settings()
         client = client_address(
-            request.remote, request.headers.get("X-Forwarded-For"), settings.trust_proxy
+            request.remote, request.headers.get("X-Forwarded-For"), self.trust_proxy
         )
         self.logger.info(
             format_line(
@@ -90,8 +93,8 @@ class AccessLogger(AbstractAccessLogger):
 
 def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Body bytes sent: counted while streaming, else the length of a buffered body."""
-    if isinstance(request, web.Request) and BODY_BYTES in request:
-        return request[BODY_BYTES]
+    if BODY_BYTES in request:
+        return int(request[BODY_BYTES])
     if request.method == "HEAD":
         return 0
     return response.content_length or 0
@@ -99,8 +102,12 @@ def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
 
 def runner_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for the ``AppRunner`` that serves ``create_app(settings)``."""
+
+    class ConfiguredAccessLogger(AccessLogger):
+        trust_proxy = settings.trust_proxy
+
     return {
-        "access_log_class": AccessLogger,
+        "access_log_class": ConfiguredAccessLogger,
         "access_log": ACCESS_LOGGER,
         "shutdown_timeout": settings.shutdown_timeout,
     }
@@ -114,8 +121,6 @@ def create_app(settings: Settings) -> web.Application:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
-    app[SETTINGS] = settings
-    app[UPSTREAM] = upstream
     proxy = Proxy(upstream)
     app.router.add_get("/ping", ping)
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)

@@ -75,7 +75,9 @@ class Proxy:
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
         if plan.unresolved is not None and upstream.status in DENIAL_STATUSES:
-            denial = await _read_small(upstream) or b""
+            # A HEAD answer announces a body it does not carry: waiting for it would hang.
+            has_body = request.method != "HEAD"
+            denial = (await _read_small(upstream) or b"") if has_body else b""
             body = explain(plan.unresolved, first_error_code(denial), _proxy_host(request))
             return _buffered(upstream.status, headers, body)
         if (

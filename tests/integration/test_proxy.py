@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from balena_registry_proxy.config import Settings
+from balena_registry_proxy.forwarded import parse_trust_proxy
 
 from ..tokens import alias_entry, bearer, make_token
 from .conftest import (
@@ -283,6 +284,17 @@ async def test_unresolved_name_keeps_status_and_challenge_with_helpful_message(
     assert token not in message
 
 
+async def test_unresolved_head_keeps_401_without_waiting_for_a_body(proxy: Client) -> None:
+    name = "gh_acme/web/9.9.9"
+    token = make_token({"type": "repository", "name": name, "actions": []})
+    response = await asyncio.wait_for(
+        proxy.head(f"/v2/{name}/manifests/latest", headers=bearer(token)), 5
+    )
+    assert response.status == 401
+    assert "WWW-Authenticate" in response.headers
+    assert await response.read() == b""
+
+
 async def test_rewritten_challenge_asks_for_the_alias(
     registry: FakeRegistry,
     aiohttp_server: Callable[..., Awaitable[Any]],
@@ -353,6 +365,38 @@ async def test_upstream_cut_mid_blob_cuts_the_client_too(proxy: Client) -> None:
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
     assert (await proxy.get("/ping")).status == 200
+
+
+async def test_garbage_on_the_port_logs_no_traceback(
+    proxy: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)
+    await writer.drain()
+    assert b" 400 " in (await reader.read()).split(b"\r\n")[0]
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (await proxy.get("/ping")).status == 200
+
+
+async def test_trust_proxy_decides_the_logged_client(
+    registry: FakeRegistry,
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="balena_registry_proxy.access")
+    upstream = await aiohttp_server(registry.app())
+    url = str(upstream.make_url("")).rstrip("/")
+    headers = {"X-Forwarded-For": "203.0.113.9"}
+    for trust, expected in (("false", "127.0.0.1 "), ("loopback", "203.0.113.9 ")):
+        settings = Settings(registry_url=url, trust_proxy=parse_trust_proxy(trust))
+        client = await serve_proxy(settings, aiohttp_client)
+        await (await client.get("/ping", headers=headers)).read()
+        await asyncio.sleep(0.05)
+        assert caplog.records[-1].getMessage().startswith(expected)
 
 
 async def test_access_log_has_one_line_without_secrets(
