@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,19 +40,27 @@ def test_running_sandbox_is_usable_from_sync_code(sandbox_thread_catalog: Path) 
 
 @pytest.mark.e2e
 @pytest.mark.usefixtures("registry_binary")
-def test_command_line_prints_endpoints_and_stops_on_sigterm(sandbox_thread_catalog: Path) -> None:
-    command = [sys.executable, "-m", "balena_registry_proxy.sandbox"]
-    with subprocess.Popen(
-        [*command, "--catalog", str(sandbox_thread_catalog)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        assert process.stdout is not None
-        description = json.loads(process.stdout.readline())
+def test_module_command_serves_until_sigterm_and_cleans_up(
+    sandbox_thread_catalog: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out.txt"
+    command = [sys.executable, "-m", "balena_registry_proxy.sandbox", "--port", "0"]
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [*command, "--catalog", str(sandbox_thread_catalog)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops everything" not in output.read_text():
+            assert process.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+        assert "o/app" in output.read_text()
+        assert list(tmp_path.glob("balena-sandbox-*"))
+    finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    assert description["registry_url"].startswith("http://127.0.0.1:")
-    assert description["token_url"].endswith("/auth/v1/token")
-    assert description["apps"] == {"o/app": None}
-    assert not Path(description["workdir"]).exists()
+    assert not list(tmp_path.glob("balena-sandbox-*"))
