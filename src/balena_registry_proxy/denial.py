@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from .errors import error_body
 
-DENIAL_STATUSES = frozenset({401, 403, 404})
-
 
 def explain(name: str, upstream_code: str | None, proxy_host: str) -> bytes:
     """An OCI error body that says what went wrong with ``name`` and how to fix it."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .access import Match, bearer_token, find_access, token_entries
-from .denial import DENIAL_STATUSES, explain
+from .denial import explain
 from .errors import (
     RegistryError,
     bad_request,
@@ -74,7 +74,7 @@ class Proxy:
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
-        if plan.unresolved is not None and upstream.status in DENIAL_STATUSES:
+        if plan.unresolved is not None and upstream.status in plan.explain_on:
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
             has_body = request.method != "HEAD"
             denial = (await _read_small(upstream) or b"") if has_body else b""

@@ -18,6 +18,8 @@ from .routes import Kind, Route
 
 # Upstream stores one image per release and tags it `latest`; the client's tag is ignored.
 UPSTREAM_TAG = "latest"
+REFUSED = frozenset({401, 403, 404})
+NOT_FOUND = frozenset({404})
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +33,9 @@ class Plan:
     real: str | None = None
     """The upstream repository, when the request was rewritten."""
     unresolved: str | None = None
-    """The client's name, when the token server resolved it to nothing pullable."""
+    """The client's name, when the token server may have resolved it to nothing pullable."""
+    explain_on: frozenset[int] = frozenset()
+    """Upstream statuses that mean ``unresolved`` really was not found or not allowed."""
 
     @property
     def rewritten(self) -> bool:
@@ -48,14 +52,31 @@ def plan_request(route: Route, match: Match | None) -> Plan:
     if match is None or route.repository is None:
         return Plan(route.target())
     if match.verdict is Verdict.UNRESOLVED:
-        return Plan(route.target(), unresolved=route.repository)
-    if match.verdict is not Verdict.ALIASED:
+        return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)
+    if match.verdict is Verdict.GRANTED:
+        if _is_legacy_grant(route):
+            return Plan(route.target(), unresolved=route.repository, explain_on=NOT_FOUND)
         return Plan(route.target())
     reference = route.reference
     if route.kind is Kind.MANIFEST and not route.by_digest:
         reference = UPSTREAM_TAG
     target = route.target(repository=match.repository, reference=reference)
     return Plan(target, alias=route.repository, real=match.repository)
+
+
+def _is_legacy_grant(route: Route) -> bool:
+    """Whether a direct grant is the API's fallback for an app name it could not resolve.
+
+    For a bare ``<org>/<app>`` that resolves to no release (unknown app, or a private one the
+    caller may not see), the balena API grants pull on the name itself, which no repository
+    has; the registry then answers 404. Real repositories are opaque ``v2/<hash>`` names.
+    """
+    return (
+        route.kind is Kind.MANIFEST
+        and not route.by_digest
+        and route.repository is not None
+        and not route.repository.startswith("v2/")
+    )
 
 
 def map_tags_body(body: bytes, real: str, alias: str) -> bytes | None:

@@ -104,3 +104,23 @@ def _snapshot(root: Path) -> dict[str, int]:
         for folder, _, names in os.walk(root)
         for name in names
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("gh_acme/web/9.9.9", "release '9.9.9' of app 'gh_acme/web' was not found"),
+        ("gh_acme/nope/1.0.0", "release '1.0.0' of app 'gh_acme/nope' was not found"),
+        ("gh_acme/nope", "app 'gh_acme/nope' was not found"),
+    ],
+)
+async def test_unknown_app_or_version_is_a_4xx_with_the_helpful_message(
+    sandbox: Sandbox, proxy: RunningProxy, name: str, shown: str
+) -> None:
+    headers = {"Authorization": f"Bearer {await token_for(sandbox, name)}"}
+    url = f"http://{proxy.host}/v2/{name}/manifests/latest"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        assert 400 <= response.status < 500
+        error = (await response.json())["errors"][0]
+        assert shown in error["message"]
+        assert error["detail"]["name"] == name

@@ -284,6 +284,15 @@ async def test_unresolved_name_keeps_status_and_challenge_with_helpful_message(
     assert token not in message
 
 
+async def test_legacy_grant_for_an_unknown_app_explains_the_404(proxy: Client) -> None:
+    token = make_token({"type": "repository", "name": "gh_acme/nope", "actions": ["pull"]})
+    response = await proxy.get("/v2/gh_acme/nope/manifests/latest", headers=bearer(token))
+    assert response.status == 404
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "NAME_UNKNOWN"
+    assert error["message"].startswith("app 'gh_acme/nope' was not found")
+
+
 async def test_unresolved_head_keeps_401_without_waiting_for_a_body(proxy: Client) -> None:
     name = "gh_acme/web/9.9.9"
     token = make_token({"type": "repository", "name": name, "actions": []})

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from balena_registry_proxy.access import Match, Verdict
 from balena_registry_proxy.rewrite import (
+    NOT_FOUND,
+    REFUSED,
     Plan,
     map_challenge,
     map_link,
@@ -62,16 +64,32 @@ def test_no_match_forwards_unchanged() -> None:
     assert plan_request(route, None) == Plan("/v2/org/app/manifests/v1")
 
 
-def test_direct_grant_forwards_unchanged() -> None:
-    route = parse_target("/v2/v2/abc/manifests/v1")
-    assert plan_request(route, Match(Verdict.GRANTED, "v2/abc")) == Plan(route.target())
-
-
 def test_unresolved_forwards_unchanged_and_remembers_the_name() -> None:
     route = parse_target("/v2/org/app/9.9.9/manifests/latest")
     plan = plan_request(route, Match(Verdict.UNRESOLVED, "org/app/9.9.9"))
-    assert plan == Plan(route.target(), unresolved="org/app/9.9.9")
+    assert plan == Plan(route.target(), unresolved="org/app/9.9.9", explain_on=REFUSED)
     assert not plan.rewritten
+
+
+def test_legacy_grant_on_an_app_name_is_explained_when_not_found() -> None:
+    route = parse_target("/v2/org/nope/manifests/latest")
+    plan = plan_request(route, Match(Verdict.GRANTED, "org/nope"))
+    assert plan == Plan(route.target(), unresolved="org/nope", explain_on=NOT_FOUND)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/v2/abc/manifests/latest",
+        f"/v2/org/app/manifests/{DIGEST}",
+        f"/v2/org/app/blobs/{DIGEST}",
+    ],
+)
+def test_real_repositories_and_digests_of_direct_grants_are_not_explained(target: str) -> None:
+    route = parse_target(target)
+    assert route.repository is not None
+    plan = plan_request(route, Match(Verdict.GRANTED, route.repository))
+    assert plan == Plan(route.target())
 
 
 @given(names, names, st.one_of(tags, digests))
