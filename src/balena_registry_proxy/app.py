@@ -10,17 +10,17 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from .accesslog import format_line
+from .accesslog import format_line, redact_target
 from .config import Settings
-from .errors import CONTENT_TYPE, RegistryError
+from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
 from .proxy import BODY_BYTES, UPSTREAM_TARGET, Proxy
 from .upstream import Upstream
 
+log = logging.getLogger("balena_registry_proxy")
 ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
-
-_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "UNSUPPORTED", 405: "UNSUPPORTED"}
+SERVER_NAME = "balena-registry-proxy"
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -43,10 +43,13 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        code = _CODES.get(error.status, "UNSUPPORTED")
         headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else {}
         message = error.reason.lower()
-        return error_response(RegistryError(error.status, code, message, headers=headers))
+        return error_response(RegistryError(error.status, "UNSUPPORTED", message, headers=headers))
+    except Exception:
+        # A fault of the proxy's own: the details go to the log, the client gets the format.
+        log.exception("unexpected error handling %s", redact_target(request.raw_path))
+        return error_response(internal_error())
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -57,6 +60,8 @@ async def ping(request: web.Request) -> web.Response:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS:
         response.headers.setdefault(name, value)
+    # aiohttp would announce its own and Python's versions; say only what answered.
+    response.headers.setdefault("Server", SERVER_NAME)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -70,9 +75,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access-log line for ``request``."""
-        client = client_address(
-            request.remote, request.headers.get("X-Forwarded-For"), self.trust_proxy
-        )
+        client = client_address(request.remote, _forwarded_for(request), self.trust_proxy)
         self.logger.info(
             format_line(
                 client=client,
@@ -89,6 +92,11 @@ class AccessLogger(AbstractAccessLogger):
     def enabled(self) -> bool:
         """Whether lines would be written at all (skips the work when they would not)."""
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def _forwarded_for(request: web.BaseRequest) -> list[str]:
+    # Requests refused by the HTTP parser carry a plain dict, not a multidict.
+    return [v for k, v in request.headers.items() if k.lower() == "x-forwarded-for"]
 
 
 def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:

@@ -44,13 +44,7 @@ async def serve(
     """
     runner = web.AppRunner(create_app(settings), **runner_options(settings))
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.host,
-        settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        reuse_address=True,
-    )
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:
         await site.start()
     except OSError as error:

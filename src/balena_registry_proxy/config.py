@@ -7,6 +7,7 @@ with one line that names the setting, instead of a traceback at the first reques
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,14 +105,28 @@ def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        # Credentials here would be sent upstream for every client, anonymous ones included.
+        raise ValueError("must not carry credentials: clients bring their own")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("must be the registry's root URL, without a path")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError:
+        raise ValueError("has an invalid port") from None
     return f"{parts.scheme}://{parts.netloc}"
 
 
+_HOSTNAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?(?::[0-9]{1,5})?"
+)
+
+
 def _hostname(text: str) -> str:
-    if not text or any(c in text for c in "/?#@ ") or text.startswith(("http:", "https:")):
+    if not _HOSTNAME_RE.fullmatch(text):
         raise ValueError("must be a host name (with an optional :port), not a URL")
+    _url(f"https://{text}")
     return text
 
 
@@ -142,6 +157,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+def _shown(raw: str) -> str:
+    """A setting's value as an error line may show it: any user:password@ part masked."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", raw)
+
+
 def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
     """Build settings from the environment and parsed flags (keyed by field name).
 
@@ -157,7 +177,7 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
         try:
             values[option.field] = _PARSERS[option.field](raw)
         except ValueError as error:
-            raise ConfigError(f"{option.env} ({option.flag}) {raw!r}: {error}") from None
+            raise ConfigError(f"{option.env} ({option.flag}) {_shown(raw)!r}: {error}") from None
     dns_tld = values.pop("dns_tld", None)
     registry2_host = values.pop("registry2_host", DEFAULT_REGISTRY2_HOST)
     if "registry_url" not in values:

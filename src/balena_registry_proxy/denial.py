@@ -13,10 +13,21 @@ from .errors import error_body
 def explain(name: str, upstream_code: str | None, proxy_host: str) -> bytes:
     """An OCI error body that says what went wrong with ``name`` and how to fix it."""
     parts = name.split("/")
-    release = parts[2] if len(parts) >= 3 else None
-    what = f"release '{release}' of app '{'/'.join(parts[:2])}'" if release else f"app '{name}'"
+    app = "/".join(parts[:2])
+    if len(parts) > 3:
+        # The balena API never resolves a service component: only single-service releases.
+        first = (
+            f"'{name}' names a service: images of one service of a release cannot be pulled "
+            f"by name, only releases of single-service apps ({app}[/<version|commit>])."
+        )
+    elif len(parts) == 3:
+        first = (
+            f"release '{parts[2]}' of app '{app}' was not found, or you are not allowed to pull it."
+        )
+    else:
+        first = f"app '{name}' was not found, or you are not allowed to pull it."
     hints = [
-        f"{what} was not found, or you are not allowed to pull it.",
+        first,
         "Use <org>/<app>[/<version|commit>] with the app slug as shown in the dashboard.",
         "Write versions without a leading 'v' and without '+rev' (1.2.3 pulls its newest "
         "revision); drafts need the full version (1.2.3-1700000000000).",

@@ -7,21 +7,29 @@ HTML page or a bare string (Docker fails on those with an unhelpful JSON parse e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 CONTENT_TYPE = "application/json"
 
 
-@dataclass(frozen=True)
 class RegistryError(Exception):
     """An answer the proxy gives on its own, without asking upstream."""
 
-    status: int
-    code: str
-    message: str
-    detail: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """An error answer: HTTP ``status``, OCI ``code``, ``message`` and ``detail``."""
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
 
     def body(self) -> bytes:
         """The JSON body for this error."""
@@ -54,12 +62,12 @@ def bad_request(code: str, message: str, detail: Any = None) -> RegistryError:
     return RegistryError(400, code, message, detail)
 
 
-def unsupported_method(method: str) -> RegistryError:
-    """The 405 every write method gets: this proxy only serves pulls."""
+def unsupported_method(what: str) -> RegistryError:
+    """The 405 every write gets (``what``: a method, or "uploading"): this proxy serves pulls."""
     return RegistryError(
         405,
         "UNSUPPORTED",
-        f"{method} is not supported: this registry proxy is read-only (pull only)",
+        f"{what} is not supported: this registry proxy is read-only (pull only)",
         headers={"Allow": "GET, HEAD"},
     )
 
@@ -67,6 +75,11 @@ def unsupported_method(method: str) -> RegistryError:
 def not_an_endpoint(message: str) -> RegistryError:
     """A 404 for paths that are not part of the registry API."""
     return RegistryError(404, "UNSUPPORTED", message)
+
+
+def internal_error() -> RegistryError:
+    """The 500 for a fault of the proxy's own; details go to the log, not to the client."""
+    return RegistryError(500, "UNKNOWN", "internal error in the registry proxy")
 
 
 def upstream_unreachable() -> RegistryError:

@@ -9,6 +9,7 @@ and a comma-separated list of addresses or CIDR ranges trusts exactly those peer
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -59,6 +60,11 @@ def parse_trust_proxy(value: str) -> TrustProxy:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
+        if item.isdigit():
+            # "1, 2" is neither a hop count nor a list of addresses ("1" would mean 0.0.0.1).
+            raise ValueError(
+                f"{item!r} is not true, false, a hop count, an address or a CIDR range"
+            )
         if item in _NAMED_RANGES:
             networks.extend(ipaddress.ip_network(cidr) for cidr in _NAMED_RANGES[item])
             continue
@@ -71,12 +77,25 @@ def parse_trust_proxy(value: str) -> TrustProxy:
     return TrustProxy(networks=tuple(networks))
 
 
-def client_address(peer: str | None, forwarded_for: str | None, trust: TrustProxy) -> str:
-    """The client's address, walking ``X-Forwarded-For`` back only through trusted hops."""
+def client_address(peer: str | None, forwarded_for: Sequence[str], trust: TrustProxy) -> str:
+    """The client's address, walking ``X-Forwarded-For`` back only through trusted hops.
+
+    ``forwarded_for`` holds every ``X-Forwarded-For`` header line, in order. The walk stops at
+    anything that is not an IP address: a hop that claims such a thing is not believed, and
+    nothing but an address ever reaches a log line from here.
+    """
     chain = [peer or "-"]
-    if forwarded_for:
-        chain.extend(reversed([a.strip() for a in forwarded_for.split(",") if a.strip()]))
-    for hop, address in enumerate(chain[:-1]):
-        if not trust.trusts(address, hop):
-            return address
+    addresses = [a.strip() for line in forwarded_for for a in line.split(",") if a.strip()]
+    for hop, address in enumerate(reversed(addresses)):
+        if not _is_ip(address) or not trust.trusts(chain[-1], hop):
+            break
+        chain.append(address)
     return chain[-1]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -28,6 +28,21 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
+# Headers that describe a body; they go when the proxy replaces the body with its own.
+_BODY_DESCRIPTION = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-range",
+        "content-md5",
+        "digest",
+        "docker-content-digest",
+        "etag",
+        "last-modified",
+    }
+)
+JSON_CONTENT_TYPE = "application/json"
+
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"))
 
 Headers = Iterable[tuple[str, str]]
@@ -56,6 +71,12 @@ def upstream_request_headers(headers: Headers) -> list[tuple[str, str]]:
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream's response headers to relay to the client, in order, duplicates kept."""
     return _filter(headers, _RESPONSE_DROP)
+
+
+def without_body_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers for a JSON body the proxy wrote itself in place of upstream's."""
+    kept = [(k, v) for k, v in headers if k.lower() not in _BODY_DESCRIPTION]
+    return [*kept, ("Content-Type", JSON_CONTENT_TYPE)]
 
 
 def rewrite_location(location: str, upstream_origin: str) -> str:

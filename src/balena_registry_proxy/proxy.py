@@ -15,16 +15,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .access import Match, bearer_token, find_access, token_entries
+from .accesslog import redact_target
 from .denial import explain
 from .errors import (
-    RegistryError,
     bad_request,
     first_error_code,
     unsupported_method,
     upstream_timeout,
     upstream_unreachable,
 )
-from .headers import client_response_headers, upstream_request_headers
+from .headers import client_response_headers, upstream_request_headers, without_body_headers
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .upstream import Upstream
@@ -34,7 +34,7 @@ log = logging.getLogger("balena_registry_proxy")
 UPSTREAM_TARGET = web.RequestKey("upstream_target", str)
 BODY_BYTES = web.RequestKey("body_bytes", int)
 READ_METHODS = frozenset({"GET", "HEAD"})
-# Bodies the proxy rewrites are small JSON documents; anything bigger is relayed untouched.
+# Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -53,12 +53,15 @@ class Proxy:
             raise unsupported_method(request.method)
         route = parse_target(request.raw_path)
         plan = plan_request(route, _match(request, route))
-        if plan.rewritten:
+        if plan.names is not None:
             request[UPSTREAM_TARGET] = plan.target
         headers = upstream_request_headers(request.headers.items())
         try:
             async with self.upstream.request(request.method, plan.target, headers) as upstream:
                 return await self._relay(request, route, plan, upstream)
+        except aiohttp.ConnectionTimeoutError:
+            # Nothing answered at all: as unreachable as a refused connection.
+            raise upstream_unreachable() from None
         except TimeoutError:
             raise upstream_timeout() from None
         except aiohttp.ClientError:
@@ -74,23 +77,26 @@ class Proxy:
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
+        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
         if plan.unresolved is not None and upstream.status in plan.explain_on:
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
-            has_body = request.method != "HEAD"
-            denial = (await _read_small(upstream) or b"") if has_body else b""
+            denial, _ = await _read_small(upstream) if has_body else (b"", True)
             body = explain(plan.unresolved, first_error_code(denial), _proxy_host(request))
-            return _buffered(upstream.status, headers, body)
+            return _buffered(upstream.status, without_body_headers(headers), body)
         if (
-            plan.real is not None
-            and plan.alias is not None
+            plan.names is not None
             and route.kind is Kind.TAGS
             and upstream.status == 200
-            and request.method == "GET"
+            and has_body
+            and "Content-Encoding" not in upstream.headers
         ):
-            original = await _read_small(upstream)
-            if original is not None:
-                mapped = map_tags_body(original, plan.real, plan.alias)
-                return _buffered(upstream.status, headers, mapped or original)
+            original, complete = await _read_small(upstream)
+            if not complete:
+                return await _stream(request, upstream, headers, prefix=original)
+            mapped = map_tags_body(original, plan.names.real, plan.names.alias)
+            if mapped is None:
+                return _buffered(upstream.status, headers, original)
+            return _buffered(upstream.status, without_body_headers(headers), mapped)
         return await _stream(request, upstream, headers)
 
 
@@ -99,7 +105,7 @@ def _match(request: web.Request, route: Route) -> Match | None:
         return None
     authorizations = request.headers.getall("Authorization", [])
     if len(authorizations) > 1:
-        raise bad_request("UNAUTHORIZED", "more than one Authorization header")
+        raise bad_request("UNSUPPORTED", "more than one Authorization header")
     token = bearer_token(authorizations[0] if authorizations else None)
     if token is None:
         return None
@@ -116,37 +122,43 @@ def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.R
     return web.Response(status=status, body=body, headers=CIMultiDict(headers))
 
 
-async def _read_small(upstream: aiohttp.ClientResponse) -> bytes | None:
-    """The whole body if it is small enough to rewrite; None, with nothing consumed, if not."""
+async def _read_small(upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Up to ``MAX_REWRITTEN_BODY`` bytes of the body, and whether that is all of it."""
     length = upstream.content_length
+    if length is not None and length > MAX_REWRITTEN_BODY:
+        return b"", False
     if length is not None:
-        return None if length > MAX_REWRITTEN_BODY else await upstream.content.readexactly(length)
+        return await upstream.content.readexactly(length), True
     body = bytearray()
-    async for chunk in upstream.content.iter_any():
+    while len(body) <= MAX_REWRITTEN_BODY:
+        chunk = await upstream.content.readany()
+        if not chunk:
+            return bytes(body), True
         body += chunk
-        if len(body) > MAX_REWRITTEN_BODY:
-            raise RegistryError(
-                502, "UNAVAILABLE", "the upstream registry sent an unexpectedly large document"
-            )
-    return bytes(body)
+    return bytes(body), False
 
 
 async def _stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    headers: list[tuple[str, str]],
+    prefix: bytes = b"",
 ) -> web.StreamResponse:
+    """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
     response = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
     )
-    has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
+    # Without a length aiohttp frames the body itself: chunked for HTTP/1.1, close for 1.0.
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    elif has_body:
-        response.enable_chunked_encoding()
     await response.prepare(request)
-    if not has_body:
+    if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
         return response
     sent = 0
     try:
+        if prefix:
+            await response.write(prefix)
+            sent += len(prefix)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
             sent += len(chunk)
@@ -158,7 +170,7 @@ async def _stream(
         # sees a short body (and retries with Range) instead of waiting or trusting it.
         log.warning(
             "upstream failed mid-response for %s: %s",
-            request.get(UPSTREAM_TARGET, request.path),
+            redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
             type(error).__name__,
         )
         if request.transport is not None:

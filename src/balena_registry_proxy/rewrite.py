@@ -23,24 +23,25 @@ NOT_FOUND = frozenset({404})
 
 
 @dataclass(frozen=True, slots=True)
+class Names:
+    """The client's name for a repository and the upstream's."""
+
+    alias: str
+    real: str
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Where to send a request, and what the answer needs mapped back."""
 
     target: str
     """Upstream path and query."""
-    alias: str | None = None
-    """The client's name, when the request was rewritten to another repository."""
-    real: str | None = None
-    """The upstream repository, when the request was rewritten."""
+    names: Names | None = None
+    """Set when the request was rewritten to another repository."""
     unresolved: str | None = None
     """The client's name, when the token server may have resolved it to nothing pullable."""
     explain_on: frozenset[int] = frozenset()
     """Upstream statuses that mean ``unresolved`` really was not found or not allowed."""
-
-    @property
-    def rewritten(self) -> bool:
-        """Whether the upstream target names another repository than the client did."""
-        return self.alias is not None
 
 
 def plan_request(route: Route, match: Match | None) -> Plan:
@@ -61,7 +62,7 @@ def plan_request(route: Route, match: Match | None) -> Plan:
     if route.kind is Kind.MANIFEST and not route.by_digest:
         reference = UPSTREAM_TAG
     target = route.target(repository=match.repository, reference=reference)
-    return Plan(target, alias=route.repository, real=match.repository)
+    return Plan(target, names=Names(alias=route.repository, real=match.repository))
 
 
 def _is_legacy_grant(route: Route) -> bool:
@@ -69,7 +70,8 @@ def _is_legacy_grant(route: Route) -> bool:
 
     For a bare ``<org>/<app>`` that resolves to no release (unknown app, or a private one the
     caller may not see), the balena API grants pull on the name itself, which no repository
-    has; the registry then answers 404. Real repositories are opaque ``v2/<hash>`` names.
+    has; the registry then answers 404. Real repositories are opaque ``v2/<hash>`` names (an
+    org whose slug is ``v2`` would miss the friendlier message, nothing else).
     """
     return (
         route.kind is Kind.MANIFEST
@@ -117,14 +119,15 @@ def map_response_headers(
     mapped = []
     for name, value in headers:
         lower = name.lower()
+        names = plan.names
         if lower == "location":
             value = rewrite_location(value, upstream_origin)
-            if plan.real is not None and plan.alias is not None and value.startswith("/"):
-                value = map_link(value, plan.real, plan.alias)
-        elif plan.real is not None and plan.alias is not None:
+            if names is not None and value.startswith("/"):
+                value = map_link(value, names.real, names.alias)
+        elif names is not None:
             if lower == "www-authenticate":
-                value = map_challenge(value, plan.real, plan.alias)
+                value = map_challenge(value, names.real, names.alias)
             elif lower == "link":
-                value = map_link(value, plan.real, plan.alias)
+                value = map_link(value, names.real, names.alias)
         mapped.append((name, value))
     return mapped

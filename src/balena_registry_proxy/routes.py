@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import RegistryError, bad_request, not_an_endpoint
+from .errors import RegistryError, bad_request, not_an_endpoint, unsupported_method
 
 MAX_NAME_LENGTH = 255
 MAX_TARGET_LENGTH = 4096
@@ -22,7 +22,8 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
-_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9._=-]+")
+_UPLOAD_RE = re.compile(r"/blobs/uploads(?:/[^/]*)?$")
+_ABSOLUTE_FORM_RE = re.compile(r"https?://[^/?#]*(?=[/?]|$)", re.IGNORECASE)
 # What a canonical path or query may contain: printable ASCII without space, '%', '\' or '#'.
 _SAFE_PATH_RE = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=/-]*")
 _SAFE_QUERY_RE = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=/?%-]*")
@@ -35,7 +36,6 @@ class Kind(Enum):
     CATALOG = "catalog"
     MANIFEST = "manifest"
     BLOB = "blob"
-    UPLOAD = "upload"
     TAGS = "tags"
     REFERRERS = "referrers"
 
@@ -45,7 +45,7 @@ class Route:
     """A parsed ``/v2/`` request target.
 
     ``repository`` is None for the base and catalog endpoints; ``reference`` is the tag or digest
-    of manifests, the digest of blobs and referrers, the upload id of uploads (or None).
+    of manifests, the digest of blobs and referrers (None for the others).
     """
 
     kind: Kind
@@ -68,9 +68,6 @@ class Route:
             return "/v2/_catalog"
         if self.kind is Kind.TAGS:
             return f"/v2/{name}/tags/list"
-        if self.kind is Kind.UPLOAD:
-            suffix = f"/{ref}" if ref is not None else ""
-            return f"/v2/{name}/blobs/uploads{suffix}"
         endpoint = {Kind.MANIFEST: "manifests", Kind.BLOB: "blobs", Kind.REFERRERS: "referrers"}
         return f"/v2/{name}/{endpoint[self.kind]}/{ref}"
 
@@ -93,6 +90,10 @@ def parse_target(target: str) -> Route:
     """
     if len(target) > MAX_TARGET_LENGTH:
         raise RegistryError(414, "NAME_INVALID", "request target too long")
+    # HTTP/1.1 lets a client send the absolute form (what it would send to a forward proxy).
+    absolute = _ABSOLUTE_FORM_RE.match(target)
+    if absolute is not None:
+        target = target[absolute.end() :] or "/"
     path, _, query = target.partition("?")
     if not _SAFE_QUERY_RE.fullmatch(query):
         raise bad_request("UNSUPPORTED", "query string contains characters that are not allowed")
@@ -104,6 +105,8 @@ def parse_target(target: str) -> Route:
         return Route(Kind.BASE, query=query)
     if not path.startswith("/v2/"):
         raise not_an_endpoint("not a registry API path")
+    if _UPLOAD_RE.search(path):
+        raise unsupported_method("uploading")
     segments = path[len("/v2/") :].split("/")
     if any(segment in ("", ".", "..") for segment in segments):
         raise bad_request("NAME_INVALID", "request path has empty, '.' or '..' segments")
@@ -125,10 +128,6 @@ def _split_endpoint(segments: list[str]) -> tuple[Kind, list[str], str | None]:
     """Split path segments into endpoint kind, repository name parts and reference."""
     if len(segments) >= 3 and segments[-2:] == ["tags", "list"]:
         return Kind.TAGS, segments[:-2], None
-    if len(segments) >= 3 and segments[-2:] == ["blobs", "uploads"]:
-        return Kind.UPLOAD, segments[:-2], None
-    if len(segments) >= 4 and segments[-3:-1] == ["blobs", "uploads"]:
-        return Kind.UPLOAD, segments[:-3], segments[-1]
     if len(segments) >= 3:
         endpoint = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}
         kind = endpoint.get(segments[-2])
@@ -145,9 +144,5 @@ def _check_reference(kind: Kind, reference: str | None) -> None:
         if TAG_RE.fullmatch(reference) or DIGEST_RE.fullmatch(reference):
             return
         raise bad_request("MANIFEST_INVALID", "invalid tag or digest", {"reference": reference})
-    if kind is Kind.UPLOAD:
-        if _UPLOAD_ID_RE.fullmatch(reference):
-            return
-        raise bad_request("BLOB_UPLOAD_INVALID", "invalid upload id")
     if not DIGEST_RE.fullmatch(reference):
         raise bad_request("DIGEST_INVALID", "invalid digest", {"digest": reference})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
+from balena_registry_proxy.sandbox.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,6 @@ class RunningProxy:
     def log(self) -> str:
         """Everything the proxy has logged so far."""
         return self.log_path.read_text(errors="replace")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import pytest
 
 from balena_registry_proxy.sandbox.catalog import default_catalog_path, load_catalog
 from balena_registry_proxy.sandbox.demo import Probe, format_table, probes
-
-from .conftest import free_port
+from balena_registry_proxy.sandbox.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,8 @@ class FakeRegistry:
         api = {"Docker-Distribution-API-Version": "registry/2.0"}
         if path == "/v2/":
             return _denied(401, "UNAUTHORIZED", "authentication required", scope=None)
+        if request.headers.get("If-None-Match") == f'"{MANIFEST_DIGEST}"':
+            return web.Response(status=304, headers={"ETag": f'"{MANIFEST_DIGEST}"'})
         if path == f"/v2/{REAL}/manifests/latest" or path.endswith(f"manifests/{MANIFEST_DIGEST}"):
             return web.Response(
                 body=MANIFEST,
@@ -74,9 +77,18 @@ class FakeRegistry:
             response = web.FileResponse(self.blob_path, chunk_size=1 << 16)
             response.headers["Docker-Content-Digest"] = self.blob_digest
             return response
+        if path == f"/v2/{REAL}/tags/list" and request.query.get("framing") == "chunked":
+            size = int(request.query.get("tags", "1"))
+            document = {"name": REAL, "tags": [f"t{i:07d}" for i in range(size)]}
+            return await _chunked(request, json.dumps(document).encode(), "application/json")
         if path == f"/v2/{REAL}/tags/list":
             link = f'</v2/{REAL}/tags/list?last=latest&n=1>; rel="next"'
             return web.json_response({"name": REAL, "tags": ["latest"]}, headers={"Link": link})
+        if path.startswith("/v2/gh_acme/web/9.9.8/"):
+            challenge = CHALLENGE + ',scope="repository:gh_acme/web/9.9.8:pull"'
+            headers = {"WWW-Authenticate": challenge, "Content-Encoding": "gzip"}
+            body = gzip.compress(b"<html>denied</html>")
+            return web.Response(status=401, body=body, content_type="text/html", headers=headers)
         if path.startswith("/v2/gh_acme/web/9.9.9/"):
             return _denied(401, "UNAUTHORIZED", "authentication required", "gh_acme/web/9.9.9")
         if path == f"/v2/{REAL}/blobs/sha256:{'e' * 64}":
@@ -93,6 +105,14 @@ class FakeRegistry:
                 body=b"\x1f\x8b\x08\x00not-really-gzip",
                 headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
             )
+        if path == "/v2/chunked/blobs/sha256:" + "c" * 64:
+            return await _chunked(request, self.blob_path.read_bytes(), "application/octet-stream")
+        if path == "/v2/stall/blobs/sha256:" + "d" * 64:
+            stalled = web.StreamResponse(headers={"Content-Length": "1000000"})
+            await stalled.prepare(request)
+            await stalled.write(b"x" * 1000)
+            await asyncio.sleep(5)
+            return stalled
         if path == "/v2/cut/blobs/sha256:" + "b" * 64:
             cut = web.StreamResponse(headers={"Content-Length": "1000000"})
             await cut.prepare(request)
@@ -101,6 +121,18 @@ class FakeRegistry:
             request.transport.close()
             return cut
         return _denied(404, "NAME_UNKNOWN", "repository name not known to registry", None)
+
+
+async def _chunked(request: web.Request, body: bytes, content_type: str) -> web.StreamResponse:
+    """Send ``body`` without a length, in several chunks, as some upstreams and proxies do."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    step = max(1, len(body) // 3)
+    for start in range(0, len(body), step):
+        await response.write(body[start : start + step])
+    await response.write_eof()
+    return response
 
 
 def _denied(status: int, code: str, message: str, scope: str | None) -> web.Response:

@@ -14,11 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from balena_registry_proxy.sandbox.ports import free_port
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:

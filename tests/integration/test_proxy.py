@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -158,7 +159,8 @@ async def test_unsatisfiable_range_gets_416(proxy: Client, registry: FakeRegistr
 
 async def test_conditional_headers_are_forwarded(proxy: Client, registry: FakeRegistry) -> None:
     headers = {**bearer(TOKEN), "If-None-Match": '"x"', "If-Range": '"y"'}
-    await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    assert response.status == 200
     assert registry.seen[-1].headers["If-None-Match"] == '"x"'
     assert registry.seen[-1].headers["If-Range"] == '"y"'
 
@@ -206,26 +208,25 @@ async def test_write_methods_are_refused_before_upstream(
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "code"),
     [
-        "/v2/gh_acme/../secret/manifests/latest",
-        "/v2/gh_acme/./web/manifests/latest",
-        "/v2/gh_acme%2Fweb/manifests/latest",
-        "/v2/gh_acme/%2e%2e/manifests/latest",
-        "/v2/gh_acme//web/manifests/latest",
-        "/v2/GH_ACME/web/manifests/latest",
-        "/v2/gh_acme/web/manifests/bad%00tag",
-        "/v2/gh_acme/web/blobs/not-a-digest",
-        "/v2/gh_acme/web/manifests/-bad-tag",
+        ("/v2/gh_acme/../secret/manifests/latest", "NAME_INVALID"),
+        ("/v2/gh_acme/./web/manifests/latest", "NAME_INVALID"),
+        ("/v2/gh_acme%2Fweb/manifests/latest", "NAME_INVALID"),
+        ("/v2/gh_acme/%2e%2e/manifests/latest", "NAME_INVALID"),
+        ("/v2/gh_acme//web/manifests/latest", "NAME_INVALID"),
+        ("/v2/GH_ACME/web/manifests/latest", "NAME_INVALID"),
+        ("/v2/gh_acme/web/manifests/bad%00tag", "NAME_INVALID"),
+        ("/v2/gh_acme/web/blobs/not-a-digest", "DIGEST_INVALID"),
+        ("/v2/gh_acme/web/manifests/-bad-tag", "MANIFEST_INVALID"),
     ],
 )
 async def test_non_canonical_paths_get_400_and_never_reach_upstream(
-    proxy: Client, registry: FakeRegistry, path: str
+    proxy: Client, registry: FakeRegistry, path: str, code: str
 ) -> None:
     status, raw = await raw_get(proxy, path, bearer(TOKEN))
     assert status == 400
-    body = json.loads(raw)
-    assert body["errors"][0]["code"] in {"NAME_INVALID", "MANIFEST_INVALID", "DIGEST_INVALID"}
+    assert_oci_error(json.loads(raw), code)
     assert registry.seen == []
 
 
@@ -259,7 +260,9 @@ async def test_duplicate_authorization_headers_are_refused(
 
 
 async def test_garbage_token_is_forwarded_unchanged(proxy: Client, registry: FakeRegistry) -> None:
-    await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer("not.a.jwt"))
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer("not.a.jwt"))
+    assert response.status == 404
+    assert_oci_error(await response.json(), "NAME_UNKNOWN")
     assert registry.seen[-1].path_qs == f"/v2/{ALIAS}/manifests/latest"
     assert registry.seen[-1].headers["Authorization"] == "Bearer not.a.jwt"
 
@@ -424,3 +427,150 @@ async def test_access_log_has_one_line_without_secrets(
     assert f" {len(MANIFEST)} " in line
     assert "hunter2" not in line
     assert TOKEN not in caplog.text
+
+
+async def test_chunked_upstream_blob_is_relayed_whole(
+    proxy: Client, blob: tuple[Any, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="balena_registry_proxy.access")
+    response = await proxy.get(f"/v2/chunked/blobs/sha256:{'c' * 64}")
+    assert response.status == 200
+    assert "Content-Length" not in response.headers
+    assert await response.read() == blob[1]
+    await asyncio.sleep(0.05)
+    assert f" 200 {len(blob[1])} " in caplog.records[-1].getMessage()
+
+
+async def test_http_1_0_client_gets_a_chunked_upstream_body_framed_by_close(
+    proxy: Client, blob: tuple[Any, bytes]
+) -> None:
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(f"GET /v2/chunked/blobs/sha256:{'c' * 64} HTTP/1.0\r\n\r\n".encode())
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
+    assert b"transfer-encoding" not in head.lower()
+    assert body == blob[1]
+
+
+async def test_chunked_tags_list_is_mapped_back(proxy: Client) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/tags/list?framing=chunked&tags=2", headers=bearer(TOKEN)
+    )
+    assert response.status == 200
+    assert await response.json() == {"name": ALIAS, "tags": ["t0000000", "t0000001"]}
+
+
+async def test_huge_chunked_tags_list_is_relayed_untouched(proxy: Client) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/tags/list?framing=chunked&tags=200000", headers=bearer(TOKEN)
+    )
+    assert response.status == 200
+    document = await response.json()
+    assert len(document["tags"]) == 200000
+    assert document["name"] == REAL
+
+
+async def test_head_of_tags_list_has_no_body(proxy: Client) -> None:
+    response = await proxy.head(f"/v2/{ALIAS}/tags/list", headers=bearer(TOKEN))
+    assert response.status == 200
+    assert await response.read() == b""
+
+
+async def test_not_modified_is_relayed_without_body(proxy: Client, registry: FakeRegistry) -> None:
+    headers = {**bearer(TOKEN), "If-None-Match": f'"{MANIFEST_DIGEST}"'}
+    response = await proxy.get(f"/v2/{ALIAS}/manifests/latest", headers=headers)
+    assert response.status == 304
+    assert response.headers["ETag"] == f'"{MANIFEST_DIGEST}"'
+    assert await response.read() == b""
+
+
+async def test_denial_of_an_encoded_html_body_becomes_plain_json(proxy: Client) -> None:
+    name = "gh_acme/web/9.9.8"
+    token = make_token({"type": "repository", "name": name, "actions": []})
+    response = await proxy.get(
+        f"/v2/{name}/manifests/latest", headers={**bearer(token), "Accept-Encoding": "gzip"}
+    )
+    assert response.status == 401
+    assert "Content-Encoding" not in response.headers
+    assert response.headers["Content-Type"] == "application/json"
+    body = json.loads(await response.read())
+    assert "release '9.9.8' of app 'gh_acme/web'" in body["errors"][0]["message"]
+
+
+async def test_odd_host_header_is_not_echoed(proxy: Client) -> None:
+    name = "gh_acme/web/9.9.9"
+    token = make_token({"type": "repository", "name": name, "actions": []})
+    headers = {**bearer(token), "Host": "evil.example<script>"}
+    response = await proxy.get(f"/v2/{name}/manifests/latest", headers=headers)
+    message = (await response.json())["errors"][0]["message"]
+    assert "docker login <proxy>" in message
+    assert "<script>" not in message
+
+
+async def test_no_accept_encoding_is_invented_upstream(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/manifests/latest",
+        headers=bearer(TOKEN),
+        skip_auto_headers=["Accept-Encoding", "Accept", "User-Agent"],
+    )
+    assert response.status == 200
+    seen = registry.seen[-1].headers
+    assert "Accept-Encoding" not in seen
+    assert "Accept" not in seen
+    assert seen["User-Agent"].startswith("balena-registry-proxy/")
+
+
+async def test_upstream_stalling_mid_blob_cuts_the_client_after_the_read_timeout(
+    proxy: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = await proxy.get(f"/v2/stall/blobs/sha256:{'d' * 64}")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(response.read(), 4)
+    assert "upstream failed mid-response" in caplog.text
+    assert (await proxy.get("/ping")).status == 200
+
+
+async def test_client_leaving_mid_blob_is_not_an_upstream_failure(
+    proxy: Client, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    request = f"GET /v2/{ALIAS}/blobs/{registry.blob_digest} HTTP/1.1\r\nHost: p\r\n"
+    writer.write(f"{request}Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+    await writer.drain()
+    await reader.read(4096)
+    writer.transport.abort()
+    await asyncio.sleep(0.5)
+    assert "upstream failed" not in caplog.text
+    assert (await proxy.get("/ping")).status == 200
+
+
+async def test_connect_timeout_gives_502(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    # A listener that never accepts, its backlog full: connection attempts get no answer.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        settings = Settings(registry_url=f"http://127.0.0.1:{port}", connect_timeout=0.5)
+        client = await serve_proxy(settings, aiohttp_client)
+        response = await client.get("/v2/")
+        assert response.status == 502
+        assert_oci_error(await response.json(), "UNAVAILABLE")
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

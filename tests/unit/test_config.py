@@ -37,6 +37,14 @@ def test_flags_win_over_environment() -> None:
     assert loaded.trust_proxy == TrustProxy(hops=2)
 
 
+def test_credentials_in_the_upstream_url_are_refused_and_never_shown() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings({"REGISTRY_URL": "https://operator:hunter2@registry.example.com"})
+    assert "must not carry credentials" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "operator" not in str(caught.value)
+
+
 def test_timeouts_and_log_level() -> None:
     env = {"UPSTREAM_CONNECT_TIMEOUT": "2.5", "UPSTREAM_READ_TIMEOUT": "60", "LOG_LEVEL": "debug"}
     loaded = settings(env, "--shutdown-timeout", "5")
@@ -53,6 +61,9 @@ def test_timeouts_and_log_level() -> None:
         ({"REGISTRY_URL": "https://r.example.com/v2"}, [], "REGISTRY_URL (--registry-url)"),
         ({"REGISTRY2_HOST": "https://r.example.com"}, [], "REGISTRY2_HOST (--registry2-host)"),
         ({"DNS_TLD": "a b"}, [], "DNS_TLD (--dns-tld)"),
+        ({"REGISTRY2_HOST": "exa\tmple:x"}, [], "REGISTRY2_HOST (--registry2-host)"),
+        ({"REGISTRY2_HOST": "example.com:99999"}, [], "REGISTRY2_HOST (--registry2-host)"),
+        ({"REGISTRY_URL": "https://h.example:99999"}, [], "REGISTRY_URL (--registry-url)"),
         ({"TRUST_PROXY": "perhaps"}, [], "TRUST_PROXY (--trust-proxy)"),
         ({"UPSTREAM_READ_TIMEOUT": "-1"}, [], "UPSTREAM_READ_TIMEOUT (--read-timeout)"),
         ({}, ["--connect-timeout", "soon"], "UPSTREAM_CONNECT_TIMEOUT (--connect-timeout)"),

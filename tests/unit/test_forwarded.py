@@ -24,19 +24,27 @@ XFF = "203.0.113.9, 10.0.0.2, 10.0.0.1"
         ("10.0.0.5, 10.0.0.1", "10.0.0.5", XFF, "10.0.0.2"),
         ("loopback", "127.0.0.1", "198.51.100.7", "198.51.100.7"),
         ("loopback", "10.0.0.1", "198.51.100.7", "10.0.0.1"),
-        ("uniquelocal", "192.168.1.2", "garbage, 10.1.1.1", "garbage"),
+        ("uniquelocal", "192.168.1.2", "garbage, 10.1.1.1", "10.1.1.1"),
+        ("true", "10.0.0.1", '1.2.3.4" "GET /forged, 10.0.0.2', "10.0.0.2"),
         ("::1", "::1", "2001:db8::1", "2001:db8::1"),
     ],
 )
 def test_client_address(setting: str, peer: str, forwarded: str | None, expected: str) -> None:
-    assert client_address(peer, forwarded, parse_trust_proxy(setting)) == expected
+    lines = [forwarded] if forwarded else []
+    assert client_address(peer, lines, parse_trust_proxy(setting)) == expected
+
+
+def test_every_forwarded_for_line_counts_in_order() -> None:
+    lines = ["203.0.113.9", "10.0.0.2"]
+    assert client_address("10.0.0.1", lines, parse_trust_proxy("true")) == "203.0.113.9"
+    assert client_address("10.0.0.1", lines, parse_trust_proxy("1")) == "10.0.0.2"
 
 
 def test_unknown_peer() -> None:
-    assert client_address(None, None, TrustProxy()) == "-"
+    assert client_address(None, [], TrustProxy()) == "-"
 
 
-@pytest.mark.parametrize("setting", ["maybe", "10.0.0.0/33", "1.2.3.4, nope", "-1"])
+@pytest.mark.parametrize("setting", ["maybe", "10.0.0.0/33", "1.2.3.4, nope", "-1", "1, 2"])
 def test_bad_settings_are_refused_with_the_offending_part(setting: str) -> None:
     with pytest.raises(ValueError, match="is not true, false"):
         parse_trust_proxy(setting)

@@ -38,6 +38,12 @@ def test_explain_release() -> None:
     assert error["detail"] == {"name": "gh_acme/web/v1.2.3", "upstream_code": "UNAUTHORIZED"}
 
 
+def test_explain_service_names() -> None:
+    error = json.loads(explain("gh_acme/web/1.2.3/frontend", None, "p"))["errors"][0]
+    assert error["message"].startswith("'gh_acme/web/1.2.3/frontend' names a service")
+    assert "single-service apps (gh_acme/web[/<version|commit>])" in error["message"]
+
+
 def test_explain_app_without_upstream_code() -> None:
     error = json.loads(explain("gh_acme/nope", None, "p"))["errors"][0]
     assert error["code"] == "DENIED"

@@ -10,6 +10,7 @@ from balena_registry_proxy.access import Match, Verdict
 from balena_registry_proxy.rewrite import (
     NOT_FOUND,
     REFUSED,
+    Names,
     Plan,
     map_challenge,
     map_link,
@@ -36,8 +37,7 @@ def aliased(real: str = REAL) -> Match:
 def test_manifest_by_tag_goes_to_latest_for_every_selector(selector: str, tag: str) -> None:
     name = f"gh_acme/web{selector}"
     plan = plan_request(parse_target(f"/v2/{name}/manifests/{tag}"), aliased())
-    assert plan == Plan(f"/v2/{REAL}/manifests/latest", alias=name, real=REAL)
-    assert plan.rewritten
+    assert plan == Plan(f"/v2/{REAL}/manifests/latest", names=Names(name, REAL))
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_unresolved_forwards_unchanged_and_remembers_the_name() -> None:
     route = parse_target("/v2/org/app/9.9.9/manifests/latest")
     plan = plan_request(route, Match(Verdict.UNRESOLVED, "org/app/9.9.9"))
     assert plan == Plan(route.target(), unresolved="org/app/9.9.9", explain_on=REFUSED)
-    assert not plan.rewritten
+    assert plan.names is None
 
 
 def test_legacy_grant_on_an_app_name_is_explained_when_not_found() -> None:
@@ -131,7 +131,7 @@ def test_challenge_scope_is_mapped_back_exactly() -> None:
 
 
 def test_response_headers_mapping() -> None:
-    plan = Plan(f"/v2/{REAL}/blobs/{DIGEST}", alias="org/app", real=REAL)
+    plan = Plan(f"/v2/{REAL}/blobs/{DIGEST}", names=Names("org/app", REAL))
     headers = [
         ("Location", f"https://registry.test/v2/{REAL}/blobs/{DIGEST}"),
         ("WWW-Authenticate", f'Bearer scope="repository:{REAL}:pull"'),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..cli import run, serve
 from ..config import Settings
 from .demo import banner, pull_table
 from .environment import Sandbox
+from .ports import free_port
 from .registry import RegistryNotInstalledError, find_registry_binary
 
 DEFAULT_PORT = 8080
@@ -46,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_sandbox(args: argparse.Namespace) -> None:
     """Start the sandbox, serve the proxy in front of it, stop both on SIGINT/SIGTERM."""
     async with Sandbox.start(args.catalog, args.workdir) as sandbox:
-        port = args.port if args.port is not None else _default_port(args.host)
+        port = args.port if args.port is not None else free_port(args.host, DEFAULT_PORT)
         settings = Settings(host=args.host, port=port, registry_url=sandbox.registry_url)
 
         async def show(port: int) -> None:
-            proxy_host = f"{args.host}:{port}"
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            proxy_host = f"{host}:{port}"
             print(banner(sandbox, proxy_host), flush=True)
             if args.demo:
                 print("Pulling every selector through the proxy with skopeo ...", flush=True)
@@ -58,16 +59,6 @@ async def run_sandbox(args: argparse.Namespace) -> None:
                 print("\nStill serving; Ctrl-C to stop.", flush=True)
 
         await serve(settings, ready=show)
-
-
-def _default_port(host: str) -> int:
-    """8080 when it is free, so the printed commands stay the same; any free port otherwise."""
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, DEFAULT_PORT))
-        except OSError:
-            probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from .ports import free_port
 
 __all__ = [
     "DEFAULT_REGISTRY_BINARY",
@@ -118,14 +119,6 @@ def parse_access_log(text: str) -> list[AccessLogEntry]:
     return entries
 
 
-def _free_port() -> int:
-    # Racy by nature (the port is released before the registry binds it); start() retries.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _tail(path: Path) -> str:
     try:
         return path.read_text(errors="replace")[-_LOG_TAIL_CHARS:]
@@ -207,7 +200,7 @@ class RegistryProcess:
     async def _spawn(
         cls, executable: Path, settings: RegistrySettings, workdir: Path
     ) -> RegistryProcess:
-        port = _free_port()
+        port = free_port(_LOCALHOST)
         config_path, access_log_path, log_path = _prepare_workdir(workdir, settings, port)
         with access_log_path.open("ab") as stdout, log_path.open("ab") as stderr:
             process = await asyncio.create_subprocess_exec(
