@@ -8,6 +8,7 @@ suggests a credential (tokens, signatures of pre-signed storage URLs, keys) are 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
 _SECRET_QUERY_KEY = re.compile(
@@ -35,19 +36,53 @@ def redact_target(target: str) -> str:
     return f"{path}?{'&'.join(items)}"
 
 
-def format_line(
-    *,
-    client: str,
-    method: str,
-    target: str,
-    upstream_target: str | None,
-    status: int,
-    size: int,
-    elapsed_ms: float,
-) -> str:
-    """One line: client, method, path, upstream path if rewritten, status, bytes, ms."""
-    upstream = f" -> {redact_target(upstream_target)}" if upstream_target else ""
-    return (
-        f'{printable(client)} "{printable(method)} {printable(redact_target(target))}{upstream}" '
-        f"{status} {size} {elapsed_ms:.1f}ms"
-    )
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    """The facts of one finished request, secrets already taken out."""
+
+    client: str
+    method: str
+    path: str
+    upstream_path: str | None
+    status: int
+    bytes: int
+    ms: float
+    request_id: str | None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        client: str,
+        method: str,
+        target: str,
+        upstream_target: str | None,
+        status: int,
+        size: int,
+        elapsed_ms: float,
+        request_id: str | None = None,
+    ) -> AccessRecord:
+        """A record with query secrets masked and every text made printable."""
+        return cls(
+            client=printable(client),
+            method=printable(method),
+            path=printable(redact_target(target)),
+            upstream_path=printable(redact_target(upstream_target)) if upstream_target else None,
+            status=status,
+            bytes=size,
+            ms=round(elapsed_ms, 1),
+            request_id=request_id,
+        )
+
+    def line(self) -> str:
+        """The text access-log line."""
+        upstream = f" -> {self.upstream_path}" if self.upstream_path else ""
+        rid = f" rid={self.request_id}" if self.request_id else ""
+        return (
+            f'{self.client} "{self.method} {self.path}{upstream}" '
+            f"{self.status} {self.bytes} {self.ms:.1f}ms{rid}"
+        )
+
+    def fields(self) -> dict[str, object]:
+        """The record as structured fields, for JSON logs."""
+        return {name: getattr(self, name) for name in self.__slots__}

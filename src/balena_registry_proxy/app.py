@@ -1,26 +1,39 @@
-"""The aiohttp application: routes, OCI error answers, security headers, access log."""
+"""The aiohttp application: routes, OCI error answers, headers on every answer, request ids,
+metrics, health and readiness, and the access log."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from .accesslog import format_line, redact_target
+from . import metrics as metrics_format
+from .accesslog import AccessRecord, redact_target
 from .config import Settings
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
-from .proxy import BODY_BYTES, UPSTREAM_TARGET, Proxy
+from .metrics import Metrics, status_class
+from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
+from .requestid import HEADER as REQUEST_ID_HEADER
+from .requestid import request_id
 from .upstream import Upstream
 
 log = logging.getLogger("balena_registry_proxy")
 ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
 SERVER_NAME = "balena-registry-proxy"
+METRICS = web.AppKey("metrics", Metrics)
+UPSTREAM = web.AppKey("upstream", Upstream)
+# Readiness trusts an upstream answer this recent without asking again.
+READY_FRESH_SECONDS = 30.0
+READY_PROBE_TIMEOUT = 5.0
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -31,6 +44,22 @@ def error_response(error: RegistryError) -> web.Response:
         content_type=CONTENT_TYPE,
         headers=error.headers,
     )
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request its id, and count it in the metrics once it is answered."""
+    request[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID_HEADER))
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+    finally:
+        metrics.in_flight.dec()
+    route = request.get(ROUTE, "other")
+    metrics.requests.labels(request.method, route, status_class(response.status)).inc()
+    metrics.body_bytes.labels(route).inc(_body_size(request, response))
+    return response
 
 
 @web.middleware
@@ -53,8 +82,31 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def ping(request: web.Request) -> web.Response:
-    """Health check: answers without asking upstream."""
+    """Liveness: answers without asking upstream."""
     return web.Response(text="pong")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 while the upstream answers (recently, or to a probe now), else 503."""
+    upstream = request.app[UPSTREAM]
+    last = upstream.last_answer
+    if last is None or time.monotonic() - last > READY_FRESH_SECONDS:
+        try:
+            async with asyncio.timeout(READY_PROBE_TIMEOUT):
+                async with upstream.request(
+                    "GET", "/v2/", [(REQUEST_ID_HEADER, request[REQUEST_ID])]
+                ):
+                    pass
+        except (aiohttp.ClientError, TimeoutError):
+            error = RegistryError(503, "UNAVAILABLE", "the upstream registry does not answer")
+            return error_response(error)
+    return web.json_response({"upstream": upstream.base_url, "ready": True})
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """The Prometheus exposition of this process's metrics."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": metrics_format.CONTENT_TYPE})
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -62,6 +114,8 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.setdefault(name, value)
     # aiohttp would announce its own and Python's versions; say only what answered.
     response.headers.setdefault("Server", SERVER_NAME)
+    if REQUEST_ID in request:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -75,18 +129,17 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access-log line for ``request``."""
-        client = client_address(request.remote, _forwarded_for(request), self.trust_proxy)
-        self.logger.info(
-            format_line(
-                client=client,
-                method=request.method,
-                target=request.raw_path,
-                upstream_target=request.get(UPSTREAM_TARGET),
-                status=response.status,
-                size=_body_size(request, response),
-                elapsed_ms=time * 1000,
-            )
+        record = AccessRecord.of(
+            client=client_address(request.remote, _forwarded_for(request), self.trust_proxy),
+            method=request.method,
+            target=request.raw_path,
+            upstream_target=request.get(UPSTREAM_TARGET),
+            status=response.status,
+            size=_body_size(request, response),
+            elapsed_ms=time * 1000,
+            request_id=request.get(REQUEST_ID),
         )
+        self.logger.info(record.line(), extra={"fields": record.fields()})
 
     @property
     def enabled(self) -> bool:
@@ -123,14 +176,19 @@ def runner_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the proxy application for ``settings``; the upstream pool opens on startup."""
-    app = web.Application(middlewares=[oci_errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[observe, oci_errors], client_max_size=1 << 20)
     upstream = Upstream(
         settings.registry_url,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
-    proxy = Proxy(upstream)
+    metrics = Metrics()
+    app[METRICS] = metrics
+    app[UPSTREAM] = upstream
+    proxy = Proxy(upstream, metrics)
     app.router.add_get("/ping", ping)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)
     app.on_response_prepare.append(_security_headers)
 

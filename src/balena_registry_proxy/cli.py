@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, logs
 from .app import create_app, runner_options
 from .config import OPTIONS, ConfigError, Settings, load_settings
 
@@ -105,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"balena-registry-proxy: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logs.configure(settings.log_level, settings.log_format)
     return run(serve(settings))
 
 

@@ -34,6 +34,7 @@ class Settings:
     read_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ OPTIONS = (
         "seconds to let in-flight requests finish on SIGTERM (default 30)",
     ),
     Option("log_level", "LOG_LEVEL", "--log-level", "debug, info, warning or error"),
+    Option("log_format", "LOG_FORMAT", "--log-format", "text or json (default text)"),
 )
 
 
@@ -137,6 +139,12 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _log_format(text: str) -> str:
+    if text.lower() not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text.lower()
+
+
 def _host(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be an address or host name")
@@ -154,6 +162,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "read_timeout": _seconds,
     "shutdown_timeout": _seconds,
     "log_level": _log_level,
+    "log_format": _log_format,
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from .requestid import HEADER as REQUEST_ID
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -25,7 +27,7 @@ HOP_BY_HOP = frozenset(
 )
 # Framing and routing belong to each hop: the proxy sets its own Host, never sends a request
 # body upstream, and frames response bodies itself.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", REQUEST_ID.lower()}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 # Headers that describe a body; they go when the proxy replaces the body with its own.
@@ -63,9 +65,9 @@ def _filter(headers: Headers, drop: frozenset[str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if k.lower() not in drop and k.lower() not in listed]
 
 
-def upstream_request_headers(headers: Headers) -> list[tuple[str, str]]:
-    """The client's headers to send upstream, in order, duplicates kept."""
-    return _filter(headers, _REQUEST_DROP)
+def upstream_request_headers(headers: Headers, request_id: str) -> list[tuple[str, str]]:
+    """The client's headers to send upstream, in order, duplicates kept, with our request id."""
+    return [*_filter(headers, _REQUEST_DROP), (REQUEST_ID, request_id)]
 
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:

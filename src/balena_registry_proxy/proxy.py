@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,7 @@ from .errors import (
     upstream_unreachable,
 )
 from .headers import client_response_headers, upstream_request_headers, without_body_headers
+from .metrics import Metrics
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .upstream import Upstream
@@ -33,6 +35,10 @@ log = logging.getLogger("balena_registry_proxy")
 
 UPSTREAM_TARGET = web.RequestKey("upstream_target", str)
 BODY_BYTES = web.RequestKey("body_bytes", int)
+REQUEST_ID = web.RequestKey("request_id", str)
+ROUTE = web.RequestKey("route", str)
+# Route kinds as metric labels: few values, so few series.
+_ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"}
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
@@ -43,28 +49,37 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 class Proxy:
     """Forwards registry API requests to one upstream registry."""
 
-    def __init__(self, upstream: Upstream) -> None:
-        """Serve requests through ``upstream``."""
+    def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
+        """Serve requests through ``upstream``, counting in ``metrics``."""
         self.upstream = upstream
+        self.metrics = metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
         if request.method not in READ_METHODS:
             raise unsupported_method(request.method)
         route = parse_target(request.raw_path)
+        label = _ROUTE_LABELS.get(route.kind, "other")
+        request[ROUTE] = label
         plan = plan_request(route, _match(request, route))
+        self.metrics.rewrites.labels(_outcome(plan)).inc()
         if plan.names is not None:
             request[UPSTREAM_TARGET] = plan.target
-        headers = upstream_request_headers(request.headers.items())
+        headers = upstream_request_headers(request.headers.items(), request[REQUEST_ID])
+        started = time.perf_counter()
         try:
             async with self.upstream.request(request.method, plan.target, headers) as upstream:
+                self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
                 return await self._relay(request, route, plan, upstream)
         except aiohttp.ConnectionTimeoutError:
             # Nothing answered at all: as unreachable as a refused connection.
+            self.metrics.upstream_errors.labels("unreachable").inc()
             raise upstream_unreachable() from None
         except TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
             raise upstream_timeout() from None
         except aiohttp.ClientError:
+            self.metrics.upstream_errors.labels("unreachable").inc()
             raise upstream_unreachable() from None
 
     async def _relay(
@@ -92,12 +107,62 @@ class Proxy:
         ):
             original, complete = await _read_small(upstream)
             if not complete:
-                return await _stream(request, upstream, headers, prefix=original)
+                return await self._stream(request, upstream, headers, prefix=original)
             mapped = map_tags_body(original, plan.names.real, plan.names.alias)
             if mapped is None:
                 return _buffered(upstream.status, headers, original)
             return _buffered(upstream.status, without_body_headers(headers), mapped)
-        return await _stream(request, upstream, headers)
+        return await self._stream(request, upstream, headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[str, str]],
+        prefix: bytes = b"",
+    ) -> web.StreamResponse:
+        """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
+        )
+        # Without a length aiohttp frames the body itself: chunked for HTTP/1.1, close for 1.0.
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
+            return response
+        sent = 0
+        try:
+            if prefix:
+                await response.write(prefix)
+                sent += len(prefix)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                sent += len(chunk)
+        except ConnectionResetError:
+            # The client went away; leaving the upstream context closes that connection too.
+            return response
+        except (aiohttp.ClientError, TimeoutError) as error:
+            # Headers are out, so no error response is possible: cut the connection so the
+            # client sees a short body (and retries with Range) instead of waiting or trusting.
+            self.metrics.upstream_errors.labels("cut").inc()
+            log.warning(
+                "upstream failed mid-response for %s: %s rid=%s",
+                redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
+                type(error).__name__,
+                request[REQUEST_ID],
+            )
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            request[BODY_BYTES] = sent
+        return response
+
+
+def _outcome(plan: Plan) -> str:
+    if plan.names is not None:
+        return "aliased"
+    return "unresolved" if plan.unresolved is not None else "passthrough"
 
 
 def _match(request: web.Request, route: Route) -> Match | None:
@@ -136,45 +201,3 @@ async def _read_small(upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
             return bytes(body), True
         body += chunk
     return bytes(body), False
-
-
-async def _stream(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    headers: list[tuple[str, str]],
-    prefix: bytes = b"",
-) -> web.StreamResponse:
-    """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
-    response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
-    )
-    # Without a length aiohttp frames the body itself: chunked for HTTP/1.1, close for 1.0.
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    await response.prepare(request)
-    if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
-        return response
-    sent = 0
-    try:
-        if prefix:
-            await response.write(prefix)
-            sent += len(prefix)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-            sent += len(chunk)
-    except ConnectionResetError:
-        # The client went away; leaving the upstream context closes that connection too.
-        return response
-    except (aiohttp.ClientError, TimeoutError) as error:
-        # Headers are out, so no error response is possible: cut the connection so the client
-        # sees a short body (and retries with Range) instead of waiting or trusting it.
-        log.warning(
-            "upstream failed mid-response for %s: %s",
-            redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
-            type(error).__name__,
-        )
-        if request.transport is not None:
-            request.transport.close()
-    finally:
-        request[BODY_BYTES] = sent
-    return response

@@ -8,6 +8,7 @@ multi-GiB layer may take as long as it takes while bytes keep arriving).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -30,6 +31,8 @@ class Upstream:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self.last_answer: float | None = None
+        """``time.monotonic()`` of the last response headers from upstream, any status."""
 
     async def start(self) -> None:
         """Open the connection pool."""
@@ -69,4 +72,5 @@ class Upstream:
             headers=header_map,
             allow_redirects=False,
         ) as response:
+            self.last_answer = time.monotonic()
             yield response

@@ -32,14 +32,16 @@ def test_request_headers_keep_duplicates_and_order() -> None:
         ("Upgrade", "h2c"),
         ("Proxy-Authorization", "Basic x"),
         ("Expect", "100-continue"),
+        ("X-Request-Id", "client-sent\r\nInjected: 1"),
     ]
-    assert upstream_request_headers(headers) == [
+    assert upstream_request_headers(headers, "rid-1") == [
         ("Accept", "application/vnd.oci.image.manifest.v1+json"),
         ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
         ("Range", "bytes=0-1"),
         ("If-Range", '"e"'),
         ("If-None-Match", '"e"'),
         ("Authorization", "Bearer t"),
+        ("X-Request-Id", "rid-1"),
     ]
 
 
@@ -75,7 +77,9 @@ header_names = st.one_of(
 
 @given(st.lists(st.tuples(header_names, st.text(max_size=20))))
 def test_no_hop_by_hop_header_ever_crosses(headers: list[tuple[str, str]]) -> None:
-    for filtered in (upstream_request_headers(headers), client_response_headers(headers)):
+    upstream = upstream_request_headers(headers, "rid")
+    assert upstream[-1] == ("X-Request-Id", "rid")
+    for filtered in (upstream[:-1], client_response_headers(headers)):
         assert not any(name.lower() in HOP_BY_HOP for name, _ in filtered)
         assert all(pair in headers for pair in filtered)
 

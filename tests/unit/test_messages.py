@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balena_registry_proxy.accesslog import format_line, printable, redact_target
+from balena_registry_proxy.accesslog import AccessRecord, printable, redact_target
 from balena_registry_proxy.denial import explain
 from balena_registry_proxy.errors import error_body, first_error_code, unsupported_method
+from balena_registry_proxy.requestid import request_id
 
 
 def test_error_body_shape() -> None:
@@ -60,15 +62,16 @@ def test_redact_target() -> None:
 
 @given(st.text(max_size=50), st.text(max_size=50))
 def test_log_lines_are_single_printable_lines(method: str, target: str) -> None:
-    line = format_line(
+    line = AccessRecord.of(
         client="1.2.3.4",
         method=method,
         target=target,
-        upstream_target=None,
+        upstream_target=target,
         status=200,
         size=1,
         elapsed_ms=1.0,
-    )
+        request_id="r1",
+    ).line()
     assert line.isprintable()
     assert "\n" not in line
     assert "\r" not in line
@@ -77,3 +80,38 @@ def test_log_lines_are_single_printable_lines(method: str, target: str) -> None:
 def test_printable_keeps_plain_text() -> None:
     assert printable("GET /v2/") == "GET /v2/"
     assert printable("a\nb") == "a\\nb"
+
+
+def test_access_record_fields_and_line() -> None:
+    record = AccessRecord.of(
+        client="203.0.113.9",
+        method="GET",
+        target="/v2/o/a/manifests/latest?token=secret",
+        upstream_target="/v2/v2/abc/manifests/latest?token=secret",
+        status=200,
+        size=529,
+        elapsed_ms=3.14159,
+        request_id="abc123",
+    )
+    assert record.line() == (
+        '203.0.113.9 "GET /v2/o/a/manifests/latest?token=*** -> '
+        '/v2/v2/abc/manifests/latest?token=***" 200 529 3.1ms rid=abc123'
+    )
+    assert record.fields() == {
+        "client": "203.0.113.9",
+        "method": "GET",
+        "path": "/v2/o/a/manifests/latest?token=***",
+        "upstream_path": "/v2/v2/abc/manifests/latest?token=***",
+        "status": 200,
+        "bytes": 529,
+        "ms": 3.1,
+        "request_id": "abc123",
+    }
+
+
+def test_request_id_keeps_plain_tokens_and_replaces_the_rest() -> None:
+    assert request_id("abc-123_x.y:z") == "abc-123_x.y:z"
+    for sent in (None, "", "a b", "x\r\nInjected: 1", "é", "a" * 129):
+        generated = request_id(sent)
+        assert generated != sent
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)

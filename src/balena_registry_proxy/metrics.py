@@ -1,0 +1,68 @@
+"""Prometheus metrics: what operators graph and alert on.
+
+prometheus-client does the bookkeeping and the exposition format; this module only names the
+series. Each proxy process has its own registry, so tests (and several apps in one process) do
+not share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Upstream answers range from sub-millisecond (cached manifests) to seconds (cold storage).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The proxy's series, in a registry of their own."""
+
+    def __init__(self) -> None:
+        """Create every series at zero."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "registry_proxy_requests",
+            "Requests answered, by method, route kind and status class.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "registry_proxy_in_flight_requests",
+            "Requests being answered right now.",
+            registry=self.registry,
+        )
+        self.body_bytes = Counter(
+            "registry_proxy_response_body_bytes",
+            "Response body bytes sent to clients, by route kind.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "registry_proxy_upstream_response_seconds",
+            "Time from sending a request upstream to its response headers, by route kind.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "registry_proxy_upstream_errors",
+            "Upstream exchanges that failed: unreachable, timeout, or cut mid-response.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rewrites = Counter(
+            "registry_proxy_alias_lookups",
+            "Token lookups of the requested name: aliased (rewritten), unresolved, passthrough.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The exposition text of every series."""
+        return generate_latest(self.registry)
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``3xx``, ``4xx`` or ``5xx``: few enough label values to keep series cheap."""
+    return f"{status // 100}xx"
