@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from . import metrics as metrics_format
 from .accesslog import AccessRecord, redact_target
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
@@ -25,6 +26,7 @@ from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
 from .upstream import Upstream
+from .verification import TokenVerifier, load_public_key
 
 log = logging.getLogger("balena_registry_proxy")
 ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
@@ -174,6 +176,20 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _verifier(settings: Settings) -> TokenVerifier | None:
+    """The token verifier for ``TOKEN_PUBLIC_KEY``, if set; ConfigError if it is unusable."""
+    if settings.token_public_key is None:
+        return None
+    try:
+        key = load_public_key(Path(settings.token_public_key).read_bytes())
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"TOKEN_PUBLIC_KEY (--token-public-key) {settings.token_public_key!r}: "
+            f"{getattr(error, 'strerror', None) or error}"
+        ) from None
+    return TokenVerifier(key, settings.token_audience or settings.upstream_host)
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the proxy application for ``settings``; the upstream pool opens on startup."""
     app = web.Application(middlewares=[observe, oci_errors], client_max_size=1 << 20)
@@ -185,7 +201,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
-    proxy = Proxy(upstream, metrics)
+    proxy = Proxy(upstream, metrics, _verifier(settings))
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -42,9 +43,12 @@ async def serve(
     ``ready`` runs with the bound port once the proxy accepts connections, beside the serving;
     a signal cancels it if it is still running.
     """
+    ssl_context = tls_context(settings)
     runner = web.AppRunner(create_app(settings), **runner_options(settings))
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_address=True, ssl_context=ssl_context
+    )
     try:
         await site.start()
     except OSError as error:
@@ -72,6 +76,21 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context for ``TLS_CERT``/``TLS_KEY``, or None to serve plain HTTP."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"TLS_CERT (--tls-cert) / TLS_KEY (--tls-key): cannot load "
+            f"{settings.tls_cert!r} with {settings.tls_key!r}: {error.strerror or error}"
+        ) from None
+    return context
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:

@@ -35,6 +35,15 @@ class Settings:
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
+    token_public_key: str | None = None
+    token_audience: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def upstream_host(self) -> str:
+        """The upstream's host name: the default audience of its tokens."""
+        return urlsplit(self.registry_url).hostname or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +93,20 @@ OPTIONS = (
     ),
     Option("log_level", "LOG_LEVEL", "--log-level", "debug, info, warning or error"),
     Option("log_format", "LOG_FORMAT", "--log-format", "text or json (default text)"),
+    Option(
+        "token_public_key",
+        "TOKEN_PUBLIC_KEY",
+        "--token-public-key",
+        "PEM certificate or public key the registry trusts: verify tokens before using aliases",
+    ),
+    Option(
+        "token_audience",
+        "TOKEN_AUDIENCE",
+        "--token-audience",
+        "the tokens' aud when verifying (default: the upstream's host name)",
+    ),
+    Option("tls_cert", "TLS_CERT", "--tls-cert", "PEM certificate chain: serve HTTPS"),
+    Option("tls_key", "TLS_KEY", "--tls-key", "PEM private key of --tls-cert"),
 )
 
 
@@ -139,6 +162,12 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must be a file path")
+    return text
+
+
 def _log_format(text: str) -> str:
     if text.lower() not in ("text", "json"):
         raise ValueError("must be text or json")
@@ -163,6 +192,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_timeout": _seconds,
     "log_level": _log_level,
     "log_format": _log_format,
+    "token_public_key": _path,
+    "token_audience": _host,
+    "tls_cert": _path,
+    "tls_key": _path,
 }
 
 
@@ -192,4 +225,6 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
     if "registry_url" not in values:
         upstream_host = f"registry2.{dns_tld}" if dns_tld else registry2_host
         values["registry_url"] = f"https://{upstream_host}"
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ConfigError("TLS_CERT (--tls-cert) and TLS_KEY (--tls-key) go together: set both")
     return Settings(**values)

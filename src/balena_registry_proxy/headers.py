@@ -65,9 +65,16 @@ def _filter(headers: Headers, drop: frozenset[str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if k.lower() not in drop and k.lower() not in listed]
 
 
-def upstream_request_headers(headers: Headers, request_id: str) -> list[tuple[str, str]]:
-    """The client's headers to send upstream, in order, duplicates kept, with our request id."""
-    return [*_filter(headers, _REQUEST_DROP), (REQUEST_ID, request_id)]
+def upstream_request_headers(
+    headers: Headers, request_id: str, *, drop_authorization: bool = False
+) -> list[tuple[str, str]]:
+    """The client's headers to send upstream, in order, duplicates kept, with our request id.
+
+    ``drop_authorization`` leaves out a token the proxy refused, so that upstream answers with
+    the challenge that sends the client for a new one.
+    """
+    drop = _REQUEST_DROP | {"authorization"} if drop_authorization else _REQUEST_DROP
+    return [*_filter(headers, drop), (REQUEST_ID, request_id)]
 
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:

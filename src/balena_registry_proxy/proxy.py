@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .access import Match, bearer_token, find_access, token_entries
+from .access import bearer_token, find_access, token_entries
 from .accesslog import redact_target
 from .denial import explain
 from .errors import (
@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .upstream import Upstream
+from .verification import TokenVerifier
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -49,10 +50,17 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 class Proxy:
     """Forwards registry API requests to one upstream registry."""
 
-    def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
-        """Serve requests through ``upstream``, counting in ``metrics``."""
+    def __init__(
+        self, upstream: Upstream, metrics: Metrics, verifier: TokenVerifier | None = None
+    ) -> None:
+        """Serve requests through ``upstream``, counting in ``metrics``.
+
+        With a ``verifier``, a token that fails verification is neither used for aliases nor
+        sent upstream.
+        """
         self.upstream = upstream
         self.metrics = metrics
+        self.verifier = verifier
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
@@ -61,11 +69,18 @@ class Proxy:
         route = parse_target(request.raw_path)
         label = _ROUTE_LABELS.get(route.kind, "other")
         request[ROUTE] = label
-        plan = plan_request(route, _match(request, route))
-        self.metrics.rewrites.labels(_outcome(plan)).inc()
+        token = _bearer(request)
+        refused = token is not None and not self._accepts(token)
+        match = None
+        if token is not None and not refused and route.repository is not None:
+            match = find_access(token_entries(token), route.repository)
+        plan = plan_request(route, match)
+        self.metrics.rewrites.labels("refused" if refused else _outcome(plan)).inc()
         if plan.names is not None:
             request[UPSTREAM_TARGET] = plan.target
-        headers = upstream_request_headers(request.headers.items(), request[REQUEST_ID])
+        headers = upstream_request_headers(
+            request.headers.items(), request[REQUEST_ID], drop_authorization=refused
+        )
         started = time.perf_counter()
         try:
             async with self.upstream.request(request.method, plan.target, headers) as upstream:
@@ -81,6 +96,9 @@ class Proxy:
         except aiohttp.ClientError:
             self.metrics.upstream_errors.labels("unreachable").inc()
             raise upstream_unreachable() from None
+
+    def _accepts(self, token: str) -> bool:
+        return self.verifier is None or self.verifier.is_valid(token)
 
     async def _relay(
         self,
@@ -165,16 +183,12 @@ def _outcome(plan: Plan) -> str:
     return "unresolved" if plan.unresolved is not None else "passthrough"
 
 
-def _match(request: web.Request, route: Route) -> Match | None:
-    if route.repository is None:
-        return None
+def _bearer(request: web.Request) -> str | None:
+    """The request's bearer token; two Authorization headers are refused as ambiguous."""
     authorizations = request.headers.getall("Authorization", [])
     if len(authorizations) > 1:
         raise bad_request("UNSUPPORTED", "more than one Authorization header")
-    token = bearer_token(authorizations[0] if authorizations else None)
-    if token is None:
-        return None
-    return find_access(token_entries(token), route.repository)
+    return bearer_token(authorizations[0] if authorizations else None)
 
 
 def _proxy_host(request: web.Request) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -48,20 +49,22 @@ def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
+        wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
         yield RunningProxy(f"127.0.0.1:{port}", log_path)
     finally:
         process.terminate()
         process.wait(30)
 
 
-def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> None:
+def wait_for_ping(url: str, process: subprocess.Popen[bytes], cafile: Path | None = None) -> None:
+    """Wait until the proxy answers ``/ping`` at ``url`` (trusting ``cafile`` for HTTPS)."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the proxy exited with {process.returncode} during start-up")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:  # noqa: S310
                 if response.read() == b"pong":
                     return
         except OSError:

@@ -1,4 +1,4 @@
-"""Request ids, metrics, readiness and JSON logs."""
+"""Request ids, metrics, readiness, JSON logs and token verification."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import json
 import logging
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from balena_registry_proxy.config import Settings
+from balena_registry_proxy.sandbox import generate_signing_key
 from balena_registry_proxy.sandbox.ports import free_port
 
 from ..tokens import alias_entry, bearer, make_token
@@ -152,3 +156,53 @@ async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
     assert all(record["level"] in {"info", "warning"} for record in records)
     assert "hunter2" not in stderr.decode()
     assert TOKEN not in stderr.decode()
+
+
+async def test_verified_tokens_are_used_and_refused_ones_never_sent_upstream(
+    registry: FakeRegistry,
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    tmp_path: Path,
+) -> None:
+    key = generate_signing_key()
+    (tmp_path / "cert.pem").write_bytes(key.certificate_pem)
+    upstream = await aiohttp_server(registry.app())
+    settings = Settings(
+        registry_url=str(upstream.make_url("")).rstrip("/"),
+        token_public_key=str(tmp_path / "cert.pem"),
+        token_audience="registry.test",
+    )
+    client = await serve_proxy(settings, aiohttp_client)
+    now = int(time.time())
+    good = key.sign(
+        {
+            "aud": "registry.test",
+            "exp": now + 600,
+            "nbf": now - 10,
+            "access": [alias_entry(ALIAS, REAL)],
+        }
+    )
+    response = await client.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer(good))
+    assert response.status == 200
+    assert registry.seen[-1].path_qs == f"/v2/{REAL}/manifests/latest"
+
+    response = await client.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer(TOKEN))
+    assert registry.seen[-1].path_qs == f"/v2/{ALIAS}/manifests/latest"
+    assert "Authorization" not in registry.seen[-1].headers
+    page = await (await client.get("/metrics")).text()
+    assert sample(page, 'registry_proxy_alias_lookups_total{outcome="refused"}') == 1
+
+
+async def test_unreadable_token_key_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_text("not a key")
+    for path, expected in (
+        (tmp_path / "missing.pem", "No such file"),
+        (tmp_path / "key.pem", "not a PEM"),
+    ):
+        process = await run_cli("--port", str(free_port()), "--token-public-key", str(path))
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 2
+        lines = stderr.decode().strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith("balena-registry-proxy: TOKEN_PUBLIC_KEY (--token-public-key)")
+        assert expected in lines[0]

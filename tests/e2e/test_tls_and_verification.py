@@ -1,0 +1,164 @@
+"""The proxy serving HTTPS itself and verifying tokens, with skopeo trusting a test CA."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from balena_registry_proxy.sandbox import Sandbox, generate_signing_key
+from balena_registry_proxy.sandbox.ports import free_port
+
+from .conftest import RunningProxy, Skopeo, wait_for_ping
+from .test_pull import ALICE, REV2, SECRET_PINNED
+
+pytestmark = pytest.mark.e2e
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def write_test_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it: (ca.crt, server cert, key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("test CA"))
+        .issuer_name(_name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    trust = directory / "trust"
+    trust.mkdir()
+    (trust / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return trust, directory / "server.crt", directory / "server.key"
+
+
+@pytest.fixture(scope="module")
+def secure_proxy(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningProxy, Path]]:
+    """A proxy on HTTPS that verifies tokens against the sandbox's key; and the CA to trust."""
+    directory = tmp_path_factory.mktemp("tls")
+    trust, cert, key = write_test_pki(directory)
+    token_key = directory / "token-issuer.crt"
+    token_key.write_bytes(sandbox.signing_key.certificate_pem)
+    port = free_port()
+    log_path = directory / "proxy.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
+            env={
+                **os.environ,
+                "PROXY_PORT": str(port),
+                "REGISTRY_URL": sandbox.registry_url,
+                "TLS_CERT": str(cert),
+                "TLS_KEY": str(key),
+                "TOKEN_PUBLIC_KEY": str(token_key),
+                "TOKEN_AUDIENCE": sandbox.service,
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_ping(f"https://127.0.0.1:{port}/ping", process, cafile=trust / "ca.crt")
+        yield RunningProxy(f"127.0.0.1:{port}", log_path), trust
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_skopeo_pulls_over_https_trusting_the_test_ca(
+    client: Skopeo, sandbox: Sandbox, secure_proxy: tuple[RunningProxy, Path]
+) -> None:
+    proxy, trust = secure_proxy
+    ref = f"docker://{proxy.host}/gh_acme/web/1.2.3"
+    result = client.run("inspect", f"--cert-dir={trust}", ref)
+    assert result.returncode == 0, result.stderr
+    assert sandbox.seed[REV2].digest in result.stdout
+    private = client.run(
+        "inspect",
+        f"--cert-dir={trust}",
+        f"--creds={ALICE}",
+        f"docker://{proxy.host}/gh_acme/secret",
+    )
+    assert private.returncode == 0, private.stderr
+    assert sandbox.seed[SECRET_PINNED].digest in private.stdout
+
+
+async def test_a_forged_token_never_reaches_upstream(
+    sandbox: Sandbox, secure_proxy: tuple[RunningProxy, Path]
+) -> None:
+    proxy, trust = secure_proxy
+    now = int(time.time())
+    entry = {"type": "repository", "name": sandbox.seed[REV2].repository, "actions": ["pull"]}
+    forged = generate_signing_key().sign(
+        {
+            "aud": sandbox.service,
+            "exp": now + 600,
+            "nbf": now - 10,
+            "access": [entry | {"alias": "gh_acme/web/1.2.3"}],
+        }
+    )
+    context = ssl.create_default_context(cafile=str(trust / "ca.crt"))
+    url = f"https://{proxy.host}/v2/gh_acme/web/1.2.3/manifests/latest"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Authorization": f"Bearer {forged}"}, ssl=context) as response,
+    ):
+        assert response.status == 401
+        challenge = response.headers["WWW-Authenticate"]
+    # The registry saw no token at all (else it would say invalid_token), and asks for the alias.
+    assert "error=" not in challenge
+    assert 'scope="repository:gh_acme/web/1.2.3:pull"' in challenge
+
+
+def test_skopeo_refuses_the_proxy_without_the_ca(
+    client: Skopeo, secure_proxy: tuple[RunningProxy, Path]
+) -> None:
+    proxy, _ = secure_proxy
+    result = client.run("inspect", f"docker://{proxy.host}/gh_acme/web/1.2.3")
+    assert result.returncode != 0
+    assert "certificate" in result.stderr
