@@ -170,6 +170,9 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         trust_proxy = settings.trust_proxy
 
     return {
+        # A client that leaves cancels its handler, which closes the upstream connection at
+        # once, even while upstream is silent.
+        "handler_cancellation": True,
         "access_log_class": ConfiguredAccessLogger,
         "access_log": ACCESS_LOGGER,
         "shutdown_timeout": settings.shutdown_timeout,

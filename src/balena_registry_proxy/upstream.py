@@ -19,6 +19,7 @@ from yarl import URL
 from . import __version__
 
 USER_AGENT = f"balena-registry-proxy/{__version__}"
+READ_BUFFER = 64 * 1024
 
 
 class Upstream:
@@ -44,7 +45,9 @@ class Upstream:
             # The client's own headers are relayed; aiohttp must not add or replace any.
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
             cookie_jar=aiohttp.DummyCookieJar(),
-            read_bufsize=1 << 20,
+            # Per connection aiohttp buffers up to twice this before it stops reading: small
+            # enough for many slow clients on a small device, large enough for few wake-ups.
+            read_bufsize=READ_BUFFER,
         )
 
     async def close(self) -> None:

@@ -180,5 +180,8 @@ async def serve_proxy(
 ) -> TestClient[web.Request, web.Application]:
     """The proxy for ``settings``, served with the runner options production uses."""
     server = TestServer(create_app(settings))
-    await server.start_server(**runner_options(settings))
+    options = runner_options(settings)
+    # The test server always cancels handlers of departed clients; so does production.
+    assert options.pop("handler_cancellation") is True
+    await server.start_server(**options)
     return await aiohttp_client(server, auto_decompress=False)
