@@ -25,6 +25,7 @@ from .metrics import Metrics, status_class
 from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
+from .server import parser_limits
 from .upstream import Upstream
 from .verification import TokenVerifier, load_public_key
 
@@ -164,7 +165,7 @@ def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for the ``AppRunner`` that serves ``create_app(settings)``."""
+    """Keyword arguments for the ``ProxyRunner`` that serves ``create_app(settings)``."""
 
     class ConfiguredAccessLogger(AccessLogger):
         trust_proxy = settings.trust_proxy
@@ -176,6 +177,7 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         "access_log_class": ConfiguredAccessLogger,
         "access_log": ACCESS_LOGGER,
         "shutdown_timeout": settings.shutdown_timeout,
+        **parser_limits(settings.max_request_line, settings.max_header_size),
     }
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from . import __version__, logs
 from .app import create_app, runner_options
 from .config import OPTIONS, ConfigError, Settings, load_settings
+from .server import ProxyRunner
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -44,7 +45,7 @@ async def serve(
     a signal cancels it if it is still running.
     """
     ssl_context = tls_context(settings)
-    runner = web.AppRunner(create_app(settings), **runner_options(settings))
+    runner = ProxyRunner(create_app(settings), **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_address=True, ssl_context=ssl_context

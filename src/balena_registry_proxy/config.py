@@ -37,6 +37,8 @@ class Settings:
     log_format: str = "text"
     token_public_key: str | None = None
     token_audience: str | None = None
+    max_request_line: int = 8190
+    max_header_size: int = 8190
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -105,6 +107,18 @@ OPTIONS = (
         "--token-audience",
         "the tokens' aud when verifying (default: the upstream's host name)",
     ),
+    Option(
+        "max_request_line",
+        "MAX_REQUEST_LINE",
+        "--max-request-line",
+        "longest request line accepted, in bytes (default 8190; longer: 414)",
+    ),
+    Option(
+        "max_header_size",
+        "MAX_HEADER_SIZE",
+        "--max-header-size",
+        "largest request header accepted, in bytes (default 8190; larger: 431)",
+    ),
     Option("tls_cert", "TLS_CERT", "--tls-cert", "PEM certificate chain: serve HTTPS"),
     Option("tls_key", "TLS_KEY", "--tls-key", "PEM private key of --tls-cert"),
 )
@@ -162,6 +176,12 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _size(text: str) -> int:
+    if not text.isdigit() or not 256 <= int(text) <= 1 << 20:
+        raise ValueError("must be a number of bytes from 256 to 1048576")
+    return int(text)
+
+
 def _path(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a file path")
@@ -194,6 +214,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_format": _log_format,
     "token_public_key": _path,
     "token_audience": _host,
+    "max_request_line": _size,
+    "max_header_size": _size,
     "tls_cert": _path,
     "tls_key": _path,
 }
