@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import multiprocessing
 import os
 import signal
 import ssl
@@ -20,6 +22,7 @@ from .config import OPTIONS, ConfigError, Settings, load_settings
 from .server import ProxyRunner
 
 log = logging.getLogger("balena_registry_proxy")
+GC_THRESHOLD = 50_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +51,13 @@ async def serve(
     runner = ProxyRunner(create_app(settings), **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_address=True, ssl_context=ssl_context
+        runner,
+        settings.host,
+        settings.port,
+        reuse_address=True,
+        # Several worker processes share the port; the kernel spreads connections over them.
+        reuse_port=settings.workers > 1,
+        ssl_context=ssl_context,
     )
     try:
         await site.start()
@@ -126,11 +135,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"balena-registry-proxy: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        return supervise(settings)
     return run(serve(settings))
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT.
+
+    Each worker is a whole proxy (its own event loop, upstream pool and metrics); the parent
+    only starts them, passes signals on, and exits 0 once all have drained and exited 0.
+    """
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker, args=(settings,), name=f"worker-{n}", daemon=False)
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("started %d workers on port %d", len(workers), settings.port)
+    for worker in workers:
+        worker.join()
+        if worker.exitcode != 0:
+            # One worker failing (a port it cannot bind, say) stops the others too.
+            stop(signal.SIGTERM, None)
+    codes = {worker.exitcode for worker in workers}
+    if codes == {0}:
+        return 0
+    return 2 if 2 in codes else 1
+
+
+def _worker(settings: Settings) -> None:
+    sys.exit(run(serve(settings)))
 
 
 def run(main_coroutine: Coroutine[Any, Any, None]) -> int:
     """Run ``main_coroutine`` on the fastest event loop available; exit status 2 on ConfigError."""
+    # Every request allocates many short-lived objects and almost no cycles: collecting the
+    # youngest generation every 700 allocations cost about a tenth of a manifest request's CPU.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(main_coroutine)

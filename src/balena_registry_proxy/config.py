@@ -37,6 +37,7 @@ class Settings:
     log_format: str = "text"
     token_public_key: str | None = None
     token_audience: str | None = None
+    workers: int = 1
     max_request_line: int = 8190
     max_header_size: int = 8190
     tls_cert: str | None = None
@@ -108,6 +109,12 @@ OPTIONS = (
         "the tokens' aud when verifying (default: the upstream's host name)",
     ),
     Option(
+        "workers",
+        "WORKERS",
+        "--workers",
+        "proxy processes sharing the port, one per core (default 1)",
+    ),
+    Option(
         "max_request_line",
         "MAX_REQUEST_LINE",
         "--max-request-line",
@@ -176,6 +183,12 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise ValueError("must be a number of processes from 1 to 256")
+    return int(text)
+
+
 def _size(text: str) -> int:
     if not text.isdigit() or not 256 <= int(text) <= 1 << 20:
         raise ValueError("must be a number of bytes from 256 to 1048576")
@@ -214,6 +227,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_format": _log_format,
     "token_public_key": _path,
     "token_audience": _host,
+    "workers": _workers,
     "max_request_line": _size,
     "max_header_size": _size,
     "tls_cert": _path,

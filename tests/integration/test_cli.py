@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -96,6 +97,51 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(slow_upstream: Tes
         assert process.returncode == 0
         assert b"Traceback" not in stderr
         assert b'"GET /v2/" 200' in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def children_of(pid: int) -> list[str]:
+    """Process ids of ``pid``'s children."""
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def is_running(pid: str) -> bool:
+    """Whether process ``pid`` still exists."""
+    return Path(f"/proc/{pid}").exists()
+
+
+async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestServer) -> None:
+    port = free_port()
+    upstream = str(slow_upstream.make_url("")).rstrip("/")
+    process = await run_cli(
+        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ping") as ping:
+                        assert await ping.text() == "pong"
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            children = children_of(process.pid)
+            assert len(children) == 2
+            in_flight = [
+                asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/")) for _ in range(4)
+            ]
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            for request in in_flight:
+                response = await request
+                assert await response.text() == "finished"
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+        assert b"Traceback" not in stderr
+        assert not [child for child in children if is_running(child)]
     finally:
         if process.returncode is None:
             process.kill()
