@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types unit e2e demo system-packages clean
+.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 types: $(STAMP)
 	$(BIN)/mypy src tests
+	$(BIN)/mypy --strict --ignore-missing-imports bench
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit tests/integration
@@ -43,6 +44,34 @@ system-packages:
 # A local balenaCloud stand-in plus the proxy, with real pulls through it; Ctrl-C stops it.
 demo: $(STAMP) system-packages
 	$(BIN)/balena-registry-proxy sandbox --demo
+
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_PACKAGES := docker-registry nginx wrk curl
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-packages:
+	@if [ -x /usr/bin/docker-registry ] && command -v nginx >/dev/null && command -v wrk >/dev/null \
+		&& command -v curl >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $(BENCH_PACKAGES); \
+	else \
+		echo "The benchmark needs: sudo apt-get install -y --no-install-recommends $(BENCH_PACKAGES)"; \
+		exit 1; \
+	fi
+
+# The proxy against the registry and nginx on loopback: about 1 min quick, 5.5 min full.
+bench-quick: $(BENCH_STAMP) bench-packages
+	$(BIN)/python -m bench --quick
+
+bench: $(BENCH_STAMP) bench-packages
+	$(BIN)/python -m bench
+
+bench-profile: $(BENCH_STAMP) bench-packages
+	$(BIN)/python -m bench --quick --profile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

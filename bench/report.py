@@ -1,0 +1,170 @@
+"""The results as JSON, a compact text table and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HOPS = {
+    "registry": "registry",
+    "nginx": "nginx",
+    "proxy": "proxy",
+    "static": "nginx",
+    "proxy-static": "proxy",
+    "proxy-static-info": "proxy",
+}
+LABELS = {
+    "registry": "registry (direct)",
+    "nginx": "nginx -> registry",
+    "proxy": "proxy -> registry",
+    "static": "nginx static (direct)",
+    "proxy-static": "proxy -> nginx static",
+    "proxy-static-info": "proxy -> nginx static, log info",
+}
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Write ``results`` as indented JSON."""
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """A compact plain-text summary."""
+    settings = results["settings"]
+    summary = results["summary"]
+    blob = summary["blob"]
+    lines: list[str] = []
+    rounds = settings["rounds"]
+    lines.append(
+        f"Blob GET of {settings['blob_mib']} MiB (curl; median of {rounds} round(s); "
+        "CPU of the serving hop)"
+    )
+    lines.append(f"{'':34}{'registry':>10}{'nginx':>10}{'proxy':>10}{'proxy/nginx':>13}")
+    streams = settings["streams"]
+    for kind, label in (("single", "1 stream"), ("parallel", f"{streams} streams aggregate")):
+        values = [blob[t][f"{kind}_mb_per_s"] for t in ("registry", "nginx", "proxy")]
+        lines.append(
+            f"  {label + ', MB/s':32}"
+            + "".join(f"{v:>10.0f}" for v in values)
+            + f"{blob[f'proxy_vs_nginx_{kind}']:>13.2f}"
+        )
+        cpu = [blob[t][f"{kind}_hop_cpu_s_per_gib"] for t in ("registry", "nginx", "proxy")]
+        lines.append(f"  {'  hop CPU s/GiB':32}" + "".join(f"{v:>10.2f}" for v in cpu))
+        upstream = [blob[t].get(f"{kind}_upstream_cpu_s_per_gib") for t in ("nginx", "proxy")]
+        lines.append(
+            f"  {'  registry CPU s/GiB behind it':32}{'':10}"
+            + "".join(f"{_fmt(v, 2):>10}" for v in upstream)
+        )
+    memory = results.get("proxy_memory_mib", {}).get("proxy", {})
+    lines.append(
+        f"proxy RSS: {_fmt(memory.get('rss_at_start'))} MiB at start, "
+        f"{_fmt(blob['proxy'].get('parallel_peak_rss_mib'))} MiB peak sampled during blob runs, "
+        f"VmHWM {_fmt(memory.get('hwm_at_end'))} MiB at end (after c=256)"
+    )
+    lines.append("")
+    lines.append(
+        f"Manifest GET (wrk -t1, {settings['seconds']} s per run, median of {rounds} round(s))"
+    )
+    lines.append(
+        f"{'target':32}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'hop CPU':>10}{'upstr CPU':>11}{'errors':>8}"
+    )
+    lines.append(f"{'':32}{'':>6}{'':>9}{'':>9}{'':>9}{'ms/req':>10}{'ms/req':>11}")
+    for name, per_connections in summary["manifest"].items():
+        label = f"{LABELS[name]} [{HOPS[name]}]"
+        for connections, row in per_connections.items():
+            lines.append(
+                f"{label:32}{connections:>6}{row['rps']:>9.0f}{row['p50_ms']:>9.3f}"
+                f"{row['p99_ms']:>9.3f}{row['hop_cpu_ms_per_req']:>10.3f}"
+                f"{_fmt(row.get('upstream_cpu_ms_per_req'), 3):>11}{row['errors']:>8}"
+            )
+            label = ""
+    added = summary["added_p50_ms_at_1_connection"]
+    lines.append(
+        "added p50 at 1 connection: "
+        + ", ".join(f"{k.replace('_vs_', ' vs ')} {_fmt(v, 3)} ms" for k, v in added.items())
+    )
+    for key, ratios in summary["manifest_rps_ratios"].items():
+        lines.append(
+            f"req/s {key.removesuffix('_rps').replace('_vs_', ' / ')}: "
+            + ", ".join(f"c={c} {r:.2f}" for c, r in ratios.items())
+        )
+    phases = results["phase_seconds"]
+    lines.append("")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+    profile = results.get("profile")
+    if profile:
+        for entry in profile.values():
+            summary_ = entry["summary"]
+            lines.append("")
+            lines.append(
+                f"py-spy, {entry['proxy']} during {entry['workload']} "
+                f"({summary_['samples']} samples): top self time"
+            )
+            lines.extend(f"  {f['percent']:5.1f}%  {f['function']}" for f in summary_["self"][:10])
+            lines.append("  self time by file:")
+            lines.extend(
+                f"  {f['percent']:5.1f}%  {f['file']}" for f in summary_["self_by_file"][:8]
+            )
+            lines.append("  inclusive:")
+            lines.extend(
+                f"  {f['percent']:5.1f}%  {f['function']}" for f in summary_["inclusive"][:12]
+            )
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """req/s and serving-hop CPU ms/request against connection count (log x), per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
+        return
+    manifest: dict[str, dict[str, dict[str, float]]] = results["summary"]["manifest"]
+    figure, (rate_axis, cpu_axis) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, per_connections in manifest.items():
+        connections = [int(c) for c in per_connections]
+        rate_axis.plot(
+            connections,
+            [row["rps"] for row in per_connections.values()],
+            marker="o",
+            label=LABELS[name],
+        )
+        cpu_axis.plot(
+            connections,
+            [row["hop_cpu_ms_per_req"] for row in per_connections.values()],
+            marker="o",
+            label=f"{LABELS[name]} [{HOPS[name]}]",
+        )
+    settings = results["settings"]
+    ticks = sorted({int(c) for rows in manifest.values() for c in rows})
+    for axis, title, ylabel in (
+        (rate_axis, "Manifest GET throughput", "requests/s"),
+        (cpu_axis, "CPU of the serving hop per request", "CPU ms/request"),
+    ):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(ticks, [str(c) for c in ticks])
+        axis.set_xlabel("concurrent connections (wrk -t1)")
+        axis.set_ylabel(ylabel + " (log)")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(
+        f"balena-registry-proxy, {settings['mode']} mode, "
+        f"{results['machine']['cores']} cores shared by client and servers, "
+        f"median of {settings['rounds']} round(s) x {settings['seconds']} s",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
