@@ -6,7 +6,9 @@ Where a real part is missing the tests that need it skip with the install line, 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +59,57 @@ def sandbox(registry_binary: Path) -> Iterator[Sandbox]:
 def skopeo() -> str:
     """Path of the skopeo binary."""
     return require_binary("skopeo", "skopeo")
+
+
+# Anything that looks like a credential: a JWT (their JSON header always encodes to "eyJ"),
+# an Authorization value, a demo API key of the sandbox's catalog, a password used in a test.
+_SECRET = re.compile(
+    r"eyJ[A-Za-z0-9_-]{8,}\.|Bearer [A-Za-z0-9]|Basic [A-Za-z0-9]|sandbox-api-key|hunter2"
+)
+PROXY_LOG_FILES: list[Path] = []
+
+
+def register_log(path: Path) -> Path:
+    """Have the session-wide secret check read ``path`` (a proxy process's log) at the end."""
+    PROXY_LOG_FILES.append(path)
+    return path
+
+
+class _Collect(logging.Handler):
+    """Keeps every record of the proxy's loggers, as its ``name: message`` line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # aiohttp.access is left out: only the tests' fake upstreams use it, the proxy logs
+        # its access lines under its own name.
+        if record.name.startswith(("balena_registry_proxy", "aiohttp.server", "aiohttp.web")):
+            self.lines.append(f"{record.name}: {self.format(record)}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """After the whole suite: no log line of the proxy, in-process or as a process, has a secret.
+
+    Every token, API key and password the tests use passes through the proxy somewhere; this
+    reads every line the proxy logged while they did.
+    """
+    collect = _Collect()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(collect)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(collect)
+        root.setLevel(previous)
+    lines = list(collect.lines)
+    for path in PROXY_LOG_FILES:
+        if path.exists():
+            lines += path.read_text(errors="replace").splitlines()
+    leaked = [line for line in lines if _SECRET.search(line)]
+    assert lines, "the secret check read no log line at all"
+    assert not leaked, f"{len(leaked)} log lines carry secrets, e.g. {leaked[0][:200]}"

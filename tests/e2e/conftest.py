@@ -18,6 +18,8 @@ import pytest
 from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.ports import free_port
 
+from ..conftest import register_log
+
 
 @dataclass(frozen=True)
 class RunningProxy:
@@ -35,7 +37,7 @@ class RunningProxy:
 def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """``balena-registry-proxy`` listening on loopback, upstream the sandbox registry."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    log_path = register_log(tmp_path_factory.mktemp("proxy") / "proxy.log")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],

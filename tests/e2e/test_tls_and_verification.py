@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from balena_registry_proxy.sandbox import Sandbox, generate_signing_key
 from balena_registry_proxy.sandbox.ports import free_port
 
+from ..conftest import register_log
 from .conftest import RunningProxy, Skopeo, wait_for_ping
 from .test_pull import ALICE, REV2, SECRET_PINNED
 
@@ -86,7 +87,7 @@ def secure_proxy(
     token_key = directory / "token-issuer.crt"
     token_key.write_bytes(sandbox.signing_key.certificate_pem)
     port = free_port()
-    log_path = directory / "proxy.log"
+    log_path = register_log(directory / "proxy.log")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],

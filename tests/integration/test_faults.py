@@ -23,6 +23,8 @@ from aiohttp.test_utils import TestServer
 
 from balena_registry_proxy.sandbox.ports import free_port
 
+from ..conftest import register_log
+
 MIB = 1024 * 1024
 BLOB = "sha256:" + "b" * 64
 
@@ -123,7 +125,7 @@ async def upstream(aiohttp_server: object, faults: Faults) -> AsyncIterator[Test
 
 def start_proxy(upstream_url: str, log: Path) -> ProxyProcess:
     port = free_port()
-    with log.open("wb") as sink:
+    with register_log(log).open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
             env={
