@@ -1,0 +1,151 @@
+"""Scaling out: several proxy processes behind HAProxy, one killed mid-run, pulls go on.
+
+The proxy keeps no state between requests, so a balancer may send each request of a pull to
+another process. When one dies, a download in flight on it is cut; the balancer, having seen
+the process refuse connections or fail its health check, sends everything after that to the
+others. Docker resumes a cut layer with a Range request; skopeo 1.9 does not retry a cut blob by
+itself (its ``--retry-times`` skips that error), so the test pulls once more the way a pipeline
+retries a failed step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from balena_registry_proxy.sandbox import Sandbox
+from balena_registry_proxy.sandbox.ports import free_port
+
+from ..conftest import register_log, require_binary
+from .conftest import Skopeo, wait_for_ping
+from .test_pull import BIG
+
+pytestmark = pytest.mark.e2e
+
+PROXIES = 3
+
+
+@dataclass
+class Balanced:
+    """HAProxy in front of several proxy processes."""
+
+    host: str
+    proxies: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+
+def _haproxy_config(port: int, backends: list[int]) -> str:
+    servers = "\n".join(
+        f"    server p{n} 127.0.0.1:{backend} check inter 200ms fall 1 rise 2"
+        for n, backend in enumerate(backends)
+    )
+    return f"""\
+global
+    maxconn 512
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch
+
+frontend registry
+    bind 127.0.0.1:{port}
+    default_backend proxies
+
+backend proxies
+    balance roundrobin
+    option httpchk GET /ping
+{servers}
+"""
+
+
+@pytest.fixture(scope="module")
+def balanced(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balanced]:
+    haproxy = require_binary("haproxy", "haproxy")
+    directory = tmp_path_factory.mktemp("scale-out")
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    try:
+        ports = []
+        for n in range(PROXIES):
+            port = free_port()
+            log = register_log(directory / f"proxy-{n}.log")
+            with log.open("wb") as sink:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
+                    env={
+                        **os.environ,
+                        "PROXY_PORT": str(port),
+                        "REGISTRY_URL": sandbox.registry_url,
+                    },
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                )
+            processes.append(process)
+            logs.append(log)
+            wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
+            ports.append(port)
+        port = free_port()
+        config = directory / "haproxy.cfg"
+        config.write_text(_haproxy_config(port, ports))
+        balancer = subprocess.Popen(
+            [haproxy, "-f", str(config), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        processes.append(balancer)
+        wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
+        yield Balanced(f"127.0.0.1:{port}", processes[:PROXIES], logs)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+
+
+def test_pulls_survive_a_proxy_killed_mid_run(
+    client: Skopeo, sandbox: Sandbox, balanced: Balanced, tmp_path: Path
+) -> None:
+    def pull(n: int) -> subprocess.CompletedProcess[str]:
+        return client.run(
+            "copy",
+            "--retry-times=5",
+            "--src-tls-verify=false",
+            f"docker://{balanced.host}/gh_acme/big",
+            f"dir:{tmp_path / str(n)}",
+        )
+
+    victim = balanced.proxies[0]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pulls = [pool.submit(pull, n) for n in range(4)]
+        time.sleep(0.5)
+        served_before_kill = balanced.logs[0].read_text().count(" 200 ")
+        victim.send_signal(signal.SIGKILL)
+        during = [future.result() for future in pulls]
+    assert served_before_kill > 0, "the killed proxy had served nothing: the test proves little"
+    for n, result in enumerate(during):
+        if result.returncode != 0:
+            # Cut by the kill, never anything else; and the same pull again succeeds.
+            assert "EOF" in result.stderr or "connection reset" in result.stderr, result.stderr
+            again = pull(n)
+            assert again.returncode == 0, again.stderr
+    for n in range(4, 8):
+        after = pull(n)
+        assert after.returncode == 0, after.stderr
+    for n in range(8):
+        layers = sandbox.seed[BIG].layer_digests
+        assert all((tmp_path / str(n) / digest.split(":")[1]).exists() for digest in layers)
+    for survivor in balanced.proxies[1:]:
+        assert survivor.poll() is None
