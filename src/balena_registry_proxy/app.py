@@ -201,6 +201,7 @@ def create_app(settings: Settings) -> web.Application:
     upstream = Upstream(
         settings.registry_url,
         connect_timeout=settings.connect_timeout,
+        first_byte_timeout=settings.first_byte_timeout,
         read_timeout=settings.read_timeout,
     )
     metrics = Metrics()

@@ -31,6 +31,7 @@ class Settings:
     registry_url: str = f"https://{DEFAULT_REGISTRY2_HOST}"
     trust_proxy: TrustProxy = field(default_factory=TrustProxy)
     connect_timeout: float = 10.0
+    first_byte_timeout: float = 60.0
     read_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
@@ -83,10 +84,16 @@ OPTIONS = (
         "seconds to connect to upstream (default 10)",
     ),
     Option(
+        "first_byte_timeout",
+        "UPSTREAM_FIRST_BYTE_TIMEOUT",
+        "--first-byte-timeout",
+        "seconds to wait for upstream's response headers (default 60)",
+    ),
+    Option(
         "read_timeout",
         "UPSTREAM_READ_TIMEOUT",
         "--read-timeout",
-        "seconds upstream may stay silent, before or within a response (default 300)",
+        "seconds upstream may stay silent at any point of an answer (default 300)",
     ),
     Option(
         "shutdown_timeout",
@@ -221,6 +228,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "registry2_host": _hostname,
     "trust_proxy": parse_trust_proxy,
     "connect_timeout": _seconds,
+    "first_byte_timeout": _seconds,
     "read_timeout": _seconds,
     "shutdown_timeout": _seconds,
     "log_level": _log_level,

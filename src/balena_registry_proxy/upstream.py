@@ -8,6 +8,7 @@ multi-GiB layer may take as long as it takes while bytes keep arriving).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -25,9 +26,21 @@ READ_BUFFER = 64 * 1024
 class Upstream:
     """A keep-alive connection pool to one upstream registry."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float) -> None:
-        """Prepare a client for ``base_url`` (``scheme://host[:port]``); call ``start`` next."""
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        first_byte_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        """Prepare a client for ``base_url`` (``scheme://host[:port]``); call ``start`` next.
+
+        ``first_byte_timeout`` bounds the wait for response headers; ``read_timeout`` any
+        silence after that, so a multi-GiB layer takes as long as it takes while bytes flow.
+        """
         self.base_url = base_url.rstrip("/")
+        self._first_byte_timeout = first_byte_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -69,11 +82,16 @@ class Upstream:
             raise RuntimeError("Upstream.start() was not called")
         header_map = CIMultiDict(headers)
         header_map.setdefault("User-Agent", USER_AGENT)
-        async with self._session.request(
-            method,
-            URL(self.base_url + target, encoded=True),
-            headers=header_map,
-            allow_redirects=False,
-        ) as response:
-            self.last_answer = time.monotonic()
+        async with asyncio.timeout(self._first_byte_timeout):
+            response = await self._session.request(
+                method,
+                URL(self.base_url + target, encoded=True),
+                headers=header_map,
+                allow_redirects=False,
+            )
+        self.last_answer = time.monotonic()
+        try:
             yield response
+        finally:
+            # Back to the pool when the body was read to the end, else the connection closes.
+            response.release()

@@ -525,6 +525,21 @@ async def test_no_accept_encoding_is_invented_upstream(
     assert seen["User-Agent"].startswith("balena-registry-proxy/")
 
 
+async def test_first_byte_timeout_bounds_the_wait_for_headers(
+    registry: FakeRegistry,
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    upstream = await aiohttp_server(registry.app())
+    url = str(upstream.make_url("")).rstrip("/")
+    settings = Settings(registry_url=url, first_byte_timeout=0.5, read_timeout=30)
+    client = await serve_proxy(settings, aiohttp_client)
+    started = asyncio.get_running_loop().time()
+    response = await client.get("/v2/slow/manifests/latest")
+    assert response.status == 504
+    assert asyncio.get_running_loop().time() - started < 3
+
+
 async def test_upstream_stalling_mid_blob_cuts_the_client_after_the_read_timeout(
     proxy: Client, caplog: pytest.LogCaptureFixture
 ) -> None:

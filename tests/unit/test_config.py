@@ -47,8 +47,9 @@ def test_credentials_in_the_upstream_url_are_refused_and_never_shown() -> None:
 
 def test_timeouts_and_log_level() -> None:
     env = {"UPSTREAM_CONNECT_TIMEOUT": "2.5", "UPSTREAM_READ_TIMEOUT": "60", "LOG_LEVEL": "debug"}
-    loaded = settings(env, "--shutdown-timeout", "5")
+    loaded = settings(env, "--shutdown-timeout", "5", "--first-byte-timeout", "7")
     assert (loaded.connect_timeout, loaded.read_timeout, loaded.shutdown_timeout) == (2.5, 60, 5)
+    assert loaded.first_byte_timeout == 7
     assert loaded.log_level == "DEBUG"
 
 
