@@ -17,6 +17,8 @@ from aiohttp.typedefs import Handler
 
 from . import metrics as metrics_format
 from .accesslog import AccessRecord, redact_target
+from .blobs import CachedBlobs
+from .cache import BlobCache
 from .config import ConfigError, Settings
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
@@ -195,6 +197,21 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
     return TokenVerifier(key, settings.token_audience or settings.upstream_host)
 
 
+def _cached_blobs(settings: Settings, upstream: Upstream, metrics: Metrics) -> CachedBlobs | None:
+    """The blob cache for ``CACHE_DIR``, if set; ConfigError if the folder is unusable."""
+    if settings.cache_dir is None:
+        return None
+    cache = BlobCache(Path(settings.cache_dir), settings.cache_max_size)
+    try:
+        cache.open()
+    except OSError as error:
+        raise ConfigError(
+            f"CACHE_DIR (--cache-dir) {settings.cache_dir!r}: {error.strerror or error}"
+        ) from None
+    metrics.watch_cache(lambda: cache.size, lambda: cache.evictions)
+    return CachedBlobs(upstream, cache, metrics)
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the proxy application for ``settings``; the upstream pool opens on startup."""
     app = web.Application(middlewares=[observe, oci_errors], client_max_size=1 << 20)
@@ -207,7 +224,14 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
-    proxy = Proxy(upstream, metrics, _verifier(settings))
+    blobs = _cached_blobs(settings, upstream, metrics)
+    proxy = Proxy(
+        upstream,
+        metrics,
+        verifier=_verifier(settings),
+        blobs=blobs,
+        follow_redirects=settings.follow_redirects or blobs is not None,
+    )
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)
@@ -217,6 +241,8 @@ def create_app(settings: Settings) -> web.Application:
     async def upstream_pool(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         yield
+        if blobs is not None:
+            await blobs.close()
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_pool)

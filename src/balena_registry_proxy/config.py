@@ -43,6 +43,9 @@ class Settings:
     max_header_size: int = 8190
     tls_cert: str | None = None
     tls_key: str | None = None
+    cache_dir: str | None = None
+    cache_max_size: int = 20 * 1024**3
+    follow_redirects: bool = False
 
     @property
     def upstream_host(self) -> str:
@@ -135,6 +138,20 @@ OPTIONS = (
     ),
     Option("tls_cert", "TLS_CERT", "--tls-cert", "PEM certificate chain: serve HTTPS"),
     Option("tls_key", "TLS_KEY", "--tls-key", "PEM private key of --tls-cert"),
+    Option("cache_dir", "CACHE_DIR", "--cache-dir", "cache blobs in this folder (default off)"),
+    Option(
+        "cache_max_size",
+        "CACHE_MAX_SIZE",
+        "--cache-max-size",
+        "cache size limit, e.g. 20GiB or 500MB (default 20GiB)",
+    ),
+    Option(
+        "follow_redirects",
+        "FOLLOW_REDIRECTS",
+        "--follow-redirects",
+        "follow blob redirects to storage instead of passing them on: true or false (default "
+        "false; always on with a cache)",
+    ),
 )
 
 
@@ -196,6 +213,44 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like ``20GiB``, ``500MB`` or ``1073741824``; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError("must be a size such as 20GiB, 500MB or a number of bytes")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError("must be a size of more than 0 bytes")
+    return size
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _size(text: str) -> int:
     if not text.isdigit() or not 256 <= int(text) <= 1 << 20:
         raise ValueError("must be a number of bytes from 256 to 1048576")
@@ -240,6 +295,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_header_size": _size,
     "tls_cert": _path,
     "tls_key": _path,
+    "cache_dir": _path,
+    "cache_max_size": parse_size,
+    "follow_redirects": _boolean,
 }
 
 

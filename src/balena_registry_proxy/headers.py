@@ -88,6 +88,19 @@ def without_body_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]
     return [*kept, ("Content-Type", JSON_CONTENT_TYPE)]
 
 
+# What may follow a blob download to another host (storage): nothing that identifies the
+# client to the registry. S3 and CloudFront refuse a request that carries an Authorization.
+_REDIRECT_SAFE = frozenset(
+    {"accept", "accept-encoding", "range", "if-range", "if-none-match", "if-match", "user-agent"}
+)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def redirect_request_headers(headers: Headers) -> list[tuple[str, str]]:
+    """The headers of a request to follow a redirect to another host: no credentials."""
+    return [(k, v) for k, v in headers if k.lower() in _REDIRECT_SAFE]
+
+
 def rewrite_location(location: str, upstream_origin: str) -> str:
     """Point a redirect at the proxy when it points at the upstream registry itself.
 

@@ -7,6 +7,8 @@ not share counters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -57,6 +59,30 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+        self.cache_requests = Counter(
+            "registry_proxy_cache_requests",
+            "Blob requests the cache answered: hit (on disk), joined (download in progress), "
+            "miss (downloaded for it).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Counter(
+            "registry_proxy_cache_fill_bytes",
+            "Bytes downloaded from upstream into the cache.",
+            registry=self.registry,
+        )
+
+    def watch_cache(self, size: Callable[[], float], evictions: Callable[[], float]) -> None:
+        """Expose the cache's current size and eviction count, read when scraped."""
+        Gauge(
+            "registry_proxy_cache_size_bytes", "Bytes in the cache.", registry=self.registry
+        ).set_function(size)
+        Gauge(
+            "registry_proxy_cache_evicted_blobs",
+            "Blobs evicted to stay under the size limit since start.",
+            registry=self.registry,
+        ).set_function(evictions)
 
     def render(self) -> bytes:
         """The exposition text of every series."""

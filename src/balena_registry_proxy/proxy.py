@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import AsyncExitStack
 
 import aiohttp
 from aiohttp import web
@@ -17,6 +18,8 @@ from multidict import CIMultiDict
 
 from .access import bearer_token, find_access, token_entries
 from .accesslog import redact_target
+from .blobs import CachedBlobs, open_following
+from .cache import cacheable
 from .denial import explain
 from .errors import (
     bad_request,
@@ -51,16 +54,25 @@ class Proxy:
     """Forwards registry API requests to one upstream registry."""
 
     def __init__(
-        self, upstream: Upstream, metrics: Metrics, verifier: TokenVerifier | None = None
+        self,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        verifier: TokenVerifier | None = None,
+        blobs: CachedBlobs | None = None,
+        follow_redirects: bool = False,
     ) -> None:
         """Serve requests through ``upstream``, counting in ``metrics``.
 
         With a ``verifier``, a token that fails verification is neither used for aliases nor
-        sent upstream.
+        sent upstream. With ``blobs``, blobs come from the cache; with ``follow_redirects``, the
+        proxy follows blob redirects to storage itself instead of passing them on.
         """
         self.upstream = upstream
         self.metrics = metrics
         self.verifier = verifier
+        self.blobs = blobs
+        self.follow_redirects = follow_redirects
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
@@ -81,9 +93,24 @@ class Proxy:
         headers = upstream_request_headers(
             request.headers.items(), request[REQUEST_ID], drop_authorization=refused
         )
-        started = time.perf_counter()
         try:
-            async with self.upstream.request(request.method, plan.target, headers) as upstream:
+            if self.blobs is not None and route.kind is Kind.BLOB and route.reference:
+                repository = plan.names.real if plan.names else route.repository
+                if repository is not None and cacheable(route.reference):
+                    answer = await self.blobs.serve(request, repository, route.reference, headers)
+                    if answer is not None:
+                        return answer
+            follow = self.follow_redirects and route.kind is Kind.BLOB and request.method == "GET"
+            started = time.perf_counter()
+            async with AsyncExitStack() as stack:
+                if follow:
+                    upstream = await open_following(
+                        self.upstream, stack, "GET", plan.target, headers
+                    )
+                else:
+                    upstream = await stack.enter_async_context(
+                        self.upstream.request(request.method, plan.target, headers)
+                    )
                 self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
                 return await self._relay(request, route, plan, upstream)
         except aiohttp.ConnectionTimeoutError:

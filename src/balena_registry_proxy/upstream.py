@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
 from multidict import CIMultiDict
@@ -69,25 +69,33 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    @asynccontextmanager
-    async def request(
+    def request(
         self, method: str, target: str, headers: Iterable[tuple[str, str]]
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """Send ``method target`` upstream and yield the response, body unread.
 
         Leaving the context releases the connection: back to the pool when the body was read to
         the end, closed when it was not (a client that went away mid-blob).
         """
+        return self._send(method, URL(self.base_url + target, encoded=True), headers)
+
+    def fetch(
+        self, url: str, headers: Iterable[tuple[str, str]]
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """GET an absolute ``url`` (a blob redirect's target), like ``request`` otherwise."""
+        return self._send("GET", URL(url, encoded=True), headers)
+
+    @asynccontextmanager
+    async def _send(
+        self, method: str, url: URL, headers: Iterable[tuple[str, str]]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         if self._session is None:
             raise RuntimeError("Upstream.start() was not called")
         header_map = CIMultiDict(headers)
         header_map.setdefault("User-Agent", USER_AGENT)
         async with asyncio.timeout(self._first_byte_timeout):
             response = await self._session.request(
-                method,
-                URL(self.base_url + target, encoded=True),
-                headers=header_map,
-                allow_redirects=False,
+                method, url, headers=header_map, allow_redirects=False
             )
         self.last_answer = time.monotonic()
         try:

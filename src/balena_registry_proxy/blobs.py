@@ -1,0 +1,223 @@
+"""Blobs the proxy fetches itself: following storage redirects, and the local cache.
+
+Without a cache, and without ``--follow-redirects``, blobs are relayed like everything else
+(``proxy.py``) and a redirect to storage goes to the client. With either, the proxy follows the
+redirect itself, without the client's credentials, so clients need no route to storage. With
+the cache, a blob is downloaded once (however many clients ask at the same time) and then
+served from disk, but only to a client the upstream confirms may read it: a HEAD of that blob,
+in that repository, with that client's own Authorization. A confirmation is remembered briefly
+per credentials, repository AND digest; never per credentials and repository alone, because
+the registry serves a blob only under a repository that links it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from contextlib import AsyncExitStack
+from urllib.parse import urljoin
+
+import aiohttp
+from aiohttp import web
+
+from .cache import BlobCache, Download, DownloadFailed
+from .errors import RegistryError
+from .headers import REDIRECT_STATUSES, redirect_request_headers
+from .metrics import Metrics
+from .upstream import Upstream
+
+log = logging.getLogger("balena_registry_proxy")
+
+CONFIRMATION_SECONDS = 60.0
+_CONFIRMATIONS = 10_000
+Key = tuple[str, str, str]
+
+
+async def open_following(
+    upstream: Upstream,
+    stack: AsyncExitStack,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+) -> aiohttp.ClientResponse:
+    """Send a request upstream; if it answers with a redirect, follow it once, credentials off."""
+    response = await stack.enter_async_context(upstream.request(method, target, headers))
+    location = response.headers.get("Location")
+    if response.status in REDIRECT_STATUSES and location:
+        absolute = urljoin(upstream.base_url + target, location)
+        follow = upstream.fetch(absolute, redirect_request_headers(headers))
+        response = await stack.enter_async_context(follow)
+    return response
+
+
+class Confirmations:
+    """Which (credentials, repository, digest) the upstream said may read a blob, and when."""
+
+    def __init__(self) -> None:
+        """An empty memory."""
+        self._seen: OrderedDict[Key, float] = OrderedDict()
+
+    def fresh(self, key: Key, now: float) -> bool:
+        """Whether ``key`` was confirmed within the last ``CONFIRMATION_SECONDS``."""
+        when = self._seen.get(key)
+        return when is not None and now - when <= CONFIRMATION_SECONDS
+
+    def ever(self, key: Key) -> bool:
+        """Whether ``key`` was ever confirmed (what offline serving relies on)."""
+        return key in self._seen
+
+    def remember(self, key: Key, now: float) -> None:
+        """Note a confirmation of ``key`` at ``now``."""
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        if len(self._seen) > _CONFIRMATIONS:
+            self._seen.popitem(last=False)
+
+
+class CachedBlobs:
+    """Serves blob GETs and HEADs from the cache, filling it from upstream."""
+
+    def __init__(self, upstream: Upstream, cache: BlobCache, metrics: Metrics) -> None:
+        """Serve from ``cache``, filled and confirmed through ``upstream``."""
+        self.upstream = upstream
+        self.cache = cache
+        self.metrics = metrics
+        self.confirmations = Confirmations()
+        self._fills: set[asyncio.Task[None]] = set()
+        # Digests whose upstream GET is under way but not answered yet: the first client asks,
+        # the others wait for its answer instead of asking too.
+        self._asking: dict[str, asyncio.Future[Download | None]] = {}
+
+    async def close(self) -> None:
+        """Stop downloads in progress (their temporaries are removed)."""
+        for task in list(self._fills):
+            task.cancel()
+        await asyncio.gather(*self._fills, return_exceptions=True)
+
+    async def serve(
+        self,
+        request: web.Request,
+        repository: str,
+        digest: str,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse | None:
+        """Answer from the cache, or None to let the request be relayed as usual."""
+        path = self.cache.lookup(digest)
+        download = self.cache.downloads.get(digest)
+        asking = self._asking.get(digest)
+        if path is None and download is None and asking is not None:
+            download = await asyncio.shield(asking)
+        if path is not None or download is not None:
+            if not await self._confirmed(request, repository, digest, headers):
+                return None
+            self.metrics.cache_requests.labels("hit" if path else "joined").inc()
+            if path is not None:
+                return web.FileResponse(path, headers=_blob_headers(digest))
+            assert download is not None
+            return await self._follow(request, download)
+        if request.method != "GET" or "Range" in request.headers:
+            return None
+        return await self._fill_and_follow(request, repository, digest, headers)
+
+    async def _confirmed(
+        self, request: web.Request, repository: str, digest: str, headers: list[tuple[str, str]]
+    ) -> bool:
+        key = (request.headers.get("Authorization", ""), repository, digest)
+        now = time.monotonic()
+        if self.confirmations.fresh(key, now):
+            return True
+        try:
+            async with self.upstream.request(
+                "HEAD", f"/v2/{repository}/blobs/{digest}", headers
+            ) as response:
+                allowed = response.status == 200 or response.status in REDIRECT_STATUSES
+        except (aiohttp.ClientError, TimeoutError):
+            if self.confirmations.ever(key):
+                return True  # upstream is down; this client was allowed this blob before
+            raise RegistryError(
+                503, "UNAVAILABLE", "the upstream registry cannot confirm access right now"
+            ) from None
+        if allowed:
+            self.confirmations.remember(key, now)
+        return allowed
+
+    async def _fill_and_follow(
+        self, request: web.Request, repository: str, digest: str, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse | None:
+        asking: asyncio.Future[Download | None] = asyncio.get_running_loop().create_future()
+        self._asking[digest] = asking
+        download = None
+        try:
+            download = await self._start_fill(repository, digest, headers)
+        finally:
+            del self._asking[digest]
+            asking.set_result(download)
+        if download is None:
+            return None
+        self.metrics.cache_requests.labels("miss").inc()
+        key = (request.headers.get("Authorization", ""), repository, digest)
+        self.confirmations.remember(key, time.monotonic())
+        return await self._follow(request, download)
+
+    async def _start_fill(
+        self, repository: str, digest: str, headers: list[tuple[str, str]]
+    ) -> Download | None:
+        """Ask upstream for the blob; if it answers with it, start filling the cache."""
+        stack = AsyncExitStack()
+        try:
+            response = await open_following(
+                self.upstream, stack, "GET", f"/v2/{repository}/blobs/{digest}", headers
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        size = response.content_length
+        if response.status != 200 or size is None:
+            await stack.aclose()
+            return None
+        download = self.cache.start(digest, size)
+        task = asyncio.create_task(self._fill(download, stack, response))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+        return download
+
+    async def _fill(
+        self, download: Download, stack: AsyncExitStack, response: aiohttp.ClientResponse
+    ) -> None:
+        ok = False
+        try:
+            async for chunk in response.content.iter_any():
+                await download.write(chunk)
+                self.metrics.cache_bytes.inc(len(chunk))
+            ok = True
+        except (aiohttp.ClientError, TimeoutError, DownloadFailed, OSError) as error:
+            log.warning("download of %s failed: %s", download.digest, type(error).__name__)
+        finally:
+            await stack.aclose()
+            await self.cache.end(download, ok)
+
+    async def _follow(self, request: web.Request, download: Download) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_blob_headers(download.digest))
+        response.content_length = download.size
+        reader = download.reader()
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        try:
+            async for chunk in reader:
+                await response.write(chunk)
+        except DownloadFailed:
+            # Headers are out: cut the connection, so the client never takes wrong bytes.
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+
+def _blob_headers(digest: str) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": digest,
+        "Content-Type": "application/octet-stream",
+        "Docker-Distribution-API-Version": "registry/2.0",
+    }

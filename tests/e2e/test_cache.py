@@ -1,0 +1,111 @@
+"""The blob cache in front of the real registry, pulled through with skopeo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balena_registry_proxy.sandbox import Sandbox
+from balena_registry_proxy.sandbox.ports import free_port
+
+from ..conftest import register_log
+from .conftest import RunningProxy, Skopeo, wait_for_ping
+from .test_pull import ALICE, BIG, SECRET_PINNED
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def caching_proxy(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningProxy, Path]]:
+    """A proxy with a blob cache, in front of the sandbox's registry."""
+    directory = tmp_path_factory.mktemp("cache")
+    port = free_port()
+    log_path = register_log(directory / "proxy.log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
+            env={
+                **os.environ,
+                "PROXY_PORT": str(port),
+                "REGISTRY_URL": sandbox.registry_url,
+                "CACHE_DIR": str(directory / "blobs"),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
+        yield RunningProxy(f"127.0.0.1:{port}", log_path), directory / "blobs"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def blob_gets(sandbox: Sandbox, digests: tuple[str, ...]) -> int:
+    """How many blob GETs of ``digests`` the registry has served so far."""
+    time.sleep(0.3)  # the registry writes its access line just after the response
+    return sum(
+        1
+        for entry in sandbox.registry_requests()
+        if entry.method == "GET" and any(entry.path.endswith(d) for d in digests)
+    )
+
+
+def test_warm_pull_takes_no_blob_from_upstream(
+    client: Skopeo, sandbox: Sandbox, caching_proxy: tuple[RunningProxy, Path], tmp_path: Path
+) -> None:
+    proxy, cache = caching_proxy
+    layers = sandbox.seed[BIG].layer_digests
+    before = blob_gets(sandbox, layers)
+    for attempt in ("cold", "warm"):
+        result = client.run(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{proxy.host}/gh_acme/big",
+            f"dir:{tmp_path / attempt}",
+        )
+        assert result.returncode == 0, result.stderr
+        if attempt == "cold":
+            assert blob_gets(sandbox, layers) == before + len(layers)
+    assert blob_gets(sandbox, layers) == before + len(layers)
+    for digest in layers:
+        assert (cache / "blobs" / "sha256" / digest.removeprefix("sha256:")).exists()
+        assert (tmp_path / "warm" / digest.removeprefix("sha256:")).read_bytes() == (
+            tmp_path / "cold" / digest.removeprefix("sha256:")
+        ).read_bytes()
+
+
+def test_a_cached_private_layer_does_not_leak(
+    client: Skopeo, sandbox: Sandbox, caching_proxy: tuple[RunningProxy, Path], tmp_path: Path
+) -> None:
+    proxy, cache = caching_proxy
+    member = client.run(
+        "copy",
+        "--src-tls-verify=false",
+        f"--src-creds={ALICE}",
+        f"docker://{proxy.host}/gh_acme/secret/0.2.0",
+        f"dir:{tmp_path / 'member'}",
+    )
+    assert member.returncode == 0, member.stderr
+    layer = sandbox.seed[SECRET_PINNED].manifest.layer_digests[0]
+    assert (cache / "blobs" / "sha256" / layer.removeprefix("sha256:")).exists()
+    # Anonymous, under the private app's name and under a public app's name.
+    for name in ("gh_acme/secret/0.2.0", "gh_acme/web/1.2.3"):
+        token = sandbox.token_issuer.issue(user=None, scopes=[f"repository:{name}:pull"])
+        request = urllib.request.Request(
+            f"http://{proxy.host}/v2/{name}/blobs/{layer}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)  # noqa: S310 - loopback
+        assert refused.value.code in (401, 403, 404), name

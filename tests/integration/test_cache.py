@@ -1,0 +1,240 @@
+"""The blob cache and redirect following, against an in-process upstream and storage."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from balena_registry_proxy.config import Settings
+
+from .conftest import serve_proxy
+from .test_observability import sample
+
+Client = TestClient[web.Request, web.Application]
+DATA = hashlib.sha256(b"layer").digest() * 40_000  # 1.28 MB
+OTHER = hashlib.sha256(b"other").digest() * 40_000
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+OTHER_DIGEST = "sha256:" + hashlib.sha256(OTHER).hexdigest()
+CORRUPT = "sha256:" + "c" * 64
+GOOD = "Bearer good-token"
+
+
+@dataclass
+class Registry:
+    """An upstream that links blobs to repositories, and a storage host it redirects to."""
+
+    storage_url: str = ""
+    gets: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
+    storage_auth: list[str | None] = field(default_factory=list)
+    slow: bool = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/v2/{repo:.+}/blobs/{digest}", self.blob)
+        return app
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        repo, digest = request.match_info["repo"], request.match_info["digest"]
+        (self.gets if request.method == "GET" else self.heads).append(f"{repo}@{digest}")
+        if repo == "private/app" and request.headers.get("Authorization") != GOOD:
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        if repo == "stored/app" and request.method == "GET":
+            raise web.HTTPTemporaryRedirect(f"{self.storage_url}/bucket/blob?X-Amz-Signature=s")
+        if repo not in ("public/app", "private/app", "stored/app"):
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        body = {DIGEST: DATA, OTHER_DIGEST: OTHER, CORRUPT: b"x" * len(DATA)}.get(digest)
+        if body is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        headers = {"Docker-Content-Digest": digest, "Content-Length": str(len(body))}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        step = len(body) // 8
+        for start in range(0, len(body), step):
+            await response.write(body[start : start + step])
+            if self.slow:
+                await asyncio.sleep(0.05)
+        return response
+
+    def storage(self) -> web.Application:
+        async def serve(request: web.Request) -> web.Response:
+            self.storage_auth.append(request.headers.get("Authorization"))
+            if "Authorization" in request.headers:
+                return web.Response(status=400, text="Only one auth mechanism allowed")
+            return web.Response(body=DATA)
+
+        app = web.Application()
+        app.router.add_get("/bucket/blob", serve)
+        return app
+
+
+@dataclass
+class Setup:
+    registry: Registry
+    client: Client
+    cache_dir: Path
+    upstream: TestServer
+
+
+ProxyFor = Callable[..., Awaitable[Setup]]
+
+
+@pytest.fixture
+def proxy_for(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    tmp_path: Path,
+) -> ProxyFor:
+    async def make(**settings: Any) -> Setup:
+        registry = Registry()
+        storage = await aiohttp_server(registry.storage())
+        registry.storage_url = str(storage.make_url("")).rstrip("/")
+        upstream = await aiohttp_server(registry.app())
+        options: dict[str, Any] = {"cache_dir": str(tmp_path / "cache")} | settings
+        config = Settings(registry_url=str(upstream.make_url("")).rstrip("/"), **options)
+        client = await serve_proxy(config, aiohttp_client)
+        return Setup(registry, client, tmp_path / "cache", upstream)
+
+    return make
+
+
+def cached_files(cache_dir: Path) -> list[str]:
+    return sorted(path.name for path in (cache_dir / "blobs" / "sha256").iterdir())
+
+
+async def get(client: Client, repo: str, digest: str, **headers: str) -> aiohttp.ClientResponse:
+    return await client.get(f"/v2/{repo}/blobs/{digest}", headers=headers)
+
+
+async def test_cold_then_warm_downloads_once(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    first = await get(setup.client, "public/app", DIGEST)
+    assert first.status == 200
+    assert first.headers["Docker-Content-Digest"] == DIGEST
+    assert await first.read() == DATA
+    await asyncio.sleep(0.1)
+    assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
+    second = await get(setup.client, "public/app", DIGEST)
+    assert await second.read() == DATA
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+    page = await (await setup.client.get("/metrics")).text()
+    assert 'registry_proxy_cache_requests_total{outcome="hit"} 1.0' in page
+    assert 'registry_proxy_cache_requests_total{outcome="miss"} 1.0' in page
+    assert sample(page, "registry_proxy_cache_size_bytes") == len(DATA)
+
+
+async def test_range_and_head_from_the_cache(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    await (await get(setup.client, "public/app", DIGEST)).read()
+    await asyncio.sleep(0.1)
+    ranged = await get(setup.client, "public/app", DIGEST, Range="bytes=100-199")
+    assert ranged.status == 206
+    assert ranged.headers["Content-Range"] == f"bytes 100-199/{len(DATA)}"
+    assert await ranged.read() == DATA[100:200]
+    beyond = await get(setup.client, "public/app", DIGEST, Range=f"bytes={len(DATA) + 5}-")
+    assert beyond.status == 416
+    head = await setup.client.head(f"/v2/public/app/blobs/{DIGEST}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(DATA))
+    assert head.headers["Docker-Content-Digest"] == DIGEST
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+
+
+async def test_a_wrong_upstream_blob_fails_the_client_and_is_not_kept(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    response = await get(setup.client, "public/app", CORRUPT)
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    await asyncio.sleep(0.1)
+    assert cached_files(setup.cache_dir) == []
+    assert list((setup.cache_dir / "tmp").iterdir()) == []
+
+
+async def test_concurrent_clients_share_one_download(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    responses = await asyncio.gather(*(get(setup.client, "public/app", DIGEST) for _ in range(10)))
+    bodies = await asyncio.gather(*(response.read() for response in responses))
+    assert all(body == DATA for body in bodies)
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+
+
+async def test_cached_private_layer_never_reaches_other_clients(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    owner = await get(setup.client, "private/app", DIGEST, Authorization=GOOD)
+    assert await owner.read() == DATA
+    await asyncio.sleep(0.1)
+    assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
+    anonymous = await get(setup.client, "private/app", DIGEST)
+    assert anonymous.status == 401
+    wrong = await get(setup.client, "private/app", DIGEST, Authorization="Bearer other")
+    assert wrong.status == 401
+    # A repository that does not link the blob does not get it, whatever is cached.
+    elsewhere = await get(setup.client, "unlinked/app", DIGEST, Authorization=GOOD)
+    assert elsewhere.status == 404
+    again = await get(setup.client, "private/app", DIGEST, Authorization=GOOD)
+    assert await again.read() == DATA
+
+
+async def test_redirects_are_followed_without_the_clients_credentials(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    response = await get(setup.client, "stored/app", DIGEST, Authorization=GOOD)
+    assert response.status == 200
+    assert await response.read() == DATA
+    assert setup.registry.storage_auth == [None]
+
+
+async def test_follow_redirects_without_a_cache(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for(cache_dir=None, follow_redirects=True)
+    response = await get(setup.client, "stored/app", DIGEST, Authorization=GOOD)
+    assert response.status == 200
+    assert await response.read() == DATA
+    assert setup.registry.storage_auth == [None]
+
+
+async def test_least_recently_used_blobs_are_evicted(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
+    await (await get(setup.client, "public/app", DIGEST)).read()
+    await asyncio.sleep(0.1)
+    await (await get(setup.client, "public/app", OTHER_DIGEST)).read()
+    await asyncio.sleep(0.1)
+    assert cached_files(setup.cache_dir) == [OTHER_DIGEST.removeprefix("sha256:")]
+    page = await (await setup.client.get("/metrics")).text()
+    assert sample(page, "registry_proxy_cache_evicted_blobs") == 1
+
+
+async def test_stale_temporaries_are_removed_at_start(proxy_for: ProxyFor, tmp_path: Path) -> None:
+    (tmp_path / "cache" / "tmp").mkdir(parents=True)
+    (tmp_path / "cache" / "tmp" / "half-written.part").write_bytes(b"x" * 100)
+    setup = await proxy_for()
+    assert list((setup.cache_dir / "tmp").iterdir()) == []
+
+
+async def test_offline_serves_cached_blobs_only_to_clients_seen_before(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    await (await get(setup.client, "private/app", DIGEST, Authorization=GOOD)).read()
+    await asyncio.sleep(0.1)
+    await setup.upstream.close()
+    offline = await get(setup.client, "private/app", DIGEST, Authorization=GOOD)
+    assert await offline.read() == DATA
+    stranger = await get(setup.client, "private/app", DIGEST, Authorization="Bearer x")
+    assert stranger.status == 503
+    assert (await stranger.json())["errors"][0]["code"] == "UNAVAILABLE"

@@ -1,0 +1,126 @@
+"""The blob cache on disk: verification, the held-back last byte, LRU eviction, sizes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from balena_registry_proxy.blobs import CONFIRMATION_SECONDS, Confirmations
+from balena_registry_proxy.cache import BlobCache, DownloadFailed, cacheable
+from balena_registry_proxy.config import parse_size
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("20GiB", 20 * 1024**3), ("500MB", 500 * 1000**2), ("1.5G", 1_500_000_000), ("1024", 1024)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "-1", "5XB", "1e9"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_only_sha256_is_cacheable() -> None:
+    assert cacheable(digest_of(b"x"))
+    assert not cacheable("sha512:" + "a" * 128)
+    assert not cacheable("sha256:" + "A" * 64)
+
+
+async def fill(cache: BlobCache, data: bytes, claimed: str | None = None) -> bool:
+    download = cache.start(claimed or digest_of(data), len(data))
+    await download.write(data)
+    return await cache.end(download, ok=True)
+
+
+async def test_verified_downloads_are_kept_and_others_are_not(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    assert await fill(cache, b"good")
+    assert cache.lookup(digest_of(b"good")) == cache.path(digest_of(b"good"))
+    assert not await fill(cache, b"evil", claimed=digest_of(b"good!"))
+    assert cache.lookup(digest_of(b"good!")) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert cache.size == 4
+
+
+async def test_readers_get_the_last_byte_only_once_verified(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    data = b"0123456789"
+    download = cache.start(digest_of(data), len(data))
+    reader = download.reader()
+    await download.write(data)
+    assert await reader.__anext__() == data[:-1]
+    pending = asyncio.ensure_future(reader.__anext__())
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    await cache.end(download, ok=True)
+    assert await pending == data[-1:]
+
+
+async def test_readers_fail_when_the_download_does_not_verify(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    download = cache.start(digest_of(b"expected"), 8)
+    reader = download.reader()
+    await download.write(b"received")
+    assert await reader.__anext__() == b"receive"
+    await cache.end(download, ok=True)
+    with pytest.raises(DownloadFailed):
+        await reader.__anext__()
+
+
+async def test_more_bytes_than_announced_fail_the_download(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    download = cache.start(digest_of(b"ab"), 2)
+    with pytest.raises(DownloadFailed):
+        await download.write(b"abc")
+
+
+async def test_least_recently_used_goes_first(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10)
+    cache.open()
+    for data in (b"aaaa", b"bbbb"):
+        await fill(cache, data)
+    cache.lookup(digest_of(b"aaaa"))  # used: now the newest
+    await fill(cache, b"cccc")
+    assert cache.lookup(digest_of(b"bbbb")) is None
+    assert cache.lookup(digest_of(b"aaaa")) is not None
+    assert cache.evictions == 1
+    assert cache.size == 8
+
+
+async def test_open_indexes_kept_blobs_and_drops_temporaries(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    await fill(cache, b"kept")
+    (tmp_path / "tmp" / "crashed.part").write_bytes(b"half")
+    reopened = BlobCache(tmp_path, 10_000)
+    reopened.open()
+    assert reopened.size == 4
+    assert reopened.lookup(digest_of(b"kept")) is not None
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_confirmations_are_per_credentials_repository_and_digest() -> None:
+    memory = Confirmations()
+    key = ("Bearer a", "v2/public", "sha256:" + "1" * 64)
+    memory.remember(key, now=100.0)
+    assert memory.fresh(key, now=100.0 + CONFIRMATION_SECONDS)
+    assert not memory.fresh(key, now=100.0 + CONFIRMATION_SECONDS + 1)
+    assert memory.ever(key)
+    assert not memory.fresh(("Bearer a", "v2/private", key[2]), now=100.0)
+    assert not memory.fresh(("Bearer a", "v2/public", "sha256:" + "2" * 64), now=100.0)
+    assert not memory.fresh(("", "v2/public", key[2]), now=100.0)
