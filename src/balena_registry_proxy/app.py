@@ -15,7 +15,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from . import metrics as metrics_format
 from .accesslog import AccessRecord, redact_target
 from .blobs import CachedBlobs
 from .cache import BlobCache
@@ -23,19 +22,23 @@ from .config import ConfigError, Settings
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, status_class
 from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
-from .server import parser_limits
+from .server import SERVER_NAME, parser_limits
 from .upstream import Upstream
 from .verification import TokenVerifier, load_public_key
 
 log = logging.getLogger("balena_registry_proxy")
 ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
-SERVER_NAME = "balena-registry-proxy"
 METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
+TRUST = web.AppKey("trust_proxy", TrustProxy)
+# nginx's convention for "the client closed the connection before the answer was complete".
+CLIENT_GONE = 499
+_OWN_ROUTES = {"/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
 # Readiness trusts an upstream answer this recent without asking again.
 READY_FRESH_SECONDS = 30.0
 READY_PROBE_TIMEOUT = 5.0
@@ -55,16 +58,31 @@ def error_response(error: RegistryError) -> web.Response:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request its id, and count it in the metrics once it is answered."""
     request[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[ROUTE] = _OWN_ROUTES.get(request.path, "other")
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
+    started = time.monotonic()
     try:
         response = await handler(request)
+    except asyncio.CancelledError:
+        # The client left and aiohttp cancelled the handler: no access line would be written.
+        _count(request, CLIENT_GONE, request.get(BODY_BYTES, 0))
+        elapsed = time.monotonic() - started
+        line, fields = _access_line(request, request.app[TRUST], CLIENT_GONE, elapsed)
+        ACCESS_LOGGER.info(line, extra={"fields": fields})
+        raise
     finally:
         metrics.in_flight.dec()
-    route = request.get(ROUTE, "other")
-    metrics.requests.labels(request.method, route, status_class(response.status)).inc()
-    metrics.body_bytes.labels(route).inc(_body_size(request, response))
+    _count(request, response.status, _body_size(request, response))
     return response
+
+
+def _count(request: web.Request, status: int, size: int) -> None:
+    metrics = request.app[METRICS]
+    route = request[ROUTE]
+    method = request.method if request.method in ("GET", "HEAD") else "other"
+    metrics.requests.labels(method, route, status_class(status)).inc()
+    metrics.body_bytes.labels(route).inc(size)
 
 
 @web.middleware
@@ -96,13 +114,17 @@ async def ready(request: web.Request) -> web.Response:
     upstream = request.app[UPSTREAM]
     last = upstream.last_answer
     if last is None or time.monotonic() - last > READY_FRESH_SECONDS:
+        answered = False
         try:
             async with asyncio.timeout(READY_PROBE_TIMEOUT):
                 async with upstream.request(
                     "GET", "/v2/", [(REQUEST_ID_HEADER, request[REQUEST_ID])]
-                ):
-                    pass
+                ) as probe:
+                    # 401 is the usual answer of a registry with token auth: it is up.
+                    answered = probe.status < 500
         except (aiohttp.ClientError, TimeoutError):
+            pass
+        if not answered:
             error = RegistryError(503, "UNAVAILABLE", "the upstream registry does not answer")
             return error_response(error)
     return web.json_response({"upstream": upstream.base_url, "ready": True})
@@ -111,7 +133,7 @@ async def ready(request: web.Request) -> web.Response:
 async def metrics_page(request: web.Request) -> web.Response:
     """The Prometheus exposition of this process's metrics."""
     body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": metrics_format.CONTENT_TYPE})
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -124,7 +146,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per finished request, written after the last byte (or the disconnect).
+    """One line per finished request, written after the last byte.
 
     Also called for requests that never reached the application (a TLS hello on the plain
     port, say), so it must not depend on anything but the request itself.
@@ -134,22 +156,35 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access-log line for ``request``."""
-        record = AccessRecord.of(
-            client=client_address(request.remote, _forwarded_for(request), self.trust_proxy),
-            method=request.method,
-            target=request.raw_path,
-            upstream_target=request.get(UPSTREAM_TARGET),
-            status=response.status,
-            size=_body_size(request, response),
-            elapsed_ms=time * 1000,
-            request_id=request.get(REQUEST_ID),
-        )
-        self.logger.info(record.line(), extra={"fields": record.fields()})
+        size = _body_size(request, response)
+        line, fields = _access_line(request, self.trust_proxy, response.status, time, size)
+        self.logger.info(line, extra={"fields": fields})
 
     @property
     def enabled(self) -> bool:
         """Whether lines would be written at all (skips the work when they would not)."""
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def _access_line(
+    request: web.BaseRequest,
+    trust: TrustProxy,
+    status: int,
+    elapsed: float,
+    size: int | None = None,
+) -> tuple[str, dict[str, object]]:
+    """The text line and the structured fields of one request's access-log entry."""
+    record = AccessRecord.of(
+        client=client_address(request.remote, _forwarded_for(request), trust),
+        method=request.method,
+        target=request.raw_path,
+        upstream_target=request.get(UPSTREAM_TARGET),
+        status=status,
+        size=request.get(BODY_BYTES, 0) if size is None else size,
+        elapsed_ms=elapsed * 1000,
+        request_id=request.get(REQUEST_ID),
+    )
+    return record.line(), record.fields()
 
 
 def _forwarded_for(request: web.BaseRequest) -> list[str]:
@@ -224,6 +259,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
+    app[TRUST] = settings.trust_proxy
     blobs = _cached_blobs(settings, upstream, metrics)
     proxy = Proxy(
         upstream,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -12,6 +13,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from multiprocessing import connection
 from typing import Any
 
 from aiohttp import web
@@ -94,7 +96,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        # An encrypted key would make OpenSSL prompt on the terminal: fail instead.
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=lambda: b"")
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(
             f"TLS_CERT (--tls-cert) / TLS_KEY (--tls-key): cannot load "
@@ -144,37 +147,75 @@ def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT.
 
     Each worker is a whole proxy (its own event loop, upstream pool and metrics); the parent
-    only starts them, passes signals on, and exits 0 once all have drained and exited 0.
+    only starts them, passes signals on, and exits 0 once all have drained and exited 0. A
+    worker that dies stops the others: half a proxy is worse than a clear failure.
     """
+    # What every worker would refuse, refuse once, here.
+    tls_context(settings)
+    create_app(settings)
     context = multiprocessing.get_context("fork")
     workers = [
         context.Process(target=_worker, args=(settings,), name=f"worker-{n}", daemon=False)
         for n in range(settings.workers)
     ]
-    for worker in workers:
-        worker.start()
+    stopping = False
 
     def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # A signal between the forks and the handlers would kill the parent and orphan workers.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for worker in workers:
+            worker.start()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     log.info("started %d workers on port %d", len(workers), settings.port)
-    for worker in workers:
-        worker.join()
-        if worker.exitcode != 0:
-            # One worker failing (a port it cannot bind, say) stops the others too.
-            stop(signal.SIGTERM, None)
-    codes = {worker.exitcode for worker in workers}
-    if codes == {0}:
+    running = {worker.sentinel: worker for worker in workers}
+    codes = []
+    while running:
+        for sentinel in connection.wait(list(running)):
+            assert isinstance(sentinel, int)
+            worker = running.pop(sentinel)
+            worker.join()
+            codes.append(worker.exitcode)
+            if worker.exitcode != 0 and not stopping:
+                log.error(
+                    "%s (pid %s) exited with %s: stopping", worker.name, worker.pid, worker.exitcode
+                )
+                stop(signal.SIGTERM, None)
+    if all(code == 0 for code in codes):
         return 0
     return 2 if 2 in codes else 1
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker(settings: Settings) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _die_with_parent()
     sys.exit(run(serve(settings)))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies, so no worker outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's SIGTERM handling is all there is
+    if os.getppid() == 1:
+        sys.exit(0)  # the parent died before we could ask
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def run(main_coroutine: Coroutine[Any, Any, None]) -> int:

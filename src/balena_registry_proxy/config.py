@@ -327,6 +327,9 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
     if "registry_url" not in values:
         upstream_host = f"registry2.{dns_tld}" if dns_tld else registry2_host
         values["registry_url"] = f"https://{upstream_host}"
+    if values.get("workers", 1) > 1 and values.get("cache_dir"):
+        # Each worker would index, clean and fill the same folder on its own.
+        raise ConfigError("CACHE_DIR (--cache-dir) works with one worker: set WORKERS=1")
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("TLS_CERT (--tls-cert) and TLS_KEY (--tls-key) go together: set both")
     return Settings(**values)

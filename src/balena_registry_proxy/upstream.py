@@ -41,12 +41,13 @@ class Upstream:
         """
         self.base_url = base_url.rstrip("/")
         self._first_byte_timeout = first_byte_timeout
+        self._connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
         self.last_answer: float | None = None
-        """``time.monotonic()`` of the last response headers from upstream, any status."""
+        """``time.monotonic()`` of the last answer from upstream that was not a 5xx."""
 
     async def start(self) -> None:
         """Open the connection pool."""
@@ -93,11 +94,13 @@ class Upstream:
             raise RuntimeError("Upstream.start() was not called")
         header_map = CIMultiDict(headers)
         header_map.setdefault("User-Agent", USER_AGENT)
-        async with asyncio.timeout(self._first_byte_timeout):
+        # The first-byte clock starts once connected: aiohttp bounds connecting by itself.
+        async with asyncio.timeout(self._connect_timeout + self._first_byte_timeout):
             response = await self._session.request(
                 method, url, headers=header_map, allow_redirects=False
             )
-        self.last_answer = time.monotonic()
+        if response.status < 500:
+            self.last_answer = time.monotonic()
         try:
             yield response
         finally:

@@ -9,27 +9,49 @@ Pure apart from the clock: the key comes in as PEM bytes, results are cached per
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"]
 _CACHE_SIZE = 4096
 
 
 def load_public_key(pem: bytes) -> PublicKeyTypes:
     """The public key of a PEM certificate or PEM public key; ValueError for anything else."""
+    key: object
     if b"-----BEGIN CERTIFICATE-----" in pem:
-        return x509.load_pem_x509_certificate(pem).public_key()
-    try:
-        return load_pem_public_key(pem)
-    except (ValueError, TypeError) as error:
-        raise ValueError("not a PEM certificate or public key") from error
+        key = x509.load_pem_x509_certificate(pem).public_key()
+    else:
+        try:
+            key = load_pem_public_key(pem)
+        except (ValueError, TypeError) as error:
+            raise ValueError("not a PEM certificate or public key") from error
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise ValueError(
+            f"a {type(key).__name__} cannot verify registry tokens: use RSA, EC or Ed25519"
+        )
+    return key
+
+
+def algorithms_for(key: PublicKeyTypes) -> list[str]:
+    """The JWT algorithms a key of this type verifies; ValueError for other key types.
+
+    Tied to the key so that no token can choose an algorithm the key was not meant for.
+    """
+    if isinstance(key, rsa.RSAPublicKey):
+        return ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return ["ES256", "ES384", "ES512"]
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return ["EdDSA"]
+    raise ValueError(f"a {type(key).__name__} cannot verify registry tokens")
 
 
 class TokenVerifier:
@@ -45,27 +67,30 @@ class TokenVerifier:
     ) -> None:
         """Verify against ``key``, accepting only tokens issued for ``audience``."""
         self._key = key
+        self._algorithms = algorithms_for(key)
         self._audience = audience
         self._leeway = leeway
         self._clock = clock
-        # token -> expiry of a verified token, or None for one that failed; clients send the
-        # same token on every request of a pull, and RSA verification is the costly part.
-        self._seen: OrderedDict[str, float | None] = OrderedDict()
+        # SHA-256 of a token -> expiry of a verified token, or None for one that failed:
+        # clients send the same token on every request of a pull, and verifying it is the
+        # costly part. Hashes, so junk tokens of any size cost the memory of a digest.
+        self._seen: OrderedDict[bytes, float | None] = OrderedDict()
 
     def is_valid(self, token: str) -> bool:
         """Whether ``token`` is signed by the key, for the audience, and valid now."""
         now = self._clock()
-        if token in self._seen:
-            self._seen.move_to_end(token)
-            known = self._seen[token]
+        key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            known = self._seen[key]
             return known is not None and now <= known + self._leeway
         try:
             expiry: float | None = self._verify(token)
-        except jwt.ImmatureSignatureError:
-            return False  # not valid yet, but it may be soon: no verdict to remember
+        except (jwt.ImmatureSignatureError, jwt.DecodeError):
+            return False  # not valid yet, or not even a JWT: nothing worth remembering
         except (jwt.PyJWTError, ValueError, TypeError):
             expiry = None
-        self._seen[token] = expiry
+        self._seen[key] = expiry
         if len(self._seen) > _CACHE_SIZE:
             self._seen.popitem(last=False)
         return expiry is not None
@@ -74,7 +99,7 @@ class TokenVerifier:
         claims = jwt.decode(
             token,
             self._key,  # type: ignore[arg-type]
-            algorithms=ALGORITHMS,
+            algorithms=self._algorithms,
             audience=self._audience,
             leeway=self._leeway,
             options={"require": ["exp", "aud"]},

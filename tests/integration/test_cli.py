@@ -146,3 +146,28 @@ async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestSe
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:
+    port = free_port()
+    upstream = str(slow_upstream.make_url("")).rstrip("/")
+    process = await run_cli(
+        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
+    )
+    try:
+        children: list[str] = []
+        for _ in range(100):
+            children = children_of(process.pid)
+            if len(children) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1
+        assert b"exited with -9: stopping" in stderr
+        assert not [child for child in children if is_running(child)]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -200,8 +200,9 @@ async def test_faults_give_clean_errors_or_cut_bodies_and_leak_nothing(
         await asyncio.sleep(1)
         assert await outcome(session, proxy_process.url + "/v2/ok/manifests/latest") == "whole 200"
     await asyncio.sleep(0.5)
-    # Keep-alive connections to upstream may stay pooled; nothing else may remain.
-    assert proxy_process.fds() <= baseline + 5
+    # Keep-alive connections to upstream may stay pooled (up to one per concurrent ok or 503
+    # answer of a batch); nothing else may remain.
+    assert proxy_process.fds() <= baseline + 15
     assert proxy_process.process.poll() is None
     assert b"Traceback" not in proxy_process.log.read_bytes()
 
@@ -266,7 +267,10 @@ async def test_abandoned_downloads_leave_fds_and_memory_where_they_were(
     fds, rss = proxy_process.fds(), proxy_process.rss_mib()
     for _ in range(19):
         await asyncio.gather(*(abandon() for _ in range(10)))
-    await asyncio.sleep(1)
+    for _ in range(50):
+        if len(faults.closed_at) == 200:
+            break
+        await asyncio.sleep(0.1)
     assert len(faults.closed_at) == 200
     assert proxy_process.fds() <= fds + 5
     assert proxy_process.rss_mib() < rss + 16

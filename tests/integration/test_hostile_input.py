@@ -79,6 +79,8 @@ def assert_oci(status: int, headers: dict[str, str], body: bytes, expected: int)
     assert status == expected
     assert headers["Content-Type"].startswith("application/json")
     assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Server"] == "balena-registry-proxy"
+    assert len(headers["X-Request-Id"]) == 32
     error = json.loads(body)["errors"][0]
     assert set(error) == {"code", "message", "detail"}
 
@@ -123,9 +125,9 @@ async def test_non_utf8_and_control_bytes_in_headers_never_reach_upstream_as_suc
     raw = b"GET /v2/a/b/manifests/latest HTTP/1.1\r\nHost: x\r\nX-Junk: \xff\xfe\x01\r\n\r\n"
     status, _, _ = await wire.send(raw)
     assert 400 <= status < 500
+    assert wire.seen == []
 
 
-INPUTS_TRIED: list[int] = []
 _PIECES = st.sampled_from(
     [
         "/",
@@ -166,7 +168,6 @@ _PIECES = st.sampled_from(
 async def test_fuzzed_requests_are_4xx_or_forwarded_in_grammar(
     wire: Wire, path: str, alias_target: str
 ) -> None:
-    INPUTS_TRIED.append(1)
     wire.seen.clear()
     token = make_token(alias_entry(path.strip("/"), alias_target))
     target = ("/v2/" + path).encode("utf-8", "surrogateescape")
@@ -182,8 +183,3 @@ async def test_fuzzed_requests_are_4xx_or_forwarded_in_grammar(
                 else name_path.removesuffix("/tags/list")
             )
             assert NAME_RE.fullmatch(repository), forwarded
-
-
-def test_fuzzing_really_ran() -> None:
-    # Recorded so the README's figure stays true; runs after the fuzz test in file order.
-    assert len(INPUTS_TRIED) >= 300

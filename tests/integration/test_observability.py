@@ -77,7 +77,7 @@ async def test_metrics_count_requests_routes_bytes_rewrites_and_latency(
     requests = "registry_proxy_requests_total"
     assert sample(page, f'{requests}{{method="GET",route="manifest",status="2xx"}}') == 1
     assert sample(page, f'{requests}{{method="GET",route="blob",status="2xx"}}') == 1
-    assert sample(page, f'{requests}{{method="PUT",route="other",status="4xx"}}') == 1
+    assert sample(page, f'{requests}{{method="other",route="other",status="4xx"}}') == 1
     assert sample(page, f'{requests}{{method="GET",route="other",status="4xx"}}') == 1
     blob_bytes = sample(page, 'registry_proxy_response_body_bytes_total{route="blob"}')
     assert blob_bytes == registry.blob_path.stat().st_size
@@ -105,6 +105,22 @@ async def test_ready_while_upstream_answers(proxy: Client, registry: FakeRegistr
     assert response.status == 200
     assert (await response.json())["ready"] is True
     assert registry.seen[-1].path_qs == "/v2/"
+
+
+async def test_not_ready_when_upstream_answers_5xx(
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    async def down(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", down)
+    upstream = await aiohttp_server(app)
+    settings = Settings(registry_url=str(upstream.make_url("")).rstrip("/"))
+    client = await serve_proxy(settings, aiohttp_client)
+    assert (await client.get("/v2/")).status == 503
+    assert (await client.get("/ready")).status == 503
 
 
 async def test_not_ready_when_upstream_is_unreachable(

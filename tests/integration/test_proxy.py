@@ -532,7 +532,9 @@ async def test_first_byte_timeout_bounds_the_wait_for_headers(
 ) -> None:
     upstream = await aiohttp_server(registry.app())
     url = str(upstream.make_url("")).rstrip("/")
-    settings = Settings(registry_url=url, first_byte_timeout=0.5, read_timeout=30)
+    settings = Settings(
+        registry_url=url, connect_timeout=0.5, first_byte_timeout=0.5, read_timeout=30
+    )
     client = await serve_proxy(settings, aiohttp_client)
     started = asyncio.get_running_loop().time()
     response = await client.get("/v2/slow/manifests/latest")
@@ -554,6 +556,7 @@ async def test_upstream_stalling_mid_blob_cuts_the_client_after_the_read_timeout
 async def test_client_leaving_mid_blob_is_not_an_upstream_failure(
     proxy: Client, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="balena_registry_proxy.access")
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     request = f"GET /v2/{ALIAS}/blobs/{registry.blob_digest} HTTP/1.1\r\nHost: p\r\n"
     writer.write(f"{request}Authorization: Bearer {TOKEN}\r\n\r\n".encode())
@@ -563,6 +566,11 @@ async def test_client_leaving_mid_blob_is_not_an_upstream_failure(
     await asyncio.sleep(0.5)
     assert "upstream failed" not in caplog.text
     assert (await proxy.get("/ping")).status == 200
+    gone = [r.getMessage() for r in caplog.records if " 499 " in r.getMessage()]
+    assert len(gone) == 1
+    assert f"GET /v2/{ALIAS}/blobs/{registry.blob_digest}" in gone[0]
+    page = await (await proxy.get("/metrics")).text()
+    assert 'registry_proxy_requests_total{method="GET",route="blob",status="4xx"} 1.0' in page
 
 
 async def test_connect_timeout_gives_502(

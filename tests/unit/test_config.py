@@ -37,6 +37,11 @@ def test_flags_win_over_environment() -> None:
     assert loaded.trust_proxy == TrustProxy(hops=2)
 
 
+def test_a_cache_needs_a_single_worker() -> None:
+    with pytest.raises(ConfigError, match="one worker"):
+        settings({"CACHE_DIR": "/tmp/cache", "WORKERS": "2"})
+
+
 def test_credentials_in_the_upstream_url_are_refused_and_never_shown() -> None:
     with pytest.raises(ConfigError) as caught:
         settings({"REGISTRY_URL": "https://operator:hunter2@registry.example.com"})

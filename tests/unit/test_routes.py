@@ -174,4 +174,5 @@ def test_any_target_is_refused_cleanly_or_forwarded_exactly(target: str) -> None
         status = error.status
         assert 400 <= status < 500, status
         return
-    assert route.target() == target
+    # A lone '?' with nothing after it carries no query and is not forwarded.
+    assert route.target() == (target.removesuffix("?") if target.endswith("?") else target)

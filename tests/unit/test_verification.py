@@ -7,6 +7,7 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from balena_registry_proxy.sandbox import SigningKey, generate_signing_key
@@ -70,6 +71,13 @@ def test_a_public_key_pem_works_too(key: SigningKey) -> None:
         Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
     )
     assert TokenVerifier(load_public_key(public), AUDIENCE).is_valid(key.sign(claims()))
+
+
+def test_ed25519_keys_verify_eddsa_tokens() -> None:
+    private = ed25519.Ed25519PrivateKey.generate()
+    public = private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    token = jwt.encode(claims(), private, algorithm="EdDSA")
+    assert TokenVerifier(load_public_key(public), AUDIENCE).is_valid(token)
 
 
 def test_load_public_key_refuses_other_pem(key: SigningKey) -> None:
