@@ -6,6 +6,7 @@ Where a real part is missing the tests that need it skip with the install line, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import aiohttp
 import pytest
 
 from balena_registry_proxy.sandbox import (
@@ -112,3 +114,16 @@ def no_secret_in_any_log() -> Iterator[None]:
             lines += path.read_text(errors="replace").splitlines()
     leaked = [line for line in lines if _SECRET.search(line)]
     assert not leaked, f"{len(leaked)} log lines carry secrets, e.g. {leaked[0][:200]}"
+
+
+async def until_serving(base_url: str) -> None:
+    """Wait until a proxy at ``base_url`` answers ``/ping`` (30 s at most)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"{base_url}/ping") as ping:
+                    if await ping.text() == "pong":
+                        return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing answered {base_url}/ping within 30 s")

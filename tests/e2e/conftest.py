@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -27,6 +28,7 @@ class RunningProxy:
 
     host: str
     log_path: Path
+    process: subprocess.Popen[bytes]
 
     def log(self) -> str:
         """Everything the proxy has logged so far."""
@@ -36,26 +38,35 @@ class RunningProxy:
 @pytest.fixture(scope="session")
 def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """``balena-registry-proxy`` listening on loopback, upstream the sandbox registry."""
+    log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    with proxy_process({"REGISTRY_URL": sandbox.registry_url}, log_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def proxy_process(
+    env: dict[str, str], log_path: Path, cafile: Path | None = None
+) -> Iterator[RunningProxy]:
+    """A proxy process on a free loopback port, ``env`` on top of ours, once it answers /ping.
+
+    Its log goes to ``log_path``, which the session-wide secret check reads at the end.
+    """
     port = free_port()
-    log_path = register_log(tmp_path_factory.mktemp("proxy") / "proxy.log")
-    with log_path.open("wb") as log:
+    scheme = "https" if cafile else "http"
+    with register_log(log_path).open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-            env={
-                **os.environ,
-                "PROXY_PORT": str(port),
-                "REGISTRY_URL": sandbox.registry_url,
-                "LOG_LEVEL": "info",
-            },
+            env={**os.environ, "PROXY_PORT": str(port), "LOG_LEVEL": "info", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
-        yield RunningProxy(f"127.0.0.1:{port}", log_path)
+        wait_for_ping(f"{scheme}://127.0.0.1:{port}/ping", process, cafile=cafile)
+        yield RunningProxy(f"127.0.0.1:{port}", log_path, process)
     finally:
-        process.terminate()
-        process.wait(30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
 
 
 def wait_for_ping(url: str, process: subprocess.Popen[bytes], cafile: Path | None = None) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
-from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import register_log
-from .conftest import RunningProxy, Skopeo, wait_for_ping
+from .conftest import RunningProxy, Skopeo, proxy_process
 from .test_pull import ALICE, BIG, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
@@ -29,26 +24,9 @@ def caching_proxy(
 ) -> Iterator[tuple[RunningProxy, Path]]:
     """A proxy with a blob cache, in front of the sandbox's registry."""
     directory = tmp_path_factory.mktemp("cache")
-    port = free_port()
-    log_path = register_log(directory / "proxy.log")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-            env={
-                **os.environ,
-                "PROXY_PORT": str(port),
-                "REGISTRY_URL": sandbox.registry_url,
-                "CACHE_DIR": str(directory / "blobs"),
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
-        yield RunningProxy(f"127.0.0.1:{port}", log_path), directory / "blobs"
-    finally:
-        process.terminate()
-        process.wait(30)
+    env = {"REGISTRY_URL": sandbox.registry_url, "CACHE_DIR": str(directory / "blobs")}
+    with proxy_process(env, directory / "proxy.log") as running:
+        yield running, directory / "blobs"
 
 
 def blob_gets(sandbox: Sandbox, digests: tuple[str, ...]) -> int:

@@ -10,10 +10,9 @@ retries a failed step.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,8 @@ import pytest
 from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import register_log, require_binary
-from .conftest import Skopeo, wait_for_ping
+from ..conftest import require_binary
+from .conftest import Skopeo, proxy_process, wait_for_ping
 from .test_pull import BIG
 
 pytestmark = pytest.mark.e2e
@@ -75,44 +74,32 @@ backend proxies
 def balanced(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balanced]:
     haproxy = require_binary("haproxy", "haproxy")
     directory = tmp_path_factory.mktemp("scale-out")
-    processes: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    try:
-        ports = []
-        for n in range(PROXIES):
-            port = free_port()
-            log = register_log(directory / f"proxy-{n}.log")
-            with log.open("wb") as sink:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-                    env={
-                        **os.environ,
-                        "PROXY_PORT": str(port),
-                        "REGISTRY_URL": sandbox.registry_url,
-                    },
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                )
-            processes.append(process)
-            logs.append(log)
-            wait_for_ping(f"http://127.0.0.1:{port}/ping", process)
-            ports.append(port)
+    with contextlib.ExitStack() as stack:
+        proxies = [
+            stack.enter_context(
+                proxy_process({"REGISTRY_URL": sandbox.registry_url}, directory / f"p{n}.log")
+            )
+            for n in range(PROXIES)
+        ]
         port = free_port()
         config = directory / "haproxy.cfg"
-        config.write_text(_haproxy_config(port, ports))
+        backends = [int(proxy.host.rsplit(":", 1)[1]) for proxy in proxies]
+        config.write_text(_haproxy_config(port, backends))
         balancer = subprocess.Popen(
             [haproxy, "-f", str(config), "-db"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        processes.append(balancer)
-        wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
-        yield Balanced(f"127.0.0.1:{port}", processes[:PROXIES], logs)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(30)
+        try:
+            wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
+            yield Balanced(
+                f"127.0.0.1:{port}",
+                [proxy.process for proxy in proxies],
+                [proxy.log_path for proxy in proxies],
+            )
+        finally:
+            balancer.terminate()
+            balancer.wait(30)
 
 
 def test_pulls_survive_a_proxy_killed_mid_run(

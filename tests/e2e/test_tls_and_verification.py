@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from balena_registry_proxy.sandbox import Sandbox, generate_signing_key
-from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import register_log
-from .conftest import RunningProxy, Skopeo, wait_for_ping
+from .conftest import RunningProxy, Skopeo, proxy_process
 from .test_pull import ALICE, REV2, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
@@ -86,29 +81,15 @@ def secure_proxy(
     trust, cert, key = write_test_pki(directory)
     token_key = directory / "token-issuer.crt"
     token_key.write_bytes(sandbox.signing_key.certificate_pem)
-    port = free_port()
-    log_path = register_log(directory / "proxy.log")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-            env={
-                **os.environ,
-                "PROXY_PORT": str(port),
-                "REGISTRY_URL": sandbox.registry_url,
-                "TLS_CERT": str(cert),
-                "TLS_KEY": str(key),
-                "TOKEN_PUBLIC_KEY": str(token_key),
-                "TOKEN_AUDIENCE": sandbox.service,
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_ping(f"https://127.0.0.1:{port}/ping", process, cafile=trust / "ca.crt")
-        yield RunningProxy(f"127.0.0.1:{port}", log_path), trust
-    finally:
-        process.terminate()
-        process.wait(30)
+    env = {
+        "REGISTRY_URL": sandbox.registry_url,
+        "TLS_CERT": str(cert),
+        "TLS_KEY": str(key),
+        "TOKEN_PUBLIC_KEY": str(token_key),
+        "TOKEN_AUDIENCE": sandbox.service,
+    }
+    with proxy_process(env, directory / "proxy.log", cafile=trust / "ca.crt") as running:
+        yield running, trust
 
 
 def test_skopeo_pulls_over_https_trusting_the_test_ca(

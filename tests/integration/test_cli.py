@@ -17,6 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from balena_registry_proxy.sandbox.ports import free_port
 
+from ..conftest import until_serving
+
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
@@ -80,13 +82,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(slow_upstream: Tes
     process = await run_cli("--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream)
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/ping") as ping:
-                        assert await ping.text() == "pong"
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+            await until_serving(f"http://127.0.0.1:{port}")
             in_flight = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/"))
             await asyncio.sleep(0.5)
             process.send_signal(signal.SIGTERM)
@@ -121,13 +117,7 @@ async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestSe
     )
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/ping") as ping:
-                        assert await ping.text() == "pong"
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+            await until_serving(f"http://127.0.0.1:{port}")
             children = children_of(process.pid)
             assert len(children) == 2
             in_flight = [

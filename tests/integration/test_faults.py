@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import register_log
+from ..conftest import register_log, until_serving
 
 MIB = 1024 * 1024
 BLOB = "sha256:" + "b" * 64
@@ -219,12 +219,7 @@ async def test_malformed_upstream_headers_give_502(tmp_path: Path) -> None:
     proxy = start_proxy(f"http://127.0.0.1:{port}", tmp_path / "proxy.log")
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    await (await session.get(proxy.url + "/ping")).read()
-                    break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+            await until_serving(proxy.url)
             assert await outcome(session, proxy.url + "/v2/ok/manifests/latest") == "502"
     finally:
         proxy.process.terminate()

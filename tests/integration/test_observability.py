@@ -21,6 +21,7 @@ from balena_registry_proxy.config import Settings
 from balena_registry_proxy.sandbox import generate_signing_key
 from balena_registry_proxy.sandbox.ports import free_port
 
+from ..conftest import until_serving
 from ..tokens import alias_entry, bearer, make_token
 from .conftest import ALIAS, MANIFEST, REAL, FakeRegistry, serve_proxy
 from .test_cli import run_cli
@@ -148,12 +149,7 @@ async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
     )
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    await (await session.get(f"http://127.0.0.1:{port}/ping")).read()
-                    break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+            await until_serving(f"http://127.0.0.1:{port}")
             headers = {**bearer(TOKEN), "X-Request-Id": "json-1"}
             url = f"http://127.0.0.1:{port}/v2/{ALIAS}/manifests/latest?token=hunter2"
             await (await session.get(url, headers=headers)).read()
