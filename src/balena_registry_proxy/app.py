@@ -25,6 +25,7 @@ from .headers import SECURITY_HEADERS
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, status_class
 from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
+from .realm import TOKEN_PATH
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
 from .server import SERVER_NAME, parser_limits
@@ -267,11 +268,15 @@ def create_app(settings: Settings) -> web.Application:
         verifier=_verifier(settings),
         blobs=blobs,
         follow_redirects=settings.follow_redirects or blobs is not None,
+        proxy_auth=settings.proxy_auth,
+        trust=settings.trust_proxy,
     )
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)
+    if settings.proxy_auth:
+        app.router.add_get(TOKEN_PATH, proxy.token)
     app.on_response_prepare.append(_security_headers)
 
     async def upstream_pool(app: web.Application) -> AsyncIterator[None]:

@@ -46,6 +46,7 @@ class Settings:
     cache_dir: str | None = None
     cache_max_size: int = 20 * 1024**3
     follow_redirects: bool = False
+    proxy_auth: bool = False
 
     @property
     def upstream_host(self) -> str:
@@ -151,6 +152,13 @@ OPTIONS = (
         "--follow-redirects",
         "follow blob redirects to storage instead of passing them on: true or false (default "
         "false; always on with a cache)",
+    ),
+    Option(
+        "proxy_auth",
+        "PROXY_AUTH",
+        "--proxy-auth",
+        "edge mode: name the proxy as the token realm and pass token requests on, and follow "
+        "blob redirects, so clients need to reach only the proxy: true or false (default false)",
     ),
 )
 
@@ -298,6 +306,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "cache_dir": _path,
     "cache_max_size": parse_size,
     "follow_redirects": _boolean,
+    "proxy_auth": _boolean,
 }
 
 

@@ -9,6 +9,7 @@ and a comma-separated list of addresses or CIDR ranges trusts exactly those peer
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,3 +100,29 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def effective_origin(
+    peer: str | None,
+    own_scheme: str,
+    own_host: str,
+    forwarded_proto: str | None,
+    forwarded_host: str | None,
+    trust: TrustProxy,
+) -> tuple[str, str]:
+    """The scheme and host the client used, believing ``X-Forwarded-*`` only from a trusted peer.
+
+    Behind a TLS terminator (a balena device's Public Device URL, say) the proxy itself sees
+    plain HTTP while clients speak HTTPS to another name.
+    """
+    if peer is None or not trust.trusts(peer, 0):
+        return own_scheme, own_host
+    scheme = (forwarded_proto or "").split(",")[0].strip().lower()
+    host = (forwarded_host or "").split(",")[0].strip()
+    return (
+        scheme if scheme in ("http", "https") else own_scheme,
+        host if HOST_RE.fullmatch(host) else own_host,
+    )
+
+
+HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")

@@ -8,7 +8,6 @@ with backpressure, so a multi-GiB layer never sits in memory.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from contextlib import AsyncExitStack
 
@@ -22,14 +21,22 @@ from .blobs import CachedBlobs, open_following
 from .cache import cacheable
 from .denial import explain
 from .errors import (
+    RegistryError,
     bad_request,
     first_error_code,
     unsupported_method,
     upstream_timeout,
     upstream_unreachable,
 )
-from .headers import client_response_headers, upstream_request_headers, without_body_headers
+from .forwarded import HOST_RE, TrustProxy, effective_origin
+from .headers import (
+    client_response_headers,
+    redirect_request_headers,
+    upstream_request_headers,
+    without_body_headers,
+)
 from .metrics import Metrics
+from .realm import challenge_realm, own_realm, replace_realm, token_request_url
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .upstream import Upstream
@@ -46,7 +53,6 @@ _ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
-_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -61,6 +67,8 @@ class Proxy:
         verifier: TokenVerifier | None = None,
         blobs: CachedBlobs | None = None,
         follow_redirects: bool = False,
+        proxy_auth: bool = False,
+        trust: TrustProxy | None = None,
     ) -> None:
         """Serve requests through ``upstream``, counting in ``metrics``.
 
@@ -72,7 +80,11 @@ class Proxy:
         self.metrics = metrics
         self.verifier = verifier
         self.blobs = blobs
-        self.follow_redirects = follow_redirects
+        self.follow_redirects = follow_redirects or proxy_auth
+        self.proxy_auth = proxy_auth
+        self.trust = trust or TrustProxy()
+        self.realm: str | None = None
+        """The upstream's token realm, learned from its challenges (edge mode)."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
@@ -124,6 +136,62 @@ class Proxy:
             self.metrics.upstream_errors.labels("unreachable").inc()
             raise upstream_unreachable() from None
 
+    def _own_realm(
+        self, request: web.Request, headers: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Name the proxy as the token realm, remembering the real one to pass requests to."""
+        scheme, host = effective_origin(
+            request.remote,
+            request.scheme,
+            request.host,
+            request.headers.get("X-Forwarded-Proto"),
+            request.headers.get("X-Forwarded-Host"),
+            self.trust,
+        )
+        mapped = []
+        for name, value in headers:
+            if name.lower() == "www-authenticate" and (real := challenge_realm(value)):
+                self.realm = real
+                value = replace_realm(value, own_realm(scheme, host))
+            mapped.append((name, value))
+        return mapped
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        """Edge mode: pass a token request on to the real realm; credentials pass through."""
+        if self.realm is None:
+            await self._learn_realm(request)
+        if self.realm is None:
+            raise RegistryError(503, "UNAVAILABLE", "the upstream registry names no token realm")
+        headers = redirect_request_headers(request.headers.items())
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            headers.append(("Authorization", authorization))
+        url = token_request_url(self.realm, request.rel_url.raw_query_string)
+        try:
+            async with self.upstream.fetch(url, headers) as answer:
+                body, complete = await _read_small(answer)
+                if not complete:
+                    raise RegistryError(
+                        502, "UNAVAILABLE", "the token server's answer is too large"
+                    )
+                content_type = answer.headers.get("Content-Type", "application/json")
+                return web.Response(
+                    status=answer.status, body=body, headers={"Content-Type": content_type}
+                )
+        except (aiohttp.ClientError, TimeoutError):
+            raise RegistryError(
+                502, "UNAVAILABLE", "the token server could not be reached"
+            ) from None
+
+    async def _learn_realm(self, request: web.Request) -> None:
+        try:
+            async with self.upstream.request(
+                "GET", "/v2/", [("X-Request-Id", request[REQUEST_ID])]
+            ) as probe:
+                self.realm = challenge_realm(probe.headers.get("WWW-Authenticate", ""))
+        except (aiohttp.ClientError, TimeoutError):
+            raise upstream_unreachable() from None
+
     def _accepts(self, token: str) -> bool:
         return self.verifier is None or self.verifier.is_valid(token)
 
@@ -137,6 +205,8 @@ class Proxy:
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
+        if self.proxy_auth:
+            headers = self._own_realm(request, headers)
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
         if plan.unresolved is not None and upstream.status in plan.explain_on:
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
@@ -221,7 +291,7 @@ def _bearer(request: web.Request) -> str | None:
 def _proxy_host(request: web.Request) -> str:
     """The proxy's name as the client addressed it, for messages; never echo odd input."""
     host = request.headers.get("Host", "")
-    return host if _HOST_RE.fullmatch(host) else "<proxy>"
+    return host if HOST_RE.fullmatch(host) else "<proxy>"
 
 
 def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:

@@ -129,7 +129,7 @@ def test_pulls_survive_a_proxy_killed_mid_run(
         if result.returncode != 0:
             # Cut by the kill (mid-body: EOF or reset; before the answer: HAProxy's 502), never
             # anything else; and the same pull again succeeds.
-            cut = ("EOF", "connection reset", "502 (Bad Gateway)")
+            cut = ("EOF", "connection reset", "502 (Bad Gateway)", "502 Bad Gateway")
             assert any(sign in result.stderr for sign in cut), result.stderr
             again = pull(n)
             assert again.returncode == 0, again.stderr
