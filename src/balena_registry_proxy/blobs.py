@@ -198,10 +198,13 @@ class CachedBlobs:
             await stack.aclose()
             await self.cache.end(download, ok)
 
-    async def _follow(self, request: web.Request, download: Download) -> web.StreamResponse:
+    async def _follow(self, request: web.Request, download: Download) -> web.StreamResponse | None:
+        try:
+            reader = download.reader()
+        except DownloadFailed:
+            return None  # ended badly, or kept and evicted already: ask upstream as usual
         response = web.StreamResponse(headers=_blob_headers(download.digest))
         response.content_length = download.size
-        reader = download.reader()
         await response.prepare(request)
         if request.method == "HEAD":
             return response

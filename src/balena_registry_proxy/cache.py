@@ -41,11 +41,12 @@ def cacheable(digest: str) -> bool:
 class Download:
     """One blob on its way from upstream into the cache, readable while it arrives."""
 
-    def __init__(self, digest: str, temporary: Path, size: int) -> None:
-        """Prepare to receive ``size`` bytes of ``digest`` into ``temporary``."""
+    def __init__(self, digest: str, temporary: Path, final: Path, size: int) -> None:
+        """Prepare to receive ``size`` bytes of ``digest`` into ``temporary``, kept at ``final``."""
         self.digest = digest
         self.size = size
         self.temporary = temporary
+        self.final = final
         self._file = temporary.open("wb")
         self._hash = hashlib.sha256()
         self._written = 0
@@ -85,9 +86,18 @@ class Download:
         """The blob's bytes as they arrive; raises DownloadFailed if it does not verify.
 
         The file is opened here, at once: the download may end, and its file be renamed into
-        the cache, before the first byte is asked for.
+        the cache, before the first byte is asked for. If it already has, the kept file is read.
         """
-        return self._read(self.temporary.open("rb"))
+        try:
+            return self._read(self.temporary.open("rb"))
+        except FileNotFoundError:
+            pass
+        if self._outcome:
+            try:
+                return self._read(self.final.open("rb"))
+            except FileNotFoundError:
+                pass  # kept, then evicted at once
+        raise DownloadFailed(f"download of {self.digest} is gone")
 
     async def _read(self, source: BinaryIO) -> AsyncIterator[bytes]:
         sent = 0
@@ -157,7 +167,7 @@ class BlobCache:
     def start(self, digest: str, size: int) -> Download:
         """Begin receiving ``digest``; readers find it in ``downloads`` until it ends."""
         temporary = self._temporary / f"{digest.removeprefix('sha256:')}.part"
-        download = Download(digest, temporary, size)
+        download = Download(digest, temporary, self.path(digest), size)
         self.downloads[digest] = download
         return download
 

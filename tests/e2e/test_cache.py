@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,66 @@ def test_a_cached_private_layer_does_not_leak(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)  # noqa: S310 - loopback
         assert refused.value.code in (401, 403, 404), name
+
+
+def test_ten_concurrent_cold_pulls_take_the_big_layer_once(
+    client: Skopeo, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    layers = sandbox.seed[BIG].layer_digests
+    env = {"REGISTRY_URL": sandbox.registry_url, "CACHE_DIR": str(tmp_path / "cache")}
+    with proxy_process(env, tmp_path / "proxy.log") as proxy:
+        before = blob_gets(sandbox, layers)
+
+        def pull(n: int) -> subprocess.CompletedProcess[str]:
+            ref = f"docker://{proxy.host}/gh_acme/big"
+            return client.run("copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / str(n)}")
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            results = list(pool.map(pull, range(10)))
+        assert all(result.returncode == 0 for result in results), [r.stderr for r in results]
+        assert blob_gets(sandbox, layers) == before + len(layers)
+
+
+def test_a_download_killed_midway_leaves_nothing_behind(
+    client: Skopeo, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    env = {
+        "REGISTRY_URL": sandbox.registry_url,
+        "CACHE_DIR": str(cache),
+        "CACHE_MAX_SIZE": "16MiB",
+    }
+    with proxy_process(env, tmp_path / "first.log") as proxy:
+        small = client.run(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{proxy.host}/gh_acme/web/1.2.3",
+            f"dir:{tmp_path / 'web'}",
+        )
+        assert small.returncode == 0, small.stderr
+        kept = set(os.listdir(cache / "blobs" / "sha256"))
+        assert kept
+        # The proxy is killed while it downloads the 64 MiB layer...
+        copy = subprocess.Popen(
+            [
+                client.binary,
+                "copy",
+                "--src-tls-verify=false",
+                f"docker://{proxy.host}/gh_acme/big",
+                f"dir:{tmp_path / 'big'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not os.listdir(cache / "tmp") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proxy.process.kill()
+        proxy.process.wait(30)
+        copy.wait(60)
+    # ...so no file of that size is visible, and the next start removes the temporary.
+    blobs = cache / "blobs" / "sha256"
+    assert all((blobs / name).stat().st_size < 16 * 1024 * 1024 for name in os.listdir(blobs))
+    with proxy_process(env, tmp_path / "second.log"):
+        assert os.listdir(cache / "tmp") == []
+        assert kept <= set(os.listdir(blobs))

@@ -124,3 +124,23 @@ def test_confirmations_are_per_credentials_repository_and_digest() -> None:
     assert not memory.fresh(("Bearer a", "v2/private", key[2]), now=100.0)
     assert not memory.fresh(("Bearer a", "v2/public", "sha256:" + "2" * 64), now=100.0)
     assert not memory.fresh(("", "v2/public", key[2]), now=100.0)
+
+
+async def test_a_reader_arriving_after_the_end_reads_the_kept_file(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    data = b"finished before the reader came"
+    download = cache.start(digest_of(data), len(data))
+    await download.write(data)
+    await cache.end(download, ok=True)
+    assert b"".join([chunk async for chunk in download.reader()]) == data
+
+
+async def test_a_reader_arriving_after_a_failed_end_is_refused(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    download = cache.start(digest_of(b"expected"), 8)
+    await download.write(b"received")
+    await cache.end(download, ok=True)
+    with pytest.raises(DownloadFailed):
+        download.reader()
