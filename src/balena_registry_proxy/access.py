@@ -95,6 +95,15 @@ def find_access(entries: tuple[AccessEntry, ...], repository: str) -> Match | No
     return Match(verdict, repository)
 
 
+def grants_pull(entries: tuple[AccessEntry, ...], repository: str) -> bool:
+    """Whether an entry for ``repository`` (by alias, or by name without one) grants pull."""
+    return any(
+        "pull" in entry.actions
+        and (entry.alias == repository or (entry.alias is None and entry.name == repository))
+        for entry in entries
+    )
+
+
 def _invalid_alias_target(repository: str) -> RegistryError:
     return bad_request(
         "NAME_INVALID",

@@ -58,6 +58,7 @@ class Confirmations:
     def __init__(self) -> None:
         """An empty memory."""
         self._seen: OrderedDict[Key, float] = OrderedDict()
+        self._linked: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def fresh(self, key: Key, now: float) -> bool:
         """Whether ``key`` was confirmed within the last ``CONFIRMATION_SECONDS``."""
@@ -68,12 +69,20 @@ class Confirmations:
         """Whether ``key`` was ever confirmed (what offline serving relies on)."""
         return key in self._seen
 
+    def linked(self, repository: str, digest: str) -> bool:
+        """Whether the upstream ever confirmed ``digest`` under ``repository``, for anyone."""
+        return (repository, digest) in self._linked
+
     def remember(self, key: Key, now: float) -> None:
         """Note a confirmation of ``key`` at ``now``."""
         self._seen[key] = now
         self._seen.move_to_end(key)
+        self._linked[key[1:]] = None
+        self._linked.move_to_end(key[1:])
         if len(self._seen) > _CONFIRMATIONS:
             self._seen.popitem(last=False)
+        if len(self._linked) > _CONFIRMATIONS:
+            self._linked.popitem(last=False)
 
 
 class CachedBlobs:
@@ -102,15 +111,21 @@ class CachedBlobs:
         repository: str,
         digest: str,
         headers: list[tuple[str, str]],
+        verified_pull: bool = False,
     ) -> web.StreamResponse | None:
-        """Answer from the cache, or None to let the request be relayed as usual."""
+        """Answer from the cache, or None to let the request be relayed as usual.
+
+        ``verified_pull``: the client's token passed ``TOKEN_PUBLIC_KEY`` verification and grants
+        pull on ``repository``; while upstream is down, that suffices for a digest the upstream
+        confirmed under that repository before (clients fetch a new token on every pull).
+        """
         path = self.cache.lookup(digest)
         download = self.cache.downloads.get(digest)
         asking = self._asking.get(digest)
         if path is None and download is None and asking is not None:
             download = await asyncio.shield(asking)
         if path is not None or download is not None:
-            if not await self._confirmed(request, repository, digest, headers):
+            if not await self._confirmed(request, repository, digest, headers, verified_pull):
                 return None
             self.metrics.cache_requests.labels("hit" if path else "joined").inc()
             if path is not None:
@@ -122,7 +137,12 @@ class CachedBlobs:
         return await self._fill_and_follow(request, repository, digest, headers)
 
     async def _confirmed(
-        self, request: web.Request, repository: str, digest: str, headers: list[tuple[str, str]]
+        self,
+        request: web.Request,
+        repository: str,
+        digest: str,
+        headers: list[tuple[str, str]],
+        verified_pull: bool,
     ) -> bool:
         key = (request.headers.get("Authorization", ""), repository, digest)
         now = time.monotonic()
@@ -136,6 +156,8 @@ class CachedBlobs:
         except (aiohttp.ClientError, TimeoutError):
             if self.confirmations.ever(key):
                 return True  # upstream is down; this client was allowed this blob before
+            if verified_pull and self.confirmations.linked(repository, digest):
+                return True  # a verified fresh token for a repository that links the blob
             raise RegistryError(
                 503, "UNAVAILABLE", "the upstream registry cannot confirm access right now"
             ) from None

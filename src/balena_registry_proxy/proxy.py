@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .access import bearer_token, find_access, token_entries
+from .access import bearer_token, find_access, grants_pull, token_entries
 from .accesslog import redact_target
 from .blobs import CachedBlobs, open_following
 from .cache import cacheable
@@ -109,7 +109,15 @@ class Proxy:
             if self.blobs is not None and route.kind is Kind.BLOB and route.reference:
                 repository = plan.names.real if plan.names else route.repository
                 if repository is not None and cacheable(route.reference):
-                    answer = await self.blobs.serve(request, repository, route.reference, headers)
+                    verified = (
+                        self.verifier is not None
+                        and token is not None
+                        and not refused
+                        and grants_pull(token_entries(token), route.repository or "")
+                    )
+                    answer = await self.blobs.serve(
+                        request, repository, route.reference, headers, verified_pull=verified
+                    )
                     if answer is not None:
                         return answer
             follow = self.follow_redirects and route.kind is Kind.BLOB and request.method == "GET"

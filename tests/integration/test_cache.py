@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from balena_registry_proxy.config import Settings
+from balena_registry_proxy.sandbox import generate_signing_key
 
 from .conftest import serve_proxy
 from .test_observability import sample
@@ -238,3 +241,34 @@ async def test_offline_serves_cached_blobs_only_to_clients_seen_before(
     stranger = await get(setup.client, "private/app", DIGEST, Authorization="Bearer x")
     assert stranger.status == 503
     assert (await stranger.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_offline_a_fresh_verified_token_is_served_what_its_repository_links(
+    proxy_for: ProxyFor, tmp_path: Path
+) -> None:
+    key = generate_signing_key()
+    (tmp_path / "issuer.pem").write_bytes(key.certificate_pem)
+    setup = await proxy_for(token_public_key=str(tmp_path / "issuer.pem"), token_audience="reg")
+
+    def token(repository: str) -> str:
+        now = int(time.time())
+        entry = {"type": "repository", "name": repository, "actions": ["pull"]}
+        claims = {"aud": "reg", "exp": now + 600, "nbf": now - 10, "jti": uuid.uuid4().hex}
+        return key.sign({**claims, "access": [entry]})
+
+    first = await get(
+        setup.client, "public/app", DIGEST, Authorization=f"Bearer {token('public/app')}"
+    )
+    assert await first.read() == DATA
+    await asyncio.sleep(0.1)
+    await setup.upstream.close()
+    fresh = await get(
+        setup.client, "public/app", DIGEST, Authorization=f"Bearer {token('public/app')}"
+    )
+    assert await fresh.read() == DATA
+    elsewhere = await get(
+        setup.client, "public/app", DIGEST, Authorization=f"Bearer {token('other/app')}"
+    )
+    assert elsewhere.status == 503
+    unsigned = await get(setup.client, "public/app", DIGEST, Authorization="Bearer a.b.c")
+    assert unsigned.status == 503

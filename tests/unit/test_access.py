@@ -16,6 +16,7 @@ from balena_registry_proxy.access import (
     Verdict,
     bearer_token,
     find_access,
+    grants_pull,
     token_entries,
 )
 from balena_registry_proxy.errors import RegistryError
@@ -151,3 +152,16 @@ def test_any_access_claim_is_read_without_crashing(access: Any) -> None:
 @given(st.text(max_size=200))
 def test_any_token_string_is_read_without_crashing(token: str) -> None:
     assert isinstance(token_entries(token), tuple)
+
+
+def test_grants_pull_by_alias_or_by_name_without_alias() -> None:
+    entries = (
+        AccessEntry("v2/abc", "org/app/1.2.3", ("pull",)),
+        AccessEntry("org/app/9.9.9", None, ()),
+        AccessEntry("v2/def", None, ("pull", "push")),
+    )
+    assert grants_pull(entries, "org/app/1.2.3")
+    assert grants_pull(entries, "v2/def")
+    assert not grants_pull(entries, "org/app/9.9.9")
+    assert not grants_pull(entries, "v2/abc")  # only under its alias
+    assert not grants_pull((), "org/app")
