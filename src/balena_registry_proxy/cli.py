@@ -140,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers > 1:
         return supervise(settings)
-    return run(serve(settings))
+    return run(serve(settings), fast_loop=wants_fast_loop(settings))
+
+
+def wants_fast_loop(settings: Settings) -> bool:
+    """uvloop, unless a cache serves files: uvloop has no sendfile, asyncio's own loop has."""
+    return settings.cache_dir is None
 
 
 def supervise(settings: Settings) -> int:
@@ -218,14 +223,15 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def run(main_coroutine: Coroutine[Any, Any, None]) -> int:
-    """Run ``main_coroutine`` on the fastest event loop available; exit status 2 on ConfigError."""
+def run(main_coroutine: Coroutine[Any, Any, None], *, fast_loop: bool = True) -> int:
+    """Run ``main_coroutine``, on uvloop if ``fast_loop`` and installed; 2 on ConfigError."""
     # Every request allocates many short-lived objects and almost no cycles: collecting the
     # youngest generation every 700 allocations cost about a tenth of a manifest request's CPU.
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     try:
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        factory = _event_loop_factory() if fast_loop else None
+        with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(main_coroutine)
     except ConfigError as error:
         print(f"balena-registry-proxy: {error}", file=sys.stderr)

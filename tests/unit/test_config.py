@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balena_registry_proxy.cli import build_parser
+from balena_registry_proxy.cli import build_parser, wants_fast_loop
 from balena_registry_proxy.config import ConfigError, Settings, load_settings
 from balena_registry_proxy.forwarded import TrustProxy
 
@@ -82,3 +82,8 @@ def test_bad_values_name_the_setting(env: dict[str, str], argv: list[str], names
     message = str(caught.value)
     assert message.startswith(names)
     assert "\n" not in message
+
+
+def test_a_cache_keeps_the_event_loop_that_has_sendfile() -> None:
+    assert wants_fast_loop(settings({}))
+    assert not wants_fast_loop(settings({"CACHE_DIR": "/tmp/cache"}))
