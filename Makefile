@@ -29,17 +29,22 @@ e2e: $(STAMP)
 test: lint types $(STAMP)
 	$(BIN)/pytest -q
 
-# The real parts the sandbox runs: installed when root, otherwise the line to run is printed.
-SYSTEM_PACKAGES := docker-registry skopeo
-system-packages:
-	@if [ -x /usr/bin/docker-registry ] && command -v skopeo >/dev/null; then exit 0; fi; \
+# Debian packages $(1) (each providing the command of its name) for $(2): installed when
+# root, otherwise the line to run is printed.
+define need-packages
+	@if $(foreach p,$(1),command -v $(p) >/dev/null &&) true; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+			apt-get install -y -qq --no-install-recommends $(1); \
 	else \
-		echo "The demo needs: sudo apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES)"; \
+		echo "$(2) needs: sudo apt-get install -y --no-install-recommends $(1)"; \
 		exit 1; \
 	fi
+endef
+
+SYSTEM_PACKAGES := docker-registry skopeo
+system-packages:
+	$(call need-packages,$(SYSTEM_PACKAGES),The demo)
 
 # A local balenaCloud stand-in plus the proxy, with real pulls through it; Ctrl-C stops it.
 demo: $(STAMP) system-packages
@@ -53,15 +58,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench-packages:
-	@if [ -x /usr/bin/docker-registry ] && command -v nginx >/dev/null && command -v wrk >/dev/null \
-		&& command -v curl >/dev/null; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $(BENCH_PACKAGES); \
-	else \
-		echo "The benchmark needs: sudo apt-get install -y --no-install-recommends $(BENCH_PACKAGES)"; \
-		exit 1; \
-	fi
+	$(call need-packages,$(BENCH_PACKAGES),The benchmark)
 
 # The proxy against the registry and nginx on loopback: about 1 min quick, 5.5 min full.
 bench-quick: $(BENCH_STAMP) bench-packages

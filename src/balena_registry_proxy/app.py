@@ -267,7 +267,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics,
         verifier=_verifier(settings),
         blobs=blobs,
-        follow_redirects=settings.follow_redirects or blobs is not None,
+        follow_redirects=settings.follows_redirects,
         proxy_auth=settings.proxy_auth,
         trust=settings.trust_proxy,
     )

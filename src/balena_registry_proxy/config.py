@@ -49,6 +49,12 @@ class Settings:
     proxy_auth: bool = False
 
     @property
+    def follows_redirects(self) -> bool:
+        """Whether the proxy follows blob redirects itself: asked for, or needed by a cache or
+        by clients that reach only the proxy."""
+        return self.follow_redirects or self.cache_dir is not None or self.proxy_auth
+
+    @property
     def upstream_host(self) -> str:
         """The upstream's host name: the default audience of its tokens."""
         return urlsplit(self.registry_url).hostname or ""

@@ -80,7 +80,7 @@ class Proxy:
         self.metrics = metrics
         self.verifier = verifier
         self.blobs = blobs
-        self.follow_redirects = follow_redirects or proxy_auth
+        self.follow_redirects = follow_redirects
         self.proxy_auth = proxy_auth
         self.trust = trust or TrustProxy()
         self.realm: str | None = None

@@ -106,6 +106,13 @@ class Skopeo:
             env={**os.environ, "REGISTRY_AUTH_FILE": str(self.workdir / "auth.json")},
         )
 
+    def pull(
+        self, name: str, destination: Path, *options: str, host: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``skopeo copy`` of ``name`` from a proxy (this one unless ``host``) into a folder."""
+        source = f"docker://{host or self.host}/{name}"
+        return self.run("copy", "--src-tls-verify=false", *options, source, f"dir:{destination}")
+
     def inspect(self, name: str, *extra: str, creds: str | None = None) -> dict[str, object]:
         """``skopeo inspect`` of ``name`` through the proxy; fails the test if skopeo fails."""
         options = [f"--creds={creds}"] if creds else []

@@ -49,12 +49,7 @@ def test_warm_pull_takes_no_blob_from_upstream(
     layers = sandbox.seed[BIG].layer_digests
     before = blob_gets(sandbox, layers)
     for attempt in ("cold", "warm"):
-        result = client.run(
-            "copy",
-            "--src-tls-verify=false",
-            f"docker://{proxy.host}/gh_acme/big",
-            f"dir:{tmp_path / attempt}",
-        )
+        result = client.pull("gh_acme/big", tmp_path / attempt, host=proxy.host)
         assert result.returncode == 0, result.stderr
         if attempt == "cold":
             assert blob_gets(sandbox, layers) == before + len(layers)
@@ -70,13 +65,8 @@ def test_a_cached_private_layer_does_not_leak(
     client: Skopeo, sandbox: Sandbox, caching_proxy: tuple[RunningProxy, Path], tmp_path: Path
 ) -> None:
     proxy, cache = caching_proxy
-    member = client.run(
-        "copy",
-        "--src-tls-verify=false",
-        f"--src-creds={ALICE}",
-        f"docker://{proxy.host}/gh_acme/secret/0.2.0",
-        f"dir:{tmp_path / 'member'}",
-    )
+    secret = "gh_acme/secret/0.2.0"
+    member = client.pull(secret, tmp_path / "member", f"--src-creds={ALICE}", host=proxy.host)
     assert member.returncode == 0, member.stderr
     layer = sandbox.seed[SECRET_PINNED].manifest.layer_digests[0]
     assert (cache / "blobs" / "sha256" / layer.removeprefix("sha256:")).exists()
@@ -101,8 +91,7 @@ def test_ten_concurrent_cold_pulls_take_the_big_layer_once(
         before = blob_gets(sandbox, layers)
 
         def pull(n: int) -> subprocess.CompletedProcess[str]:
-            ref = f"docker://{proxy.host}/gh_acme/big"
-            return client.run("copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / str(n)}")
+            return client.pull("gh_acme/big", tmp_path / str(n), host=proxy.host)
 
         with ThreadPoolExecutor(max_workers=10) as pool:
             results = list(pool.map(pull, range(10)))
@@ -120,12 +109,7 @@ def test_a_download_killed_midway_leaves_nothing_behind(
         "CACHE_MAX_SIZE": "16MiB",
     }
     with proxy_process(env, tmp_path / "first.log") as proxy:
-        small = client.run(
-            "copy",
-            "--src-tls-verify=false",
-            f"docker://{proxy.host}/gh_acme/web/1.2.3",
-            f"dir:{tmp_path / 'web'}",
-        )
+        small = client.pull("gh_acme/web/1.2.3", tmp_path / "web", host=proxy.host)
         assert small.returncode == 0, small.stderr
         kept = set(os.listdir(cache / "blobs" / "sha256"))
         assert kept

@@ -31,13 +31,8 @@ def test_private_pull_with_tokens_through_the_proxy(
     client: Skopeo, sandbox: Sandbox, edge_proxy: RunningProxy, tmp_path: Path
 ) -> None:
     before = len(sandbox.token_requests)
-    result = client.run(
-        "copy",
-        "--src-tls-verify=false",
-        f"--src-creds={ALICE}",
-        f"docker://{edge_proxy.host}/gh_acme/secret/0.2.0",
-        f"dir:{tmp_path}",
-    )
+    secret = "gh_acme/secret/0.2.0"
+    result = client.pull(secret, tmp_path, f"--src-creds={ALICE}", host=edge_proxy.host)
     assert result.returncode == 0, result.stderr
     manifest = (tmp_path / "manifest.json").read_bytes()
     assert f"sha256:{hashlib.sha256(manifest).hexdigest()}" == sandbox.seed[SECRET_PINNED].digest

@@ -80,9 +80,7 @@ def test_push_fails_and_upstream_storage_is_unchanged(
     client: Skopeo, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     pulled = tmp_path / "image"
-    result = client.run(
-        "copy", "--src-tls-verify=false", client.ref("gh_acme/web/1.2.3"), f"dir:{pulled}"
-    )
+    result = client.pull("gh_acme/web/1.2.3", pulled)
     assert result.returncode == 0, result.stderr
     before = _snapshot(sandbox.registry.storage_dir)
     pushed = client.run(

@@ -68,9 +68,7 @@ def test_digest_of_another_release_is_unknown_not_latest(client: Skopeo, sandbox
 
 
 def test_copy_delivers_the_release_file(client: Skopeo, tmp_path: Path) -> None:
-    result = client.run(
-        "copy", "--src-tls-verify=false", client.ref("gh_acme/web/1.2.3"), f"dir:{tmp_path}"
-    )
+    result = client.pull("gh_acme/web/1.2.3", tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"commit={REV2}" in _release_text(tmp_path)
 
@@ -95,9 +93,7 @@ def test_multi_platform_child_by_digest(client: Skopeo, sandbox: Sandbox, tmp_pa
 
 
 def test_big_layer_copy_verifies(client: Skopeo, sandbox: Sandbox, tmp_path: Path) -> None:
-    result = client.run(
-        "copy", "--src-tls-verify=false", client.ref("gh_acme/big"), f"dir:{tmp_path}"
-    )
+    result = client.pull("gh_acme/big", tmp_path)
     assert result.returncode == 0, result.stderr
     sizes = [path.stat().st_size for path in tmp_path.iterdir()]
     assert max(sizes) >= 64 * 1024 * 1024 * 0.9

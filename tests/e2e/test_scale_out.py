@@ -106,13 +106,7 @@ def test_pulls_survive_a_proxy_killed_mid_run(
     client: Skopeo, sandbox: Sandbox, balanced: Balanced, tmp_path: Path
 ) -> None:
     def pull(n: int) -> subprocess.CompletedProcess[str]:
-        return client.run(
-            "copy",
-            "--retry-times=5",
-            "--src-tls-verify=false",
-            f"docker://{balanced.host}/gh_acme/big",
-            f"dir:{tmp_path / str(n)}",
-        )
+        return client.pull("gh_acme/big", tmp_path / str(n), "--retry-times=5", host=balanced.host)
 
     victim = balanced.proxies[0]
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +21,20 @@ from balena_registry_proxy.sandbox.ports import free_port
 from ..conftest import until_serving
 
 
+@contextlib.asynccontextmanager
+async def cli_process(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The command as a process; killed on the way out if a test left it running."""
+    process = await run_cli(*args)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start ``python -m balena_registry_proxy`` with ``args``, output piped."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -79,8 +93,9 @@ async def slow_upstream(
 async def test_sigterm_drains_in_flight_requests_then_exits_0(slow_upstream: TestServer) -> None:
     port = free_port()
     upstream = str(slow_upstream.make_url("")).rstrip("/")
-    process = await run_cli("--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream)
-    try:
+    async with cli_process(
+        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream
+    ) as process:
         async with aiohttp.ClientSession() as session:
             await until_serving(f"http://127.0.0.1:{port}")
             in_flight = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/"))
@@ -93,10 +108,6 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(slow_upstream: Tes
         assert process.returncode == 0
         assert b"Traceback" not in stderr
         assert b'"GET /v2/" 200' in stderr
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def children_of(pid: int) -> list[str]:
@@ -112,10 +123,9 @@ def is_running(pid: str) -> bool:
 async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestServer) -> None:
     port = free_port()
     upstream = str(slow_upstream.make_url("")).rstrip("/")
-    process = await run_cli(
+    async with cli_process(
         "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
-    )
-    try:
+    ) as process:
         async with aiohttp.ClientSession() as session:
             await until_serving(f"http://127.0.0.1:{port}")
             children = children_of(process.pid)
@@ -132,19 +142,14 @@ async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestSe
         assert process.returncode == 0
         assert b"Traceback" not in stderr
         assert not [child for child in children if is_running(child)]
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:
     port = free_port()
     upstream = str(slow_upstream.make_url("")).rstrip("/")
-    process = await run_cli(
+    async with cli_process(
         "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
-    )
-    try:
+    ) as process:
         children: list[str] = []
         for _ in range(100):
             children = children_of(process.pid)
@@ -157,7 +162,3 @@ async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> Non
         assert process.returncode == 1
         assert b"exited with -9: stopping" in stderr
         assert not [child for child in children if is_running(child)]
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()

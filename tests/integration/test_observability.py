@@ -24,7 +24,7 @@ from balena_registry_proxy.sandbox.ports import free_port
 from ..conftest import until_serving
 from ..tokens import alias_entry, bearer, make_token
 from .conftest import ALIAS, MANIFEST, REAL, FakeRegistry, serve_proxy
-from .test_cli import run_cli
+from .test_cli import cli_process, run_cli
 
 Client = TestClient[web.Request, web.Application]
 TOKEN = make_token(alias_entry(ALIAS, REAL))
@@ -137,7 +137,7 @@ async def test_not_ready_when_upstream_is_unreachable(
 
 async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
     port = free_port()
-    process = await run_cli(
+    async with cli_process(
         "--host",
         "127.0.0.1",
         "--port",
@@ -146,8 +146,7 @@ async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
         f"http://127.0.0.1:{free_port()}",
         "--log-format",
         "json",
-    )
-    try:
+    ) as process:
         async with aiohttp.ClientSession() as session:
             await until_serving(f"http://127.0.0.1:{port}")
             headers = {**bearer(TOKEN), "X-Request-Id": "json-1"}
@@ -155,10 +154,6 @@ async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
             await (await session.get(url, headers=headers)).read()
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     records = [json.loads(line) for line in stderr.decode().splitlines()]
     access = [r for r in records if r.get("request_id") == "json-1"]
     assert len(access) == 1

@@ -87,3 +87,10 @@ def test_bad_values_name_the_setting(env: dict[str, str], argv: list[str], names
 def test_a_cache_keeps_the_event_loop_that_has_sendfile() -> None:
     assert wants_fast_loop(settings({}))
     assert not wants_fast_loop(settings({"CACHE_DIR": "/tmp/cache"}))
+
+
+def test_redirects_are_followed_when_asked_or_needed() -> None:
+    assert not settings({}).follows_redirects
+    assert settings({"FOLLOW_REDIRECTS": "true"}).follows_redirects
+    assert settings({"CACHE_DIR": "/tmp/cache"}).follows_redirects
+    assert settings({"PROXY_AUTH": "yes"}).follows_redirects
