@@ -1,13 +1,14 @@
-"""Blobs the proxy fetches itself: following storage redirects, and the local cache.
+"""Content the proxy fetches itself: following storage redirects, and the local cache.
 
 Without a cache, and without ``--follow-redirects``, blobs are relayed like everything else
 (``proxy.py``) and a redirect to storage goes to the client. With either, the proxy follows the
 redirect itself, without the client's credentials, so clients need no route to storage. With
 the cache, a blob is downloaded once (however many clients ask at the same time) and then
-served from disk, but only to a client the upstream confirms may read it: a HEAD of that blob,
-in that repository, with that client's own Authorization. A confirmation is remembered briefly
-per credentials, repository AND digest; never per credentials and repository alone, because
-the registry serves a blob only under a repository that links it.
+served from disk, and so is a manifest fetched by digest, but only to a client the upstream
+confirms may read it: a HEAD of that digest, in that repository, with that client's own
+Authorization. A confirmation is remembered briefly per credentials, repository AND digest;
+never per credentials and repository alone, because the registry serves content only under a
+repository that links it.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import AsyncExitStack
+from pathlib import Path
 from urllib.parse import urljoin
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .cache import BlobCache, Download, DownloadFailed
 from .errors import RegistryError
-from .headers import REDIRECT_STATUSES, redirect_request_headers
+from .headers import REDIRECT_STATUSES, accepts, redirect_request_headers
 from .metrics import Metrics
 from .upstream import Upstream
 
@@ -86,7 +89,7 @@ class Confirmations:
 
 
 class CachedBlobs:
-    """Serves blob GETs and HEADs from the cache, filling it from upstream."""
+    """Serves blob and manifest-by-digest GETs and HEADs from the cache, filling it."""
 
     def __init__(self, upstream: Upstream, cache: BlobCache, metrics: Metrics) -> None:
         """Serve from ``cache``, filled and confirmed through ``upstream``."""
@@ -125,33 +128,87 @@ class CachedBlobs:
         if path is None and download is None and asking is not None:
             download = await asyncio.shield(asking)
         if path is not None or download is not None:
-            if not await self._confirmed(request, repository, digest, headers, verified_pull):
+            confirmed = await self._confirmed(
+                request, "blobs", repository, digest, headers, verified_pull
+            )
+            if not confirmed:
                 return None
-            self.metrics.cache_requests.labels("hit" if path else "joined").inc()
+            self.metrics.cache_requests.labels("blob", "hit" if path else "joined").inc()
             if path is not None:
-                return web.FileResponse(path, headers=_blob_headers(digest))
+                return _CachedFile(path, self.metrics, headers=_blob_headers(digest))
             assert download is not None
-            return await self._follow(request, download)
+            return await self._follow(request, download, joined=True)
         if request.method != "GET" or "Range" in request.headers:
             return None
         return await self._fill_and_follow(request, repository, digest, headers)
 
-    async def _confirmed(
+    async def serve_manifest(
         self,
         request: web.Request,
         repository: str,
         digest: str,
         headers: list[tuple[str, str]],
+        verified_pull: bool = False,
+    ) -> web.Response | None:
+        """Answer a manifest request by digest from the cache, or None to relay it.
+
+        Only a client whose ``Accept`` names the kept media type is answered here; anything
+        else goes upstream, which decides what such a client gets.
+        """
+        kept = self.cache.manifest(digest)
+        if kept is None or not accepts(request.headers.getall("Accept", []), kept[0]):
+            return None
+        confirmed = await self._confirmed(
+            request, "manifests", repository, digest, headers, verified_pull
+        )
+        if not confirmed:
+            return None
+        self.metrics.cache_requests.labels("manifest", "hit").inc()
+        return self._manifest_response(request, digest, *kept)
+
+    def keep_manifest(
+        self, request: web.Request, repository: str, digest: str, media_type: str, body: bytes
+    ) -> None:
+        """Keep a manifest the upstream just gave this client, if it matches its digest."""
+        if self.cache.keep_manifest(digest, media_type, body):
+            self.metrics.cache_requests.labels("manifest", "miss").inc()
+            key = (request.headers.get("Authorization", ""), repository, digest)
+            self.confirmations.remember(key, time.monotonic())
+
+    def _manifest_response(
+        self, request: web.Request, digest: str, media_type: str, body: bytes
+    ) -> web.Response:
+        if request.method == "GET":
+            self.metrics.cache_served_bytes.inc(len(body))
+        headers = {
+            "Content-Type": media_type,
+            "Docker-Content-Digest": digest,
+            "Docker-Distribution-API-Version": "registry/2.0",
+            "Etag": f'"{digest}"',
+        }
+        # For a HEAD, aiohttp sends the length of this body and leaves the body out.
+        return web.Response(body=body, headers=headers)
+
+    async def _confirmed(
+        self,
+        request: web.Request,
+        kind: str,
+        repository: str,
+        digest: str,
+        headers: list[tuple[str, str]],
         verified_pull: bool,
     ) -> bool:
+        """Whether the upstream lets this client read that digest (remembered briefly).
+
+        ``kind`` is the path segment, ``blobs`` or ``manifests``.
+        """
         key = (request.headers.get("Authorization", ""), repository, digest)
         now = time.monotonic()
         if self.confirmations.fresh(key, now):
             return True
         try:
-            async with self.upstream.request(
-                "HEAD", f"/v2/{repository}/blobs/{digest}", headers
-            ) as response:
+            target = f"/v2/{repository}/{kind}/{digest}"
+            async with self.upstream.request("HEAD", target, headers) as response:
                 allowed = response.status == 200 or response.status in REDIRECT_STATUSES
         except (aiohttp.ClientError, TimeoutError):
             if self.confirmations.ever(key):
@@ -178,10 +235,10 @@ class CachedBlobs:
             asking.set_result(download)
         if download is None:
             return None
-        self.metrics.cache_requests.labels("miss").inc()
+        self.metrics.cache_requests.labels("blob", "miss").inc()
         key = (request.headers.get("Authorization", ""), repository, digest)
         self.confirmations.remember(key, time.monotonic())
-        return await self._follow(request, download)
+        return await self._follow(request, download, joined=False)
 
     async def _start_fill(
         self, repository: str, digest: str, headers: list[tuple[str, str]]
@@ -220,7 +277,10 @@ class CachedBlobs:
             await stack.aclose()
             await self.cache.end(download, ok)
 
-    async def _follow(self, request: web.Request, download: Download) -> web.StreamResponse | None:
+    async def _follow(
+        self, request: web.Request, download: Download, joined: bool
+    ) -> web.StreamResponse | None:
+        """Stream ``download`` as it arrives; a ``joined`` client's bytes count as cached."""
         try:
             reader = download.reader()
         except DownloadFailed:
@@ -233,11 +293,28 @@ class CachedBlobs:
         try:
             async for chunk in reader:
                 await response.write(chunk)
+                if joined:
+                    self.metrics.cache_served_bytes.inc(len(chunk))
         except DownloadFailed:
             # Headers are out: cut the connection, so the client never takes wrong bytes.
             if request.transport is not None:
                 request.transport.close()
         return response
+
+
+class _CachedFile(web.FileResponse):
+    """A kept blob sent with sendfile, its bytes counted as served from the cache."""
+
+    def __init__(self, path: Path, metrics: Metrics, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._metrics = metrics
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        # The file goes out inside prepare; its length is then known, Range applied.
+        writer = await super().prepare(request)
+        if request.method == "GET" and self.status in (200, 206) and self.content_length:
+            self._metrics.cache_served_bytes.inc(self.content_length)
+        return writer
 
 
 def _blob_headers(digest: str) -> dict[str, str]:

@@ -1,14 +1,18 @@
-"""A content-addressed blob cache on local disk, with coalesced downloads.
+"""A content-addressed cache on local disk: blobs with coalesced downloads, and manifests.
 
 Blobs are stored by digest. A download is written to a temporary file and hashed on the way;
 only a verified file is renamed into place, so a wrong or broken upstream stream never leaves
 anything a client could be served. Every client of an uncached blob, the first included, reads
 the temporary file as it grows: N clients cost one upstream download, each served as the bytes
 arrive. The last byte is held back until the digest is verified, so no client ever completes a
-download of wrong bytes. Least recently used blobs are evicted to stay under the size limit.
+download of wrong bytes.
 
-Who may read a cached blob is not decided here: the proxy confirms every client's access with
-the upstream first (see ``proxy.py``).
+Manifests fetched by digest are small documents whose media type matters as much as their
+bytes, so each is kept in one file, the media type on its first line, written whole and renamed
+into place. Blobs and manifests share the size limit; the least recently used go first.
+
+Who may read a cached entry is not decided here: the proxy confirms every client's access with
+the upstream first (see ``blobs.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ log = logging.getLogger("balena_registry_proxy")
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _CHUNK = 256 * 1024
+# The registry's own limit on a manifest's size; anything bigger is relayed, not kept.
+MAX_MANIFEST_BYTES = 4 << 20
 
 
 class DownloadFailed(Exception):
@@ -118,33 +124,35 @@ class Download:
 
 
 class BlobCache:
-    """Blobs on disk by digest, under a size limit."""
+    """Blobs and manifests on disk by digest, under a size limit."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         """A cache in ``root`` holding at most ``max_bytes``; call ``open`` before use."""
         self.root = root
         self.max_bytes = max_bytes
         self._blobs = root / "blobs" / "sha256"
+        self._manifests = root / "manifests" / "sha256"
         self._temporary = root / "tmp"
-        # digest -> size, least recently used first.
-        self._entries: OrderedDict[str, int] = OrderedDict()
+        # file -> size, least recently used first.
+        self._entries: OrderedDict[Path, int] = OrderedDict()
         self.size = 0
         self.evictions = 0
         self.downloads: dict[str, Download] = {}
 
     def open(self) -> None:
         """Create the folders, drop temporaries a crash left behind, and index what is kept."""
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._temporary.mkdir(parents=True, exist_ok=True)
+        for folder in (self._blobs, self._manifests, self._temporary):
+            folder.mkdir(parents=True, exist_ok=True)
         for stale in self._temporary.iterdir():
             stale.unlink(missing_ok=True)
         found = []
-        for path in self._blobs.iterdir():
-            if _DIGEST_RE.fullmatch(f"sha256:{path.name}"):
-                status = path.stat()
-                found.append((status.st_mtime, f"sha256:{path.name}", status.st_size))
-        for _, digest, size in sorted(found):
-            self._entries[digest] = size
+        for folder in (self._blobs, self._manifests):
+            for path in folder.iterdir():
+                if _DIGEST_RE.fullmatch(f"sha256:{path.name}"):
+                    status = path.stat()
+                    found.append((status.st_mtime, path, status.st_size))
+        for _, path, size in sorted(found):
+            self._entries[path] = size
             self.size += size
         self._evict()
 
@@ -153,16 +161,67 @@ class BlobCache:
         return self._blobs / digest.removeprefix("sha256:")
 
     def lookup(self, digest: str) -> Path | None:
-        """The cached file of ``digest`` (marked as just used), or None."""
-        if digest not in self._entries:
-            return None
+        """The cached file of blob ``digest`` (marked as just used), or None."""
         path = self.path(digest)
-        if not path.exists():
-            self.size -= self._entries.pop(digest)
+        return path if self._use(path) else None
+
+    def manifest(self, digest: str) -> tuple[str, bytes] | None:
+        """The media type and bytes of the cached manifest ``digest``, or None.
+
+        The bytes are hashed again on every read: a manifest is small, and a disk that changed
+        one would otherwise hand out a document that does not match its digest.
+        """
+        path = self._manifests / digest.removeprefix("sha256:")
+        if not self._use(path):
             return None
-        self._entries.move_to_end(digest)
-        os.utime(path)
-        return path
+        try:
+            media_type, _, body = path.read_bytes().partition(b"\n")
+        except FileNotFoundError:
+            return None
+        if f"sha256:{hashlib.sha256(body).hexdigest()}" != digest or not media_type.isascii():
+            log.warning("dropping cached manifest %s: its file changed on disk", digest)
+            self._forget(path)
+            return None
+        return media_type.decode("ascii"), body
+
+    def keep_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
+        """Keep ``body`` as manifest ``digest`` if it hashes to it; True if kept."""
+        if (
+            len(body) > MAX_MANIFEST_BYTES
+            or not media_type.isascii()
+            or "\n" in media_type
+            or f"sha256:{hashlib.sha256(body).hexdigest()}" != digest
+        ):
+            return False
+        final = self._manifests / digest.removeprefix("sha256:")
+        temporary = self._temporary / f"{final.name}.manifest"
+        content = media_type.encode("ascii") + b"\n" + body
+        try:
+            temporary.write_bytes(content)
+            os.replace(temporary, final)
+        finally:
+            temporary.unlink(missing_ok=True)
+        self.size += len(content) - self._entries.get(final, 0)
+        self._entries[final] = len(content)
+        self._entries.move_to_end(final)
+        self._evict()
+        return True
+
+    def _use(self, path: Path) -> bool:
+        """Mark ``path`` as just used; False if it is not (or no longer) in the cache."""
+        if path not in self._entries:
+            return False
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            self._forget(path)
+            return False
+        self._entries.move_to_end(path)
+        return True
+
+    def _forget(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.size -= self._entries.pop(path, 0)
 
     def start(self, digest: str, size: int) -> Download:
         """Begin receiving ``digest``; readers find it in ``downloads`` until it ends."""
@@ -176,9 +235,10 @@ class BlobCache:
         kept = ok and download.verified()
         try:
             if kept:
-                os.replace(download.temporary, self.path(download.digest))
-                self._entries[download.digest] = download.size
-                self.size += download.size
+                final = self.path(download.digest)
+                os.replace(download.temporary, final)
+                self.size += download.size - self._entries.get(final, 0)
+                self._entries[final] = download.size
                 self._evict()
             else:
                 log.warning("not caching %s: the download did not verify", download.digest)
@@ -191,7 +251,7 @@ class BlobCache:
 
     def _evict(self) -> None:
         while self.size > self.max_bytes and self._entries:
-            digest, size = self._entries.popitem(last=False)
-            self.path(digest).unlink(missing_ok=True)
+            path, size = self._entries.popitem(last=False)
+            path.unlink(missing_ok=True)
             self.size -= size
             self.evictions += 1

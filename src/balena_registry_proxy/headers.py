@@ -118,3 +118,18 @@ def rewrite_location(location: str, upstream_origin: str) -> str:
         path = parts.path or "/"
         return f"{path}?{parts.query}" if parts.query else path
     return location
+
+
+def accepts(accept_values: Iterable[str], media_type: str) -> bool:
+    """Whether the ``Accept`` header lines name ``media_type`` itself.
+
+    Wildcards do not count: the registry decides by exact media types which manifests a client
+    understands (an OCI index for a client that did not ask for one is "unknown"), and an
+    answer from the cache must be the one the registry would give.
+    """
+    wanted = media_type.lower()
+    for value in accept_values:
+        for item in value.split(","):
+            if item.split(";", 1)[0].strip().lower() == wanted:
+                return True
+    return False

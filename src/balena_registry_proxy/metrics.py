@@ -62,14 +62,19 @@ class Metrics:
 
         self.cache_requests = Counter(
             "registry_proxy_cache_requests",
-            "Blob requests the cache answered: hit (on disk), joined (download in progress), "
-            "miss (downloaded for it).",
-            ["outcome"],
+            "Blob and manifest requests the cache answered: hit (on disk), joined (download "
+            "in progress), miss (fetched from upstream and kept).",
+            ["kind", "outcome"],
             registry=self.registry,
         )
         self.cache_bytes = Counter(
             "registry_proxy_cache_fill_bytes",
             "Bytes downloaded from upstream into the cache.",
+            registry=self.registry,
+        )
+        self.cache_served_bytes = Counter(
+            "registry_proxy_cache_served_bytes",
+            "Body bytes sent to clients from the cache.",
             registry=self.registry,
         )
 
@@ -79,8 +84,8 @@ class Metrics:
             "registry_proxy_cache_size_bytes", "Bytes in the cache.", registry=self.registry
         ).set_function(size)
         Gauge(
-            "registry_proxy_cache_evicted_blobs",
-            "Blobs evicted to stay under the size limit since start.",
+            "registry_proxy_cache_evictions",
+            "Blobs and manifests evicted to stay under the size limit since start.",
             registry=self.registry,
         ).set_function(evictions)
 

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from .access import bearer_token, find_access, grants_pull, token_entries
 from .accesslog import redact_target
 from .blobs import CachedBlobs, open_following
-from .cache import cacheable
+from .cache import MAX_MANIFEST_BYTES, cacheable
 from .denial import explain
 from .errors import (
     RegistryError,
@@ -106,20 +106,10 @@ class Proxy:
             request.headers.items(), request[REQUEST_ID], drop_authorization=refused
         )
         try:
-            if self.blobs is not None and route.kind is Kind.BLOB and route.reference:
-                repository = plan.names.real if plan.names else route.repository
-                if repository is not None and cacheable(route.reference):
-                    verified = (
-                        self.verifier is not None
-                        and token is not None
-                        and not refused
-                        and grants_pull(token_entries(token), route.repository or "")
-                    )
-                    answer = await self.blobs.serve(
-                        request, repository, route.reference, headers, verified_pull=verified
-                    )
-                    if answer is not None:
-                        return answer
+            if self.blobs is not None and _cacheable(route):
+                answer = await self._from_cache(request, route, plan, token, refused, headers)
+                if answer is not None:
+                    return answer
             follow = self.follow_redirects and route.kind is Kind.BLOB and request.method == "GET"
             started = time.perf_counter()
             async with AsyncExitStack() as stack:
@@ -143,6 +133,34 @@ class Proxy:
         except aiohttp.ClientError:
             self.metrics.upstream_errors.labels("unreachable").inc()
             raise upstream_unreachable() from None
+
+    async def _from_cache(
+        self,
+        request: web.Request,
+        route: Route,
+        plan: Plan,
+        token: str | None,
+        refused: bool,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse | None:
+        """The cache's answer to a blob or manifest request by digest, or None to relay it."""
+        assert self.blobs is not None
+        assert route.reference is not None
+        repository = _real_repository(route, plan)
+        # Offline, a token this proxy verified itself stands in for the upstream's word.
+        verified = (
+            self.verifier is not None
+            and token is not None
+            and not refused
+            and grants_pull(token_entries(token), route.repository or "")
+        )
+        if route.kind is Kind.MANIFEST:
+            return await self.blobs.serve_manifest(
+                request, repository, route.reference, headers, verified_pull=verified
+            )
+        return await self.blobs.serve(
+            request, repository, route.reference, headers, verified_pull=verified
+        )
 
     def _own_realm(
         self, request: web.Request, headers: list[tuple[str, str]]
@@ -235,6 +253,23 @@ class Proxy:
             if mapped is None:
                 return _buffered(upstream.status, headers, original)
             return _buffered(upstream.status, without_body_headers(headers), mapped)
+        if (
+            self.blobs is not None
+            and route.kind is Kind.MANIFEST
+            and _cacheable(route)
+            and upstream.status == 200
+            and has_body
+            and "Content-Encoding" not in upstream.headers
+        ):
+            body, complete = await _read_small(upstream, MAX_MANIFEST_BYTES)
+            if not complete:
+                return await self._stream(request, upstream, headers, prefix=body)
+            media_type = upstream.headers.get("Content-Type", "")
+            assert route.reference is not None
+            self.blobs.keep_manifest(
+                request, _real_repository(route, plan), route.reference, media_type, body
+            )
+            return _buffered(upstream.status, headers, body)
         return await self._stream(request, upstream, headers)
 
     async def _stream(
@@ -282,6 +317,24 @@ class Proxy:
         return response
 
 
+def _cacheable(route: Route) -> bool:
+    """A blob or manifest request by a digest the cache can verify."""
+    return (
+        route.kind in (Kind.BLOB, Kind.MANIFEST)
+        and route.repository is not None
+        and route.reference is not None
+        and cacheable(route.reference)
+    )
+
+
+def _real_repository(route: Route, plan: Plan) -> str:
+    """The upstream repository a request is for: the real name behind an alias."""
+    if plan.names is not None:
+        return plan.names.real
+    assert route.repository is not None
+    return route.repository
+
+
 def _outcome(plan: Plan) -> str:
     if plan.names is not None:
         return "aliased"
@@ -306,15 +359,17 @@ def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.R
     return web.Response(status=status, body=body, headers=CIMultiDict(headers))
 
 
-async def _read_small(upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-    """Up to ``MAX_REWRITTEN_BODY`` bytes of the body, and whether that is all of it."""
+async def _read_small(
+    upstream: aiohttp.ClientResponse, limit: int = MAX_REWRITTEN_BODY
+) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the body, and whether that is all of it."""
     length = upstream.content_length
-    if length is not None and length > MAX_REWRITTEN_BODY:
+    if length is not None and length > limit:
         return b"", False
     if length is not None:
         return await upstream.content.readexactly(length), True
     body = bytearray()
-    while len(body) <= MAX_REWRITTEN_BODY:
+    while len(body) <= limit:
         chunk = await upstream.content.readany()
         if not chunk:
             return bytes(body), True

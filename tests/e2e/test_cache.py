@@ -16,7 +16,7 @@ import pytest
 from balena_registry_proxy.sandbox import Sandbox
 
 from .conftest import RunningProxy, Skopeo, proxy_process
-from .test_pull import ALICE, BIG, SECRET_PINNED
+from .test_pull import ALICE, BIG, MULTI, PINNED, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,32 @@ def blob_gets(sandbox: Sandbox, digests: tuple[str, ...]) -> int:
         for entry in sandbox.registry_requests()
         if entry.method == "GET" and any(entry.path.endswith(d) for d in digests)
     )
+
+
+def upstream_requests(sandbox: Sandbox, method: str, suffix: str) -> int:
+    """How many ``method`` requests for a path ending in ``suffix`` the registry has served."""
+    time.sleep(0.3)  # the registry writes its access line just after the response
+    return sum(
+        1
+        for entry in sandbox.registry_requests()
+        if entry.method == method and entry.path.endswith(suffix)
+    )
+
+
+def stored_size(sandbox: Sandbox, digest: str) -> int:
+    """The size of a blob in the registry's own storage."""
+    hex_digest = digest.removeprefix("sha256:")
+    blobs = sandbox.registry.storage_dir / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    return (blobs / hex_digest[:2] / hex_digest / "data").stat().st_size
+
+
+def metric(proxy: RunningProxy, series: str) -> float:
+    """One series' value on the proxy's /metrics page."""
+    with urllib.request.urlopen(f"http://{proxy.host}/metrics", timeout=30) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(f"{series} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{series} not on the metrics page")
 
 
 def test_warm_pull_takes_no_blob_from_upstream(
@@ -137,3 +163,60 @@ def test_a_download_killed_midway_leaves_nothing_behind(
     with proxy_process(env, tmp_path / "second.log"):
         assert os.listdir(cache / "tmp") == []
         assert kept <= set(os.listdir(blobs))
+
+
+def test_a_platform_manifest_fetched_by_digest_is_served_from_the_cache(
+    client: Skopeo, sandbox: Sandbox, caching_proxy: tuple[RunningProxy, Path], tmp_path: Path
+) -> None:
+    proxy, cache = caching_proxy
+    child = sandbox.seed[MULTI].platform_manifests["linux/arm64"]
+    by_digest = f"/manifests/{child.digest}"
+    before = upstream_requests(sandbox, "GET", by_digest)
+    for attempt in ("cold", "warm"):
+        # skopeo reads the index by tag, then the arm64 manifest by its digest.
+        result = client.pull(
+            "gh_acme/multi/2.0.0", tmp_path / attempt, "--override-arch=arm64", host=proxy.host
+        )
+        assert result.returncode == 0, result.stderr
+        assert upstream_requests(sandbox, "GET", by_digest) == before + 1
+    kept = cache / "manifests" / "sha256" / child.digest.removeprefix("sha256:")
+    assert kept.read_bytes().startswith(child.media_type.encode() + b"\n")
+    assert (tmp_path / "warm" / "manifest.json").read_bytes() == (
+        tmp_path / "cold" / "manifest.json"
+    ).read_bytes()
+    assert metric(proxy, 'registry_proxy_cache_requests_total{kind="manifest",outcome="hit"}') >= 1
+
+
+def test_least_recently_used_layers_are_evicted_under_a_small_limit(
+    client: Skopeo, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    web = sandbox.seed[PINNED]
+    big = sandbox.seed[BIG]
+    web_blobs = [*web.manifest.layer_digests, web.manifest.config_digest]
+    big_blobs = [*big.manifest.layer_digests, big.manifest.config_digest]
+    web_size = sum(stored_size(sandbox, d) for d in web_blobs if d is not None)
+    # Room for the big image and half of the small one: pulling both must evict.
+    limit = sum(stored_size(sandbox, d) for d in big_blobs if d is not None) + web_size // 2
+    cache = tmp_path / "cache"
+    env = {
+        "REGISTRY_URL": sandbox.registry_url,
+        "CACHE_DIR": str(cache),
+        "CACHE_MAX_SIZE": str(limit),
+    }
+    with proxy_process(env, tmp_path / "proxy.log") as proxy:
+        for name, attempt in (("gh_acme/web", "web"), ("gh_acme/big", "big")):
+            result = client.pull(name, tmp_path / attempt, host=proxy.host)
+            assert result.returncode == 0, result.stderr
+        kept = {path.name for path in (cache / "blobs" / "sha256").iterdir()}
+        assert {d.removeprefix("sha256:") for d in big.manifest.layer_digests} <= kept
+        assert not {d.removeprefix("sha256:") for d in web_blobs if d is not None} <= kept
+        assert sum(path.stat().st_size for path in (cache / "blobs" / "sha256").iterdir()) <= limit
+        assert metric(proxy, "registry_proxy_cache_evictions") >= 1
+        assert metric(proxy, "registry_proxy_cache_size_bytes") <= limit
+        # The evicted layers come from upstream again; the kept ones do not.
+        before = blob_gets(sandbox, big.manifest.layer_digests)
+        again = client.pull("gh_acme/big", tmp_path / "big-again", host=proxy.host)
+        assert again.returncode == 0, again.stderr
+        assert blob_gets(sandbox, big.manifest.layer_digests) == before
+        web_again = client.pull("gh_acme/web", tmp_path / "web-again", host=proxy.host)
+        assert web_again.returncode == 0, web_again.stderr

@@ -1,4 +1,4 @@
-"""The blob cache and redirect following, against an in-process upstream and storage."""
+"""The cache and redirect following, against an in-process upstream and storage."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 OTHER_DIGEST = "sha256:" + hashlib.sha256(OTHER).hexdigest()
 CORRUPT = "sha256:" + "c" * 64
 GOOD = "Bearer good-token"
+OCI = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST = b'{"schemaVersion":2,"mediaType":"%s","layers":[]}' % OCI.encode()
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 
 
 @dataclass
@@ -39,12 +42,28 @@ class Registry:
     gets: list[str] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
     storage_auth: list[str | None] = field(default_factory=list)
+    manifest_requests: list[str] = field(default_factory=list)
     slow: bool = False
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/v2/{repo:.+}/blobs/{digest}", self.blob)
+        app.router.add_route("*", "/v2/{repo:.+}/manifests/{reference}", self.manifest)
         return app
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        """Like the registry: private needs the token, OCI needs an Accept naming it."""
+        repo, reference = request.match_info["repo"], request.match_info["reference"]
+        self.manifest_requests.append(f"{request.method} {repo}@{reference}")
+        if repo == "private/app" and request.headers.get("Authorization") != GOOD:
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        bodies = {MANIFEST_DIGEST: MANIFEST, "latest": MANIFEST, CORRUPT: MANIFEST + b" "}
+        body = bodies.get(reference)
+        accepted = OCI in request.headers.getall("Accept", [])
+        if repo not in ("public/app", "private/app") or body is None or not accepted:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        headers = {"Content-Type": OCI, "Docker-Content-Digest": MANIFEST_DIGEST}
+        return web.Response(body=body, headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         repo, digest = request.match_info["repo"], request.match_info["digest"]
@@ -132,8 +151,9 @@ async def test_cold_then_warm_downloads_once(proxy_for: ProxyFor) -> None:
     assert await second.read() == DATA
     assert setup.registry.gets == [f"public/app@{DIGEST}"]
     page = await (await setup.client.get("/metrics")).text()
-    assert 'registry_proxy_cache_requests_total{outcome="hit"} 1.0' in page
-    assert 'registry_proxy_cache_requests_total{outcome="miss"} 1.0' in page
+    assert 'registry_proxy_cache_requests_total{kind="blob",outcome="hit"} 1.0' in page
+    assert 'registry_proxy_cache_requests_total{kind="blob",outcome="miss"} 1.0' in page
+    assert sample(page, "registry_proxy_cache_served_bytes_total") == len(DATA)
     assert sample(page, "registry_proxy_cache_size_bytes") == len(DATA)
 
 
@@ -152,6 +172,8 @@ async def test_range_and_head_from_the_cache(proxy_for: ProxyFor) -> None:
     assert head.headers["Content-Length"] == str(len(DATA))
     assert head.headers["Docker-Content-Digest"] == DIGEST
     assert setup.registry.gets == [f"public/app@{DIGEST}"]
+    page = await (await setup.client.get("/metrics")).text()
+    assert sample(page, "registry_proxy_cache_served_bytes_total") == 100
 
 
 async def test_a_wrong_upstream_blob_fails_the_client_and_is_not_kept(
@@ -174,6 +196,9 @@ async def test_concurrent_clients_share_one_download(proxy_for: ProxyFor) -> Non
     bodies = await asyncio.gather(*(response.read() for response in responses))
     assert all(body == DATA for body in bodies)
     assert setup.registry.gets == [f"public/app@{DIGEST}"]
+    page = await (await setup.client.get("/metrics")).text()
+    # The first client's bytes came from upstream; the nine others' from the cache.
+    assert sample(page, "registry_proxy_cache_served_bytes_total") == 9 * len(DATA)
 
 
 async def test_cached_private_layer_never_reaches_other_clients(proxy_for: ProxyFor) -> None:
@@ -219,7 +244,7 @@ async def test_least_recently_used_blobs_are_evicted(proxy_for: ProxyFor) -> Non
     await asyncio.sleep(0.1)
     assert cached_files(setup.cache_dir) == [OTHER_DIGEST.removeprefix("sha256:")]
     page = await (await setup.client.get("/metrics")).text()
-    assert sample(page, "registry_proxy_cache_evicted_blobs") == 1
+    assert sample(page, "registry_proxy_cache_evictions") == 1
 
 
 async def test_stale_temporaries_are_removed_at_start(proxy_for: ProxyFor, tmp_path: Path) -> None:
@@ -272,3 +297,89 @@ async def test_offline_a_fresh_verified_token_is_served_what_its_repository_link
     assert elsewhere.status == 503
     unsigned = await get(setup.client, "public/app", DIGEST, Authorization="Bearer a.b.c")
     assert unsigned.status == 503
+
+
+async def manifest(
+    client: Client, repo: str, reference: str, method: str = "GET", **headers: str
+) -> aiohttp.ClientResponse:
+    headers.setdefault("Accept", OCI)
+    return await client.request(method, f"/v2/{repo}/manifests/{reference}", headers=headers)
+
+
+def kept_manifests(cache_dir: Path) -> list[str]:
+    return sorted(path.name for path in (cache_dir / "manifests" / "sha256").iterdir())
+
+
+async def test_manifests_by_digest_are_kept_and_served_with_their_media_type(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    cold = await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization=GOOD)
+    assert cold.status == 200
+    assert await cold.read() == MANIFEST
+    assert kept_manifests(setup.cache_dir) == [MANIFEST_DIGEST.removeprefix("sha256:")]
+    warm = await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization=GOOD)
+    assert warm.status == 200
+    assert await warm.read() == MANIFEST
+    assert warm.headers["Content-Type"] == OCI
+    assert warm.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
+    head = await manifest(setup.client, "private/app", MANIFEST_DIGEST, "HEAD", Authorization=GOOD)
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(MANIFEST))
+    assert head.headers["Content-Type"] == OCI
+    # The first answer confirmed this client: warm GET and HEAD never went upstream.
+    assert setup.registry.manifest_requests == [f"GET private/app@{MANIFEST_DIGEST}"]
+    page = await (await setup.client.get("/metrics")).text()
+    assert 'registry_proxy_cache_requests_total{kind="manifest",outcome="hit"} 2.0' in page
+    assert 'registry_proxy_cache_requests_total{kind="manifest",outcome="miss"} 1.0' in page
+
+
+async def test_a_cached_manifest_reaches_only_clients_the_upstream_allows(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    owner = await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization=GOOD)
+    assert await owner.read() == MANIFEST
+    anonymous = await manifest(setup.client, "private/app", MANIFEST_DIGEST)
+    assert anonymous.status == 401
+    wrong = await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization="Bearer x")
+    assert wrong.status == 401
+    elsewhere = await manifest(setup.client, "unlinked/app", MANIFEST_DIGEST, Authorization=GOOD)
+    assert elsewhere.status == 404
+    # A client that does not take the kept media type gets the upstream's answer to it.
+    other_type = await manifest(
+        setup.client,
+        "private/app",
+        MANIFEST_DIGEST,
+        Authorization=GOOD,
+        Accept="application/vnd.docker.distribution.manifest.v2+json",
+    )
+    assert other_type.status == 404
+    assert (await other_type.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_manifests_by_tag_or_with_the_wrong_bytes_are_not_kept(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    by_tag = await manifest(setup.client, "public/app", "latest")
+    assert await by_tag.read() == MANIFEST
+    wrong = await manifest(setup.client, "public/app", CORRUPT)
+    assert wrong.status == 200  # relayed as the upstream said: the client checks the digest
+    assert await wrong.read() == MANIFEST + b" "
+    assert kept_manifests(setup.cache_dir) == []
+    assert list((setup.cache_dir / "tmp").iterdir()) == []
+
+
+async def test_offline_a_cached_manifest_is_served_to_clients_seen_before(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    await (await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization=GOOD)).read()
+    await setup.upstream.close()
+    offline = await manifest(setup.client, "private/app", MANIFEST_DIGEST, Authorization=GOOD)
+    assert offline.status == 200
+    assert await offline.read() == MANIFEST
+    stranger = await manifest(
+        setup.client, "private/app", MANIFEST_DIGEST, Authorization="Bearer x"
+    )
+    assert stranger.status == 503
+    assert (await stranger.json())["errors"][0]["code"] == "UNAVAILABLE"

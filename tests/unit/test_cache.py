@@ -1,4 +1,4 @@
-"""The blob cache on disk: verification, the held-back last byte, LRU eviction, sizes."""
+"""The cache on disk: verification, the held-back last byte, manifests, LRU eviction, sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from balena_registry_proxy.blobs import CONFIRMATION_SECONDS, Confirmations
-from balena_registry_proxy.cache import BlobCache, DownloadFailed, cacheable
+from balena_registry_proxy.cache import MAX_MANIFEST_BYTES, BlobCache, DownloadFailed, cacheable
 from balena_registry_proxy.config import parse_size
 
 
@@ -144,3 +144,68 @@ async def test_a_reader_arriving_after_a_failed_end_is_refused(tmp_path: Path) -
     await cache.end(download, ok=True)
     with pytest.raises(DownloadFailed):
         download.reader()
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_manifests_are_kept_with_their_media_type(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    body = b'{"schemaVersion":2}'
+    assert cache.keep_manifest(digest_of(body), OCI_MANIFEST, body)
+    assert cache.manifest(digest_of(body)) == (OCI_MANIFEST, body)
+    assert cache.lookup(digest_of(body)) is None  # a manifest is not served as a blob
+    assert cache.size == len(OCI_MANIFEST) + 1 + len(body)
+    assert cache.keep_manifest(digest_of(body), OCI_MANIFEST, body)  # again: no double count
+    assert cache.size == len(OCI_MANIFEST) + 1 + len(body)
+    reopened = BlobCache(tmp_path, 10_000)
+    reopened.open()
+    assert reopened.manifest(digest_of(body)) == (OCI_MANIFEST, body)
+    assert reopened.size == cache.size
+
+
+@pytest.mark.parametrize(
+    ("media_type", "body", "claimed"),
+    [
+        (OCI_MANIFEST, b"{}", digest_of(b"[]")),
+        ("text/plain\nX-Evil: 1", b"{}", None),
+        ("application/ünicode", b"{}", None),
+        (OCI_MANIFEST, b" " * (MAX_MANIFEST_BYTES + 1), None),
+    ],
+)
+def test_manifests_that_would_not_be_served_faithfully_are_not_kept(
+    tmp_path: Path, media_type: str, body: bytes, claimed: str | None
+) -> None:
+    cache = BlobCache(tmp_path, 100 << 20)
+    cache.open()
+    digest = claimed or digest_of(body)
+    assert not cache.keep_manifest(digest, media_type, body)
+    assert cache.manifest(digest) is None
+    assert cache.size == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_manifest_changed_on_disk_is_dropped(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    body = b'{"schemaVersion":2}'
+    cache.keep_manifest(digest_of(body), OCI_MANIFEST, body)
+    kept = tmp_path / "manifests" / "sha256" / digest_of(body).removeprefix("sha256:")
+    kept.write_bytes(kept.read_bytes().replace(b"2", b"1"))
+    assert cache.manifest(digest_of(body)) is None
+    assert not kept.exists()
+    assert cache.size == 0
+
+
+async def test_blobs_and_manifests_share_the_limit_and_the_order(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 2 * (len(OCI_MANIFEST) + 5))
+    cache.open()
+    old, new = b"old", b"new"
+    cache.keep_manifest(digest_of(old), OCI_MANIFEST, old)
+    await fill(cache, b"x" * (len(OCI_MANIFEST) + 4))
+    cache.keep_manifest(digest_of(new), OCI_MANIFEST, new)
+    assert cache.manifest(digest_of(old)) is None
+    assert cache.lookup(digest_of(b"x" * (len(OCI_MANIFEST) + 4))) is not None
+    assert cache.manifest(digest_of(new)) == (OCI_MANIFEST, new)
+    assert cache.evictions == 1

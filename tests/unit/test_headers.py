@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from balena_registry_proxy.headers import (
     HOP_BY_HOP,
+    accepts,
     client_response_headers,
     rewrite_location,
     upstream_request_headers,
@@ -103,3 +104,42 @@ UPSTREAM = "https://registry2.example.com"
 )
 def test_rewrite_location(location: str, expected: str | None) -> None:
     assert rewrite_location(location, UPSTREAM) == (expected or location)
+
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+SCHEMA2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([OCI], True),
+        ([f"{SCHEMA2}, {OCI}"], True),
+        ([SCHEMA2, f"{OCI}; q=0.5"], True),
+        ([OCI.upper()], True),
+        ([f"  {OCI}  "], True),
+        ([], False),
+        ([SCHEMA2], False),
+        (["*/*"], False),
+        (["application/*"], False),
+        ([OCI + "x"], False),
+    ],
+)
+def test_accepts_names_the_media_type_exactly(lines: list[str], expected: bool) -> None:
+    assert accepts(lines, OCI) is expected
+
+
+_ITEM = st.tuples(
+    st.sampled_from([OCI, SCHEMA2, "*/*", "application/*", "application/json"]),
+    st.sampled_from(["", ";q=0.5", "; charset=utf-8"]),
+    st.sampled_from(["", " ", "  "]),
+)
+
+
+@given(st.lists(st.lists(_ITEM, min_size=1, max_size=4), max_size=4))
+def test_accepts_exactly_when_some_line_lists_the_type(
+    lines: list[list[tuple[str, str, str]]],
+) -> None:
+    text = [",".join(f"{pad}{kind}{params}{pad}" for kind, params, pad in line) for line in lines]
+    listed = any(kind == SCHEMA2 for line in lines for kind, _, _ in line)
+    assert accepts(text, SCHEMA2) is listed
