@@ -10,6 +10,7 @@ from balena_registry_proxy.sandbox.registry import (
     AccessLogEntry,
     RegistryNotInstalledError,
     RegistrySettings,
+    S3Storage,
     find_registry_binary,
     parse_access_log,
     render_config,
@@ -36,6 +37,42 @@ def test_config_uses_token_auth_on_loopback() -> None:
     }
     assert config["storage"]["filesystem"] == {"rootdirectory": "/data"}
     assert config["storage"]["delete"] == {"enabled": False}
+
+
+def test_s3_storage_replaces_the_filesystem_and_keeps_redirects_on() -> None:
+    s3 = S3Storage(
+        endpoint="http://127.0.0.1:9000",
+        bucket="blobs",
+        region="us-east-1",
+        access_key="AKIAEXAMPLE",
+        secret_key="example-secret",
+    )
+    config = render_config(SETTINGS, storage_dir=Path("/data"), port=5555, http_secret="s", s3=s3)
+    storage = config["storage"]
+    assert "filesystem" not in storage
+    assert storage["s3"] == {
+        "accesskey": "AKIAEXAMPLE",
+        "secretkey": "example-secret",
+        "region": "us-east-1",
+        "regionendpoint": "http://127.0.0.1:9000",
+        "bucket": "blobs",
+        "secure": False,
+        "v4auth": True,
+    }
+    # Blob GETs must be answered with a redirect to the bucket, the registry's default.
+    assert "redirect" not in storage
+    assert storage["delete"] == {"enabled": False}
+    assert config["health"] == {"storagedriver": {"enabled": False}}
+    # Everything but the storage driver is the same as with the filesystem.
+    plain = render_config(SETTINGS, storage_dir=Path("/data"), port=5555, http_secret="s")
+    assert {k: v for k, v in config.items() if k != "storage"} == {
+        k: v for k, v in plain.items() if k != "storage"
+    }
+
+
+def test_s3_over_https_is_secure() -> None:
+    s3 = S3Storage("https://s3.example", "b", "eu-west-1", "k", "s")
+    assert s3.render()["secure"] is True
 
 
 def test_parse_access_log_skips_other_lines() -> None:

@@ -1,4 +1,8 @@
-"""The whole sandbox in one context manager: signing key, token service, registry, seed data."""
+"""The whole sandbox in one context manager: signing key, token service, registry, seed data.
+
+The registry keeps blobs on the local filesystem, or in an S3 bucket (``Sandbox.start(s3=...)``),
+where it answers blob requests with redirects to presigned URLs as balenaCloud's registry does.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from aiohttp import web
 
 from .catalog import Catalog, ScopeRequest, default_catalog_path, load_catalog, resolve_scope
 from .keys import SigningKey, generate_signing_key
-from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, run_registry
+from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, S3Storage, run_registry
 from .seed import SeededRelease, SeedResult, seed_registry
 from .token_service import (
     TOKEN_PATH,
@@ -115,11 +119,13 @@ class Sandbox:
         registry_binary: Path | str | None = None,
         service: str = DEFAULT_SERVICE,
         issuer: str = DEFAULT_ISSUER,
+        s3: S3Storage | None = None,
     ) -> AsyncIterator[Sandbox]:
         """Start the token service and the registry, seed every release, yield the sandbox.
 
         ``catalog_path`` defaults to the packaged ``default_catalog.yaml``. Without ``workdir``
         all state lives in a temporary directory removed on exit; a given ``workdir`` is kept.
+        With ``s3`` the registry keeps blobs in that (existing) bucket, not in ``workdir``.
         """
         catalog = load_catalog(catalog_path or default_catalog_path())
         directory = (
@@ -146,7 +152,7 @@ class Sandbox:
                 realm=token_url, service=service, issuer=issuer, root_cert_path=cert_path
             )
             registry = await stack.enter_async_context(
-                run_registry(settings, directory / "registry", binary=registry_binary)
+                run_registry(settings, directory / "registry", binary=registry_binary, s3=s3)
             )
 
             repositories = [release.repository for _, release in catalog.all_releases()]

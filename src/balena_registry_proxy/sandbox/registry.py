@@ -3,6 +3,9 @@
 The registry is configured for token auth against the sandbox token service, stores blobs on the
 local filesystem and listens on 127.0.0.1 only. Its Apache-style access log (stdout, one line per
 request) and its diagnostics (stderr) go to separate files so tests can count upstream requests.
+
+Given an :class:`S3Storage` it keeps blobs in an S3 bucket instead, and then answers blob GETs
+and HEADs with a 307 to a presigned URL on the bucket's host, as balenaCloud's registry does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ __all__ = [
     "RegistryProcess",
     "RegistrySettings",
     "RegistryStartError",
+    "S3Storage",
     "find_registry_binary",
     "parse_access_log",
     "render_config",
@@ -65,6 +69,36 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class S3Storage:
+    """An S3 bucket (AWS or any S3-compatible server) for the registry to keep blobs in.
+
+    The registry's default ``storage.redirect`` stays on, so a blob GET or HEAD answers 307 with
+    a presigned URL on ``endpoint``: what balenaCloud's registry does with its own bucket.
+    """
+
+    endpoint: str
+    """Base URL of the S3 server, e.g. ``http://127.0.0.1:9000``; addressed path-style."""
+    bucket: str
+    region: str
+    access_key: str
+    secret_key: str
+
+    def render(self) -> dict[str, Any]:
+        """The registry's ``storage.s3`` section."""
+        return {
+            "accesskey": self.access_key,
+            "secretkey": self.secret_key,
+            "region": self.region,
+            # In distribution 2.8 a regionendpoint also forces path-style addressing, which a
+            # server on an IP address needs (no bucket subdomains there).
+            "regionendpoint": self.endpoint,
+            "bucket": self.bucket,
+            "secure": self.endpoint.startswith("https://"),
+            "v4auth": True,
+        }
+
+
+@dataclass(frozen=True)
 class AccessLogEntry:
     """One request as recorded in the registry's access log."""
 
@@ -84,14 +118,22 @@ def find_registry_binary(binary: Path | str | None = None) -> Path:
 
 
 def render_config(
-    settings: RegistrySettings, *, storage_dir: Path, port: int, http_secret: str
+    settings: RegistrySettings,
+    *,
+    storage_dir: Path,
+    port: int,
+    http_secret: str,
+    s3: S3Storage | None = None,
 ) -> dict[str, Any]:
-    """Build the registry's ``config.yml`` document."""
+    """Build the registry's ``config.yml`` document: blobs in ``storage_dir``, or in ``s3``."""
+    driver = (
+        {"filesystem": {"rootdirectory": str(storage_dir)}} if s3 is None else {"s3": s3.render()}
+    )
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
         "storage": {
-            "filesystem": {"rootdirectory": str(storage_dir)},
+            **driver,
             "delete": {"enabled": False},
             # Background upload purging would only add noise to the logs of short runs.
             "maintenance": {"uploadpurging": {"enabled": False}},
@@ -105,6 +147,7 @@ def render_config(
                 "rootcertbundle": str(settings.root_cert_path),
             }
         },
+        # Off for S3 too: its probe would only add requests to the bucket's log.
         "health": {"storagedriver": {"enabled": False}},
     }
 
@@ -176,12 +219,16 @@ class RegistryProcess:
         *,
         binary: Path | str | None = None,
         startup_seconds: float = 15.0,
+        s3: S3Storage | None = None,
     ) -> RegistryProcess:
-        """Write the config into ``workdir``, start the registry and wait until it serves."""
+        """Write the config into ``workdir``, start the registry and wait until it serves.
+
+        Blobs go to ``workdir/storage``, or to the bucket of ``s3``.
+        """
         executable = find_registry_binary(binary)
         attempt = 1
         while True:
-            registry = await cls._spawn(executable, settings, workdir)
+            registry = await cls._spawn(executable, settings, workdir, s3)
             try:
                 await registry._wait_ready(startup_seconds)
             except RegistryStartError as exc:
@@ -198,10 +245,10 @@ class RegistryProcess:
 
     @classmethod
     async def _spawn(
-        cls, executable: Path, settings: RegistrySettings, workdir: Path
+        cls, executable: Path, settings: RegistrySettings, workdir: Path, s3: S3Storage | None
     ) -> RegistryProcess:
         port = free_port(_LOCALHOST)
-        config_path, access_log_path, log_path = _prepare_workdir(workdir, settings, port)
+        config_path, access_log_path, log_path = _prepare_workdir(workdir, settings, port, s3)
         with access_log_path.open("ab") as stdout, log_path.open("ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 str(executable),
@@ -211,6 +258,7 @@ class RegistryProcess:
                 stdout=stdout,
                 stderr=stderr,
                 cwd=workdir,
+                env=None if s3 is None else _without_aws_settings(os.environ),
             )
         return cls(
             process,
@@ -263,14 +311,26 @@ class RegistryProcess:
             await self._process.wait()
 
 
+def _without_aws_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less the AWS SDK's variables, which would override the rendered config.
+
+    An ``AWS_CA_BUNDLE`` alone makes the registry panic at start (its S3 client cannot load a
+    CA bundle into the registry's own HTTP transport); profiles or keys would change who signs.
+    """
+    return {name: value for name, value in environ.items() if not name.startswith("AWS_")}
+
+
 def _prepare_workdir(
-    workdir: Path, settings: RegistrySettings, port: int
+    workdir: Path, settings: RegistrySettings, port: int, s3: S3Storage | None = None
 ) -> tuple[Path, Path, Path]:
     """Create the storage directory and config; return config, access log and log paths."""
     storage_dir = workdir / "storage"
-    storage_dir.mkdir(parents=True, exist_ok=True)
+    if s3 is None:
+        storage_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
     config = render_config(
-        settings, storage_dir=storage_dir, port=port, http_secret=secrets.token_hex(16)
+        settings, storage_dir=storage_dir, port=port, http_secret=secrets.token_hex(16), s3=s3
     )
     config_path = workdir / "config.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -283,17 +343,18 @@ async def run_registry(
     workdir: Path | None = None,
     *,
     binary: Path | str | None = None,
+    s3: S3Storage | None = None,
 ) -> AsyncIterator[RegistryProcess]:
-    """Run a registry for the duration of the block.
+    """Run a registry for the duration of the block, keeping blobs in ``s3`` if given.
 
     Without ``workdir`` a temporary directory is used and removed afterwards; a given
-    ``workdir`` is left in place for inspection.
+    ``workdir`` is left in place for inspection. The bucket of ``s3`` must exist.
     """
     directory = (
         Path(tempfile.mkdtemp(prefix="balena-sandbox-registry-")) if workdir is None else workdir
     )
     try:
-        registry = await RegistryProcess.start(settings, directory, binary=binary)
+        registry = await RegistryProcess.start(settings, directory, binary=binary, s3=s3)
         try:
             yield registry
         finally:

@@ -14,16 +14,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .environment import Sandbox
+from .registry import S3Storage
 
 __all__ = ["sandbox_in_thread"]
 
 
 class _SandboxThread(threading.Thread):
-    def __init__(self, catalog_path: Path | str | None, workdir: Path | str | None) -> None:
+    def __init__(
+        self, catalog_path: Path | str | None, workdir: Path | str | None, s3: S3Storage | None
+    ) -> None:
         # Daemon: a wedged shutdown must not keep the interpreter alive forever.
         super().__init__(name="balena-sandbox", daemon=True)
         self._catalog_path = catalog_path
         self._workdir = workdir
+        self._s3 = s3
         self.ready: concurrent.futures.Future[Sandbox] = concurrent.futures.Future()
         self.failure: BaseException | None = None
         # A threading.Event can be set before the loop exists; stopping is never lost.
@@ -39,7 +43,7 @@ class _SandboxThread(threading.Thread):
                 self.ready.set_exception(exc)
 
     async def _main(self) -> None:
-        async with Sandbox.start(self._catalog_path, self._workdir) as sandbox:
+        async with Sandbox.start(self._catalog_path, self._workdir, s3=self._s3) as sandbox:
             self.ready.set_result(sandbox)
             await asyncio.to_thread(self.stop_requested.wait)
 
@@ -50,13 +54,15 @@ def sandbox_in_thread(
     workdir: Path | str | None = None,
     *,
     timeout_seconds: float = 60.0,
+    s3: S3Storage | None = None,
 ) -> Iterator[Sandbox]:
     """Start a sandbox in a background thread, yield it once seeded, stop it on exit.
 
-    Startup errors (e.g. :class:`RegistryNotInstalledError`) are re-raised in the caller;
-    so are errors during shutdown.
+    With ``s3`` the registry keeps blobs in that bucket (see :class:`Sandbox`). Startup errors
+    (e.g. :class:`RegistryNotInstalledError`) are re-raised in the caller; so are errors during
+    shutdown.
     """
-    thread = _SandboxThread(catalog_path, workdir)
+    thread = _SandboxThread(catalog_path, workdir, s3)
     thread.start()
     try:
         sandbox = thread.ready.result(timeout=timeout_seconds)
