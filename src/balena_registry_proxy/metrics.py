@@ -8,6 +8,8 @@ not share counters.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,55 +19,84 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+_Series = TypeVar("_Series", Counter, Histogram)
+
+
+class Labelled(Generic[_Series]):
+    """A labelled series whose child for given label values is looked up only once.
+
+    prometheus-client validates and hashes label values on every ``labels`` call, which costs
+    more than the increment itself; every label here takes few values, so the children are
+    kept.
+    """
+
+    def __init__(self, series: _Series) -> None:
+        """Wrap ``series``."""
+        self.labels: Callable[..., _Series] = lru_cache(maxsize=None)(series.labels)
+
+
 class Metrics:
     """The proxy's series, in a registry of their own."""
 
     def __init__(self) -> None:
         """Create every series at zero."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "registry_proxy_requests",
-            "Requests answered, by method, route kind and status class.",
-            ["method", "route", "status"],
-            registry=self.registry,
+        self.requests = Labelled(
+            Counter(
+                "registry_proxy_requests",
+                "Requests answered, by method, route kind and status class.",
+                ["method", "route", "status"],
+                registry=self.registry,
+            )
         )
         self.in_flight = Gauge(
             "registry_proxy_in_flight_requests",
             "Requests being answered right now.",
             registry=self.registry,
         )
-        self.body_bytes = Counter(
-            "registry_proxy_response_body_bytes",
-            "Response body bytes sent to clients, by route kind.",
-            ["route"],
-            registry=self.registry,
+        self.body_bytes = Labelled(
+            Counter(
+                "registry_proxy_response_body_bytes",
+                "Response body bytes sent to clients, by route kind.",
+                ["route"],
+                registry=self.registry,
+            )
         )
-        self.upstream_latency = Histogram(
-            "registry_proxy_upstream_response_seconds",
-            "Time from sending a request upstream to its response headers, by route kind.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.upstream_latency = Labelled(
+            Histogram(
+                "registry_proxy_upstream_response_seconds",
+                "Time from sending a request upstream to its response headers, by route kind.",
+                ["route"],
+                buckets=_LATENCY_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self.upstream_errors = Counter(
-            "registry_proxy_upstream_errors",
-            "Upstream exchanges that failed: unreachable, timeout, or cut mid-response.",
-            ["kind"],
-            registry=self.registry,
+        self.upstream_errors = Labelled(
+            Counter(
+                "registry_proxy_upstream_errors",
+                "Upstream exchanges that failed: unreachable, timeout, or cut mid-response.",
+                ["kind"],
+                registry=self.registry,
+            )
         )
-        self.rewrites = Counter(
-            "registry_proxy_alias_lookups",
-            "Token lookups of the requested name: aliased (rewritten), unresolved, passthrough.",
-            ["outcome"],
-            registry=self.registry,
+        self.rewrites = Labelled(
+            Counter(
+                "registry_proxy_alias_lookups",
+                "Token lookups of the requested name: aliased (rewritten), unresolved, "
+                "passthrough.",
+                ["outcome"],
+                registry=self.registry,
+            )
         )
 
-        self.cache_requests = Counter(
-            "registry_proxy_cache_requests",
-            "Blob and manifest requests the cache answered: hit (on disk), joined (download "
-            "in progress), miss (fetched from upstream and kept).",
-            ["kind", "outcome"],
-            registry=self.registry,
+        self.cache_requests = Labelled(
+            Counter(
+                "registry_proxy_cache_requests",
+                "Blob and manifest requests the cache answered: hit (on disk), joined (download "
+                "in progress), miss (fetched from upstream and kept).",
+                ["kind", "outcome"],
+                registry=self.registry,
+            )
         )
         self.cache_bytes = Counter(
             "registry_proxy_cache_fill_bytes",

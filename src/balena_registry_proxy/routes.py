@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from .errors import RegistryError, bad_request, not_an_endpoint, unsupported_method
 
@@ -82,6 +83,9 @@ def is_valid_name(name: str) -> bool:
     return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
 
 
+# Clients repeat the same few targets (a pull asks for each blob and manifest more than once):
+# parsing each once is worth a small bounded memory.
+@lru_cache(maxsize=256)
 def parse_target(target: str) -> Route:
     """Parse a raw request target (path and query, as sent) that starts with ``/v2``.
 
