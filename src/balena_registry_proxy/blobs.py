@@ -29,7 +29,7 @@ from .cache import BlobCache, Download, DownloadFailed
 from .errors import RegistryError
 from .headers import REDIRECT_STATUSES, accepts, redirect_request_headers
 from .metrics import Metrics
-from .upstream import Upstream
+from .upstream import Response, Upstream
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -44,7 +44,7 @@ async def open_following(
     method: str,
     target: str,
     headers: list[tuple[str, str]],
-) -> aiohttp.ClientResponse:
+) -> Response:
     """Send a request upstream; if it answers with a redirect, follow it once, credentials off."""
     response = await stack.enter_async_context(upstream.request(method, target, headers))
     location = response.headers.get("Location")
@@ -262,9 +262,7 @@ class CachedBlobs:
         task.add_done_callback(self._fills.discard)
         return download
 
-    async def _fill(
-        self, download: Download, stack: AsyncExitStack, response: aiohttp.ClientResponse
-    ) -> None:
+    async def _fill(self, download: Download, stack: AsyncExitStack, response: Response) -> None:
         ok = False
         try:
             async for chunk in response.content.iter_any():

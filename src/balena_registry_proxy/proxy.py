@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .realm import challenge_realm, own_realm, replace_realm, token_request_url
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
-from .upstream import Upstream
+from .upstream import Response, Upstream
 from .verification import TokenVerifier
 
 log = logging.getLogger("balena_registry_proxy")
@@ -53,6 +53,8 @@ _ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
+# Bodies up to this size are read whole and sent with their headers in one write.
+SMALL_BODY = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -226,7 +228,7 @@ class Proxy:
         request: web.Request,
         route: Route,
         plan: Plan,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
     ) -> web.StreamResponse:
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
@@ -275,19 +277,27 @@ class Proxy:
     async def _stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         headers: list[tuple[str, str]],
         prefix: bytes = b"",
     ) -> web.StreamResponse:
         """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
+        length = upstream.content_length
+        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
+        if not prefix and has_body and length is not None and length <= SMALL_BODY:
+            # Mostly there already: one write of headers and body instead of two, and an
+            # upstream failure can still be answered with an error instead of a cut.
+            body = await upstream.content.readexactly(length)
+            request[BODY_BYTES] = length
+            return _buffered(upstream.status, headers, body, upstream.reason)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
         )
         # Without a length aiohttp frames the body itself: chunked for HTTP/1.1, close for 1.0.
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+        if length is not None:
+            response.content_length = length
         await response.prepare(request)
-        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
+        if not has_body:
             return response
         sent = 0
         try:
@@ -355,13 +365,13 @@ def _proxy_host(request: web.Request) -> str:
     return host if HOST_RE.fullmatch(host) else "<proxy>"
 
 
-def _buffered(status: int, headers: list[tuple[str, str]], body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, headers=CIMultiDict(headers))
+def _buffered(
+    status: int, headers: list[tuple[str, str]], body: bytes, reason: str | None = None
+) -> web.Response:
+    return web.Response(status=status, reason=reason, body=body, headers=CIMultiDict(headers))
 
 
-async def _read_small(
-    upstream: aiohttp.ClientResponse, limit: int = MAX_REWRITTEN_BODY
-) -> tuple[bytes, bool]:
+async def _read_small(upstream: Response, limit: int = MAX_REWRITTEN_BODY) -> tuple[bytes, bool]:
     """Up to ``limit`` bytes of the body, and whether that is all of it."""
     length = upstream.content_length
     if length is not None and length > limit:

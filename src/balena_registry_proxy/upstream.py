@@ -1,30 +1,40 @@
-"""The upstream registry: one pooled HTTP client session for the proxy's lifetime.
+"""The upstream registry, and the hosts it redirects to: pooled HTTP connections.
 
 This is the only module that talks to the upstream. It never decompresses (the bytes a client
-receives must hash to the digest it asked for), never follows redirects (a blob redirect to
-storage is the client's to follow, without the proxy's involvement) and has no total timeout (a
-multi-GiB layer may take as long as it takes while bytes keep arriving).
+receives must hash to the digest it asked for), never follows redirects by itself (whether a
+blob redirect to storage is followed is the caller's decision, see ``blobs.py``) and has no
+total timeout (a multi-GiB layer may take as long as it takes while bytes keep arriving).
+The HTTP work is done by ``httpclient.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+from urllib.parse import urlsplit
 
 import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
 
 from . import __version__
+from .httpclient import ConnectionPool, Response
+
+__all__ = ["READ_BUFFER", "USER_AGENT", "Response", "Upstream"]
 
 USER_AGENT = f"balena-registry-proxy/{__version__}"
+# A connection stops reading once it holds twice this unread: small enough for many slow
+# clients on a small device, large enough for few wake-ups.
 READ_BUFFER = 64 * 1024
+# Hosts besides the upstream (storage and token hosts that redirects name) kept connected.
+_OTHER_ORIGINS = 16
+
+Origin = tuple[str, str, int]
 
 
 class Upstream:
-    """A keep-alive connection pool to one upstream registry."""
+    """Keep-alive connection pools to one upstream registry and the hosts it names."""
 
     def __init__(
         self,
@@ -33,76 +43,145 @@ class Upstream:
         connect_timeout: float,
         first_byte_timeout: float,
         read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """Prepare a client for ``base_url`` (``scheme://host[:port]``); call ``start`` next.
 
         ``first_byte_timeout`` bounds the wait for response headers; ``read_timeout`` any
         silence after that, so a multi-GiB layer takes as long as it takes while bytes flow.
+        ``ssl_context`` replaces the system's trust for HTTPS (tests use it for their own CA).
         """
         self.base_url = base_url.rstrip("/")
-        self._first_byte_timeout = first_byte_timeout
+        self._origin = _origin(self.base_url)
         self._connect_timeout = connect_timeout
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self._first_byte_timeout = first_byte_timeout
+        self._read_timeout = read_timeout
+        self._ssl_context = ssl_context
+        self._pools: OrderedDict[Origin, ConnectionPool] = OrderedDict()
+        self._started = False
         self.last_answer: float | None = None
         """``time.monotonic()`` of the last answer from upstream that was not a 5xx."""
 
     async def start(self) -> None:
-        """Open the connection pool."""
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            # The client's own headers are relayed; aiohttp must not add or replace any.
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Per connection aiohttp buffers up to twice this before it stops reading: small
-            # enough for many slow clients on a small device, large enough for few wake-ups.
-            read_bufsize=READ_BUFFER,
-        )
+        """Be ready to send requests (connections open on first use)."""
+        self._started = True
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._started = False
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     def request(
         self, method: str, target: str, headers: Iterable[tuple[str, str]]
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    ) -> AbstractAsyncContextManager[Response]:
         """Send ``method target`` upstream and yield the response, body unread.
 
         Leaving the context releases the connection: back to the pool when the body was read to
         the end, closed when it was not (a client that went away mid-blob).
         """
-        return self._send(method, URL(self.base_url + target, encoded=True), headers)
+        return self._send(self._origin, method, target, headers, registry=True)
 
     def fetch(
         self, url: str, headers: Iterable[tuple[str, str]]
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    ) -> AbstractAsyncContextManager[Response]:
         """GET an absolute ``url`` (a blob redirect's target), like ``request`` otherwise."""
-        return self._send("GET", URL(url, encoded=True), headers)
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return self._send(_origin(url), "GET", target, headers, registry=False)
 
-    @asynccontextmanager
-    async def _send(
-        self, method: str, url: URL, headers: Iterable[tuple[str, str]]
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        if self._session is None:
+    def _send(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        registry: bool,
+    ) -> _Exchange:
+        if not self._started:
             raise RuntimeError("Upstream.start() was not called")
-        header_map = CIMultiDict(headers)
-        header_map.setdefault("User-Agent", USER_AGENT)
-        # The first-byte clock starts once connected: aiohttp bounds connecting by itself.
-        async with asyncio.timeout(self._connect_timeout + self._first_byte_timeout):
-            response = await self._session.request(
-                method, url, headers=header_map, allow_redirects=False
+        sent = list(headers)
+        if not any(name.lower() == "user-agent" for name, _ in sent):
+            sent.append(("User-Agent", USER_AGENT))
+        return _Exchange(self, self._pool(origin), method, target, sent, registry)
+
+    def _pool(self, origin: Origin) -> ConnectionPool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            scheme, host, port = origin
+            pool = ConnectionPool(
+                scheme,
+                host,
+                port,
+                connect_timeout=self._connect_timeout,
+                # Silence before the answer counts against the read timeout too.
+                answer_timeout=min(self._first_byte_timeout, self._read_timeout),
+                read_buffer=READ_BUFFER,
+                read_timeout=self._read_timeout,
+                ssl_context=self._ssl_context,
             )
-        if response.status < 500:
-            self.last_answer = time.monotonic()
+            self._pools[origin] = pool
+            if len(self._pools) > _OTHER_ORIGINS + 1:
+                # The least recently used other host goes; the registry's own pool stays.
+                for old in self._pools:
+                    if old != self._origin:
+                        self._pools.pop(old).close()
+                        break
+        self._pools.move_to_end(origin)
+        return pool
+
+
+class _Exchange(AbstractAsyncContextManager[Response]):
+    """One request and its answer; leaving releases the connection.
+
+    A class rather than a generator-based context manager: this runs for every request, and
+    generator machinery costs more than the rest of the exchange's bookkeeping.
+    """
+
+    __slots__ = ("_headers", "_method", "_pool", "_registry", "_response", "_target", "_upstream")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        pool: ConnectionPool,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        registry: bool,
+    ) -> None:
+        self._upstream = upstream
+        self._pool = pool
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._registry = registry
+        self._response: Response | None = None
+
+    async def __aenter__(self) -> Response:
         try:
-            yield response
-        finally:
-            # Back to the pool when the body was read to the end, else the connection closes.
-            response.release()
+            response = await self._pool.request(self._method, self._target, self._headers)
+        except ValueError:
+            raise aiohttp.InvalidURL(self._target) from None
+        if self._registry and response.status < 500:
+            self._upstream.last_answer = time.monotonic()
+        self._response = response
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Back to the pool when the body was read to the end, else the connection closes.
+        if self._response is not None:
+            self._response.release()
+
+
+def _origin(url: str) -> Origin:
+    """``(scheme, host, port)`` of an http(s) URL; ``aiohttp.InvalidURL`` for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise aiohttp.InvalidURL(url) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise aiohttp.InvalidURL(url)
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)

@@ -1,0 +1,451 @@
+"""A lean HTTP/1.1 client for the upstream registry: keep-alive connections, streamed bodies.
+
+Most of what a proxy does is small requests (manifests, HEADs, token pings), and for those a
+general-purpose client's per-request machinery (request and response objects, tracing hooks,
+cookie and redirect handling, timers) cost more CPU than everything else the proxy does, the
+HTTP server included. This client does only what the proxy needs: GET and HEAD without a
+body, to one origin, over pooled keep-alive connections. Responses are parsed by httptools
+(llhttp, the parser of Node.js and aiohttp), never by hand. Bodies are streamed with flow
+control: a connection stops reading once it holds ``2 * read_buffer`` unread bytes, so a slow
+client of a multi-GiB layer costs at most that much memory.
+
+Errors are aiohttp's client exception types, so callers handle one family whatever answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict
+
+__all__ = ["Body", "ConnectionPool", "Response"]
+
+_IDLE_SECONDS = 30.0
+_HEADER_CHARSET = ("utf-8", "surrogateescape")
+
+
+class Body:
+    """A response body as it arrives: a bounded buffer between a connection and its reader."""
+
+    def __init__(self, transport: asyncio.Transport, read_buffer: int, read_timeout: float):
+        """Buffer what ``transport`` delivers, pausing it above ``2 * read_buffer`` bytes.
+
+        A reader waiting longer than ``read_timeout`` for the next bytes gets ``TimeoutError``;
+        time during which the connection is paused because the reader is behind is not
+        silence.
+        """
+        self._transport = transport
+        self._low = read_buffer
+        self._high = 2 * read_buffer
+        self._read_timeout = read_timeout
+        self._loop = asyncio.get_running_loop()
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._paused = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._last_data = self._loop.time()
+        # One timer per body, re-armed when it fires, instead of one per wait: a GiB arrives in
+        # some ten thousand chunks, and arming and cancelling a timer for each showed up.
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def at_eof(self) -> bool:
+        """Whether every byte of the body has been read."""
+        return self._done and not self._chunks
+
+    def feed(self, chunk: bytes) -> None:
+        """Called by the connection with the next bytes of the body."""
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._last_data = self._loop.time()
+        if self._size > self._high and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Called by the connection when the body ended, well or (with ``error``) badly."""
+        if not self._done:
+            self._done = True
+            self._error = error
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._wake()
+
+    def discard(self) -> None:
+        """Drop what is buffered: nobody will read it (the connection is being closed)."""
+        self._chunks.clear()
+        self._size = 0
+        self.finish(aiohttp.ClientPayloadError("the body was abandoned"))
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _check_silence(self) -> None:
+        silent = self._loop.time() - self._last_data
+        if self._paused or silent < self._read_timeout:
+            wait = self._read_timeout if self._paused else self._read_timeout - silent
+            self._timer = self._loop.call_later(wait, self._check_silence)
+            return
+        self._timer = None
+        self.finish(TimeoutError(f"upstream silent for {self._read_timeout:g} s mid-body"))
+
+    async def readany(self) -> bytes:
+        """The next bytes available (waiting for some if none are), or ``b""`` at the end."""
+        while not self._chunks:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            if self._timer is None:
+                wait = self._read_timeout - (self._loop.time() - self._last_data)
+                self._timer = self._loop.call_later(max(0.0, wait), self._check_silence)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if len(self._chunks) == 1:
+            chunk = self._chunks.popleft()
+        else:
+            # Several chunks waiting: one write to the client instead of several.
+            chunk = b"".join(self._chunks)
+            self._chunks.clear()
+        self._size -= len(chunk)
+        if self._paused and self._size <= self._low:
+            self._paused = False
+            self._last_data = self._loop.time()
+            self._transport.resume_reading()
+        return chunk
+
+    async def readexactly(self, count: int) -> bytes:
+        """Exactly ``count`` bytes; ``aiohttp.ClientPayloadError`` if the body ends first."""
+        parts = bytearray()
+        while len(parts) < count:
+            chunk = await self.readany()
+            if not chunk:
+                raise aiohttp.ClientPayloadError(f"the body ended after {len(parts)} bytes")
+            wanted = count - len(parts)
+            if len(chunk) > wanted:
+                self._chunks.appendleft(chunk[wanted:])
+                self._size += len(chunk) - wanted
+                chunk = chunk[:wanted]
+            parts += chunk
+        return bytes(parts)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """Every chunk of the body, as it arrives."""
+        while chunk := await self.readany():
+            yield chunk
+
+
+class Response:
+    """Status, headers and the streamed body of one upstream answer."""
+
+    def __init__(
+        self,
+        connection: _Connection,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        content: Body,
+    ) -> None:
+        """Wrap what ``connection`` parsed; ``release`` hands the connection back."""
+        self._connection = connection
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    def release(self) -> None:
+        """Back to the pool if the body was read to the end, else close the connection."""
+        self._connection.release(self.content.at_eof)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head = False
+        self._headers: list[tuple[str, str]] = []
+        self._reason = ""
+        self._answer: asyncio.Future[Response] | None = None
+        self._body: Body | None = None
+        self._complete = False
+        self._reusable = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport to write requests to."""
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    @property
+    def open(self) -> bool:
+        """Whether another request may be sent on this connection."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, request: bytes, head: bool) -> asyncio.Future[Response]:
+        """Write ``request``; the future resolves once the answer's headers arrived."""
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = head
+        self._headers = []
+        self._reason = ""
+        self._body = None
+        self._complete = False
+        self._reusable = False
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self._answer
+
+    def data_received(self, data: bytes) -> None:
+        """Parse what arrived; a malformed answer fails the request and the connection."""
+        if self._parser is None:
+            self._fail(aiohttp.ClientPayloadError("upstream sent bytes nobody asked for"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(aiohttp.ClientPayloadError(f"malformed upstream answer: {error}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail whatever waits on the connection, unless it had finished."""
+        self.transport = None
+        self._pool.forget(self)
+        answer, body = self._answer, self._body
+        # Nothing must point back here once closed: a reference cycle would keep a closed
+        # connection's buffers alive until the next garbage collection.
+        self._answer = self._body = self._parser = None
+        if answer is not None and not answer.done():
+            answer.set_exception(aiohttp.ServerDisconnectedError("upstream closed the connection"))
+        elif body is not None and not self._complete:
+            if self._until_close():
+                self._complete = True
+                body.finish()
+            else:
+                body.finish(aiohttp.ClientPayloadError("upstream closed mid-body"))
+
+    def _until_close(self) -> bool:
+        """Whether the body has neither a length nor chunks, so it ends when the stream does."""
+        names = {name.lower() for name, _ in self._headers}
+        return "content-length" not in names and "transfer-encoding" not in names
+
+    def _fail(self, error: Exception) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(error)
+        elif self._body is not None and not self._complete:
+            self._body.finish(error)
+        self._close()
+
+    def _close(self) -> None:
+        if self._body is not None and not self._complete:
+            self._body.discard()
+        self._answer = self._body = self._parser = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # httptools callbacks.
+
+    def on_status(self, reason: bytes) -> None:
+        """The reason phrase of the status line."""
+        self._reason += reason.decode(*_HEADER_CHARSET)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header line."""
+        self._headers.append((name.decode(*_HEADER_CHARSET), value.decode(*_HEADER_CHARSET)))
+
+    def on_headers_complete(self) -> None:
+        """Hand the response to the waiting request (interim 1xx answers are skipped)."""
+        assert self._parser is not None
+        assert self.transport is not None
+        status = self._parser.get_status_code()
+        if status < 200:
+            self._headers, self._reason = [], ""
+            return
+        body = Body(self.transport, self._pool.read_buffer, self._pool.read_timeout)
+        self._body = body
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_result(Response(self, status, self._reason, headers, body))
+        if self._head:
+            # llhttp cannot know that a HEAD answer carries no body: end it here, and let a
+            # fresh parser read the next answer.
+            self._reusable = self._parser.should_keep_alive()
+            self._parser = None
+            self._complete = True
+            body.finish()
+
+    def on_body(self, chunk: bytes) -> None:
+        """The next bytes of the body."""
+        if self._body is not None:
+            self._body.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        """The answer ended: the connection may carry the next request."""
+        if self._parser is None or self._body is None:
+            return  # an interim answer
+        self._reusable = self._parser.should_keep_alive()
+        self._complete = True
+        self._body.finish()
+
+    def release(self, read_to_end: bool) -> None:
+        """Pool the connection if its answer was read to the end, else close it."""
+        if read_to_end and self._complete and self._reusable and self.open:
+            self._body = self._parser = None
+            self._pool.give_back(self)
+        else:
+            self._close()
+
+
+class ConnectionPool:
+    """Keep-alive connections to one origin, reused most recent first."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        answer_timeout: float,
+        read_buffer: int,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Connections to ``scheme://host:port`` (TLS for https, with ``ssl_context``).
+
+        ``answer_timeout`` bounds the wait for an answer's headers once connected (then
+        ``TimeoutError``), ``read_timeout`` any silence while a body is read.
+        """
+        self._host = host
+        self._port = port
+        self._connect_timeout = connect_timeout
+        self._answer_timeout = answer_timeout
+        self._ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
+        default_port = 443 if scheme == "https" else 80
+        authority = host if port == default_port else f"{host}:{port}"
+        if ":" in host:
+            authority = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+        self._host_line = f"Host: {authority}\r\n".encode()
+        self.read_buffer = read_buffer
+        self.read_timeout = read_timeout
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def request(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]]
+    ) -> Response:
+        """Send ``method target`` with ``headers``; return once the answer's headers arrived.
+
+        A pooled connection the upstream closed while it sat idle is detected when the request
+        fails before any answer; the request (GET or HEAD: safe to repeat) is then sent once
+        more on a new connection.
+        """
+        request = _serialize(method, target, headers, self._host_line)
+        head = method == "HEAD"
+        connection = self._pooled()
+        if connection is not None:
+            try:
+                return await self._send(connection, request, head)
+            except aiohttp.ServerDisconnectedError:
+                pass
+        return await self._send(await self._connect(), request, head)
+
+    async def _send(self, connection: _Connection, request: bytes, head: bool) -> Response:
+        try:
+            async with asyncio.timeout(self._answer_timeout):
+                return await connection.send(request, head)
+        except BaseException:
+            # Cancelled or failed before the answer: the connection's state is unknown.
+            connection.release(read_to_end=False)
+            raise
+
+    def _pooled(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.open and now - connection.idle_since < _IDLE_SECONDS:
+                return connection
+            connection.release(read_to_end=False)
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, connection = await loop.create_connection(
+                    lambda: _Connection(self),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError("connecting to the upstream timed out") from None
+        except ssl.SSLError as error:
+            raise aiohttp.ClientConnectionError(f"TLS with the upstream failed: {error}") from None
+        except OSError as error:
+            raise aiohttp.ClientConnectionError(
+                f"cannot connect to the upstream: {error.strerror or error}"
+            ) from None
+        # uvloop may call connection_made only after create_connection has returned.
+        connection.transport = transport
+        return connection
+
+    def forget(self, connection: _Connection) -> None:
+        """Drop ``connection`` from the idle ones (the upstream closed it)."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    def give_back(self, connection: _Connection) -> None:
+        """Keep ``connection`` for the next request (called by ``Response.release``)."""
+        if self._closed:
+            connection.release(read_to_end=False)
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use close when released."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().release(read_to_end=False)
+
+
+def _serialize(
+    method: str, target: str, headers: Iterable[tuple[str, str]], host_line: bytes
+) -> bytes:
+    """The request head; a CR or LF in any part would split it, so it is refused."""
+    lines = [f"{name}: {value}" for name, value in headers]
+    block = "\r\n".join(lines)
+    if (
+        block.count("\n") != max(0, len(lines) - 1)
+        or block.count("\r") != max(0, len(lines) - 1)
+        or any(c in target for c in " \r\n")
+        or not method.isalpha()
+    ):
+        raise ValueError("a request line or header would contain a line break")
+    head = f"{method} {target} HTTP/1.1\r\n".encode(*_HEADER_CHARSET) + host_line
+    if lines:
+        head += block.encode(*_HEADER_CHARSET) + b"\r\n"
+    return head + b"\r\n"
