@@ -190,6 +190,8 @@ class _Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._complete = False
         self._reusable = False
+        self._keep_alive = False
+        self._remaining = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport to write requests to."""
@@ -211,19 +213,43 @@ class _Connection(asyncio.Protocol):
         self._body = None
         self._complete = False
         self._reusable = False
+        self._remaining = 0
         self._answer = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self._answer
 
     def data_received(self, data: bytes) -> None:
         """Parse what arrived; a malformed answer fails the request and the connection."""
-        if self._parser is None:
+        if self._parser is None or self._complete:
             self._fail(aiohttp.ClientPayloadError("upstream sent bytes nobody asked for"))
+            return
+        if self._remaining:
+            self._take_body(data)
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
             self._fail(aiohttp.ClientPayloadError(f"malformed upstream answer: {error}"))
+
+    def _take_body(self, data: bytes) -> None:
+        """Body bytes framed by Content-Length, handed over as they are.
+
+        Once the headers are parsed, a body of known length needs no parser: skipping it saves
+        a copy and a callback for each chunk of a multi-GiB layer.
+        """
+        assert self._body is not None
+        remaining = self._remaining
+        if len(data) < remaining:
+            self._remaining -= len(data)
+            self._body.feed(data)
+            return
+        self._body.feed(data if len(data) == remaining else data[:remaining])
+        self._remaining = 0
+        self._complete = True
+        self._reusable = self._keep_alive and len(data) == remaining
+        self._body.finish()
+        if len(data) > remaining:
+            self._close()  # more than the answer: nothing a later request could trust
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail whatever waits on the connection, unless it had finished."""
@@ -263,6 +289,11 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks.
 
+    def on_message_begin(self) -> None:
+        """A new answer starts: only one was asked for."""
+        if self._complete:
+            raise aiohttp.ClientPayloadError("upstream sent an answer nobody asked for")
+
     def on_status(self, reason: bytes) -> None:
         """The reason phrase of the status line."""
         self._reason += reason.decode(*_HEADER_CHARSET)
@@ -292,16 +323,25 @@ class _Connection(asyncio.Protocol):
             self._parser = None
             self._complete = True
             body.finish()
+        elif status not in (204, 304) and "Transfer-Encoding" not in headers:
+            # llhttp has checked the length (one, a number); the parser reads what arrived
+            # with the headers, data_received takes the rest.
+            length = headers.get("Content-Length")
+            self._remaining = int(length) if length else 0
+            self._keep_alive = self._parser.should_keep_alive()
 
     def on_body(self, chunk: bytes) -> None:
         """The next bytes of the body."""
-        if self._body is not None:
+        if self._body is not None and not self._complete:
+            if self._remaining:
+                self._remaining -= len(chunk)
             self._body.feed(chunk)
 
     def on_message_complete(self) -> None:
         """The answer ended: the connection may carry the next request."""
         if self._parser is None or self._body is None:
             return  # an interim answer
+        self._remaining = 0
         self._reusable = self._parser.should_keep_alive()
         self._complete = True
         self._body.finish()

@@ -378,3 +378,25 @@ async def test_upstream_keeps_few_other_hosts_and_always_the_registry() -> None:
             assert await answer.content.readexactly(5) == b"hello"
         await upstream.close()
     assert registry.connections == 1
+
+
+@pytest.mark.parametrize("apart", [False, True])
+async def test_bytes_beyond_the_answer_close_the_connection(apart: bool) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader, holder[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        await writer.drain()
+        if apart:
+            await asyncio.sleep(0.1)  # the rest of the body comes in a read of its own
+        writer.write(b"56789HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+        await writer.drain()
+        await reader.read()
+
+    holder: list[Server] = []
+    async with scripted(handle) as server:
+        holder.append(server)
+        pool = pool_for(server)
+        assert await body_of(await pool.request("GET", "/", [])) == b"0123456789"
+        await asyncio.sleep(0.1)
+        assert await body_of(await pool.request("GET", "/", [])) == b"0123456789"
+    assert server.connections == 2
