@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from balena_registry_proxy.sandbox import Sandbox
+from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 
 from .conftest import RunningProxy, Skopeo, proxy_process
 from .test_pull import ALICE, BIG, MULTI, PINNED, SECRET_PINNED
@@ -220,3 +220,30 @@ def test_least_recently_used_layers_are_evicted_under_a_small_limit(
         assert blob_gets(sandbox, big.manifest.layer_digests) == before
         web_again = client.pull("gh_acme/web", tmp_path / "web-again", host=proxy.host)
         assert web_again.returncode == 0, web_again.stderr
+
+
+def test_a_corrupted_upstream_layer_fails_the_pull_and_is_not_kept(
+    client: Skopeo, registry_binary: Path, tmp_path: Path
+) -> None:
+    # A registry of its own: its storage is damaged on purpose.
+    with sandbox_in_thread() as damaged:
+        layer = damaged.seed[PINNED].manifest.layer_digests[0]
+        hex_digest = layer.removeprefix("sha256:")
+        stored = (
+            (damaged.registry.storage_dir / "docker" / "registry" / "v2" / "blobs" / "sha256")
+            / hex_digest[:2]
+            / hex_digest
+            / "data"
+        )
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, other bytes: the registry serves it as is
+        stored.write_bytes(bytes(data))
+        cache = tmp_path / "cache"
+        env = {"REGISTRY_URL": damaged.registry_url, "CACHE_DIR": str(cache)}
+        with proxy_process(env, tmp_path / "proxy.log") as proxy:
+            result = client.pull("gh_acme/web", tmp_path / "pulled", host=proxy.host)
+            assert result.returncode != 0
+            assert not (cache / "blobs" / "sha256" / hex_digest).exists()
+            assert list((cache / "tmp").iterdir()) == []
+            assert not (tmp_path / "pulled" / hex_digest).exists()
+        assert "did not verify" in (tmp_path / "proxy.log").read_text()
