@@ -10,7 +10,6 @@ import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,9 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import measure, profile, report
-from bench.procs import RssSampler, status_kib
-from bench.stack import MANIFEST_TYPE, REGISTRY_BINARY, Stack, Target, request
+from bench import blobcache, measure, profile, report
+from bench.procs import RssSampler, log, status_kib
+from bench.stack import CACHE_PROXY, MANIFEST_TYPE, REGISTRY_BINARY, Stack, Target, request
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -44,15 +43,14 @@ class Settings:
     seconds: int
     warmup_seconds: int
     profile_seconds: int
+    # Rounds of the blob cache's single-stream runs, which its goals are about: a warm 256 MiB
+    # download takes a tenth of a second, so more rounds cost little and steady the medians.
+    # Its parallel runs repeat ``rounds`` times, as the other blob runs do.
+    cache_rounds: int
 
 
-QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4)
-FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8)
-
-
-def log(message: str) -> None:
-    """Progress on stderr."""
-    print(message, file=sys.stderr, flush=True)
+QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4, 3)
+FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8, 3)
 
 
 def _rotated(names: Sequence[str], by: int) -> list[str]:
@@ -204,15 +202,26 @@ def manifest_runs(stack: Stack, settings: Settings, script: Path) -> list[dict[s
 
 
 def profile_runs(stack: Stack, settings: Settings, script: Path, out_dir: Path) -> dict[str, Any]:
-    """py-spy on the proxy during a manifest ``wrk`` run and an N-stream blob run."""
+    """py-spy on the proxy during a manifest ``wrk`` run and N-stream blob runs, and on the
+    caching proxy during N-stream warm downloads and single-stream cold ones."""
     image = stack.image
     assert image is not None
     summaries: dict[str, Any] = {}
+    streams = settings.streams
+    # workload: (target, description, concurrent downloads (0: wrk instead), cold cache)
     workloads = {
-        "manifest": ("proxy-static", "wrk c=64 on the manifest, static upstream"),
-        "blob": ("proxy", f"{settings.streams} concurrent blob downloads, registry upstream"),
+        "manifest": ("proxy-static", "wrk c=64 on the manifest, static upstream", 0, False),
+        "blob": (
+            "proxy",
+            f"{streams} concurrent blob downloads, registry upstream",
+            streams,
+            False,
+        ),
+        "blob-cache-warm": (CACHE_PROXY, f"{streams} concurrent downloads, warm", streams, False),
+        "blob-cache-cold": (CACHE_PROXY, "one download at a time, cold cache", 1, True),
     }
-    for workload, (name, description) in workloads.items():
+    kept = blobcache.cached_file(stack, image.big.digest)
+    for workload, (name, description, downloads, cold) in workloads.items():
         target = stack.targets[name]
         pid = stack.services[name].pid
         entry: dict[str, Any] = {"proxy": name, "workload": description}
@@ -220,7 +229,11 @@ def profile_runs(stack: Stack, settings: Settings, script: Path, out_dir: Path) 
             out = out_dir / f"profile-{workload}.{suffix}"
             log(f"  py-spy --native {fmt} of {name} during {description} -> {out}")
             with profile.recording(pid, out, fmt, native=True):
-                if workload == "manifest":
+                if downloads:
+                    _repeat_downloads(
+                        stack, settings, target, downloads, kept=kept if cold else None
+                    )
+                else:
                     measure.run_wrk(
                         target.url("manifests/latest"),
                         connections=64,
@@ -228,21 +241,31 @@ def profile_runs(stack: Stack, settings: Settings, script: Path, out_dir: Path) 
                         headers=_headers(stack, MANIFEST_TYPE),
                         script=script,
                     )
-                else:
-                    # Repeat the downloads (at most 20 times) for about profile_seconds.
-                    deadline = time.monotonic() + settings.profile_seconds
-                    for _ in range(20):
-                        measure.download_parallel(
-                            target.url(f"blobs/{image.big.digest}"),
-                            _headers(stack),
-                            settings.streams,
-                        )
-                        if time.monotonic() > deadline:
-                            break
             entry[suffix] = str(out)
         entry["summary"] = profile.summarize(out_dir / f"profile-{workload}.txt")
         summaries[workload] = entry
     return summaries
+
+
+def _repeat_downloads(
+    stack: Stack, settings: Settings, target: Target, clients: int, *, kept: Path | None
+) -> None:
+    """``clients`` concurrent downloads of the big blob, repeated (at most 20 times) for about
+    ``profile_seconds``; with ``kept``, that cached file is deleted before each (a cold cache).
+    """
+    image = stack.image
+    assert image is not None
+    deadline = time.monotonic() + settings.profile_seconds
+    for _ in range(20):
+        if kept is not None:
+            kept.unlink()
+        # New clients each time, so the warm cache's access checks show too.
+        measure.download_each(
+            target.url(f"blobs/{image.big.digest}"),
+            [blobcache.fresh_headers(stack) for _ in range(clients)],
+        )
+        if time.monotonic() > deadline:
+            break
 
 
 def _median(values: list[float]) -> float:
@@ -362,7 +385,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Benchmark the proxy against the registry and nginx on 127.0.0.1.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="256 MiB blob, 1 round, c=1,64, 3 s (under 1 min)"
+        "--quick", action="store_true", help="256 MiB blob, 1 round, c=1,64, 3 s (about 1 min)"
     )
     parser.add_argument("--profile", action="store_true", help="also py-spy the proxy")
     parser.add_argument(
@@ -372,6 +395,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chart", type=Path, help="PNG chart path (default: results/chart.png, or --out as .png)"
     )
     parser.add_argument("--rounds", type=int, help="override rounds")
+    parser.add_argument(
+        "--cache-rounds", type=int, help="override the blob cache's single-stream rounds"
+    )
     parser.add_argument("--seconds", type=int, help="override wrk duration per run")
     parser.add_argument("--blob-mib", type=int, help="override the big blob's size")
     parser.add_argument(
@@ -385,6 +411,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     values = asdict(base)
     if args.rounds:
         values["rounds"] = args.rounds
+    if args.cache_rounds:
+        values["cache_rounds"] = args.cache_rounds
     if args.seconds:
         values["seconds"] = args.seconds
     if args.blob_mib:
@@ -443,6 +471,19 @@ def _main(argv: Sequence[str] | None) -> int:
             mark = time.monotonic()
             blob = blob_runs(stack, settings)
             phases["blob"] = time.monotonic() - mark
+            log(f"blob cache ({CACHE_PROXY}): warm-up, then downloads")
+            mark = time.monotonic()
+            kept, warm_up = blobcache.warm_up(stack)
+            cache = blobcache.cache_runs(
+                stack,
+                kept,
+                single_rounds=settings.cache_rounds,
+                parallel_rounds=settings.rounds,
+                streams=settings.streams,
+            )
+            results["cache"] = {"warm_up": warm_up, "summary": blobcache.summarize(cache)}
+            results["cache"]["runs"] = cache
+            phases["cache"] = time.monotonic() - mark
             log("manifest requests (wrk)")
             mark = time.monotonic()
             manifest = manifest_runs(stack, settings, script)

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,18 @@ def download_parallel(
     url: str, headers: dict[str, str], streams: int, timeout: float = 900.0
 ) -> tuple[list[Download], float]:
     """``streams`` concurrent ``curl`` downloads; their results and the wall time of all."""
-    argv = _curl_argv(url, headers)
+    return download_each(url, [headers] * streams, timeout)
+
+
+def download_each(
+    url: str, headers: Sequence[dict[str, str]], timeout: float = 900.0
+) -> tuple[list[Download], float]:
+    """One concurrent ``curl`` download per entry of ``headers`` (each client its own
+    credentials); their results and the wall time of all."""
+    argvs = [_curl_argv(url, each) for each in headers]
     with reaped([]) as processes:
         started = time.monotonic()
-        for _ in range(streams):
+        for argv in argvs:
             processes.append(
                 subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
             )

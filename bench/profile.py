@@ -15,6 +15,10 @@ from typing import Any
 
 _FRAME_RE = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
 _TRIM = ("site-packages/", "/src/", "/lib/python3")
+# An executor's worker thread blocked on its empty work queue. With --native, py-spy counts it as
+# running; the caching proxy has one (aiohttp opens files in it), and it would otherwise take
+# most of the samples of a sendfile workload.
+_IDLE_WORKER = "_queue_SimpleQueue_get "
 
 
 def py_spy_binary() -> str:
@@ -95,11 +99,15 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
     own_file: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
+    idle = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        if _IDLE_WORKER in stack:
+            idle += count
+            continue
         frames = [_short(f) for f in stack.split(";") if f.strip()]
         frames = [f for f in frames if not f[0].startswith(("process ", "thread "))]
         if not frames:
@@ -110,7 +118,13 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         for function in {f[0] for f in frames}:
             inclusive[function] += count
     if total == 0:
-        return {"samples": 0, "self": [], "self_by_file": [], "inclusive": []}
+        return {
+            "samples": 0,
+            "idle_worker_samples": idle,
+            "self": [],
+            "self_by_file": [],
+            "inclusive": [],
+        }
     for function in [f for f, n in inclusive.items() if n >= total * 0.995]:
         del inclusive[function]
 
@@ -122,6 +136,7 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "idle_worker_samples": idle,
         "self": share(own, "function"),
         "self_by_file": share(own_file, "file"),
         "inclusive": share(inclusive, "function"),

@@ -24,6 +24,13 @@ LABELS = {
     "proxy-static-info": "proxy -> nginx static, log info",
 }
 
+CACHE_LABELS = {
+    "registry": "registry (direct)",
+    "proxy": "proxy, no cache",
+    "cache-cold": "proxy, cold cache",
+    "cache-warm": "proxy, warm cache",
+}
+
 
 def write_json(results: dict[str, Any], path: Path) -> None:
     """Write ``results`` as indented JSON."""
@@ -67,6 +74,10 @@ def table(results: dict[str, Any]) -> str:
         f"{_fmt(blob['proxy'].get('parallel_peak_rss_mib'))} MiB peak sampled during blob runs, "
         f"VmHWM {_fmt(memory.get('hwm_at_end'))} MiB at end (after c=256)"
     )
+    cache = results.get("cache")
+    if cache:
+        lines.append("")
+        lines.extend(cache_table(cache["summary"], settings))
     lines.append("")
     lines.append(
         f"Manifest GET (wrk -t1, {settings['seconds']} s per run, median of {rounds} round(s))"
@@ -117,6 +128,39 @@ def table(results: dict[str, Any]) -> str:
                 f"  {f['percent']:5.1f}%  {f['function']}" for f in summary_["inclusive"][:12]
             )
     return "\n".join(lines)
+
+
+def cache_table(summary: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The blob cache's table: per target MB/s, CPU s/GiB of the serving hop, the ratios."""
+    lines = [
+        f"Blob cache: GET of {settings['blob_mib']} MiB (curl, a new token per client; medians "
+        f"of {settings['cache_rounds']} round(s) for 1 stream, {settings['rounds']} for "
+        f"{settings['streams']}; exact CPU of the serving hop)",
+        f"{'target':28}{'MB/s':>8}{'CPU s/GiB':>11}{'vs direct':>11}{'CPU vs':>9}{'registry':>10}",
+        f"{'':28}{'':>8}{'':>11}{'':>11}{'uncached':>9}{'s/GiB':>10}",
+    ]
+    streams = settings["streams"]
+    for kind, label in (("single", "1 stream"), ("parallel", f"{streams} streams aggregate")):
+        lines.append(f"  {label}")
+        for name, row in summary[kind].items():
+            upstream = row["upstream_cpu_s_per_gib"]
+            if name == "registry":
+                upstream = row["hop_cpu_s_per_gib"]  # addressed directly, it is its own hop
+            lines.append(
+                f"    {CACHE_LABELS.get(name, name):26}{row['mb_per_s']:>8.0f}"
+                f"{row['hop_cpu_s_per_gib']:>11.3f}{row['vs_direct']:>11.2f}"
+                f"{_fmt(row['cpu_vs_uncached'], 2):>9}{_fmt(upstream, 3):>10}"
+            )
+    goals = summary["goals"]
+    lines.append(
+        f"goals, 1 stream: warm >= {goals['warm_vs_direct_goal']}x direct: "
+        f"{goals['warm_vs_direct_single']:.2f}x "
+        f"({'met' if goals['warm_vs_direct_met'] else 'not met'}); warm CPU <= "
+        f"{goals['warm_cpu_vs_uncached_goal']}x uncached: "
+        f"{_fmt(goals['warm_cpu_vs_uncached_single'], 2)}x "
+        f"({'met' if goals['warm_cpu_vs_uncached_met'] else 'not met'})"
+    )
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
