@@ -60,7 +60,7 @@ $(BENCH_STAMP): $(STAMP)
 bench-packages:
 	$(call need-packages,$(BENCH_PACKAGES),The benchmark)
 
-# The proxy against the registry and nginx on loopback: about 1 min quick, 5.5 min full.
+# The proxy against the registry and nginx on loopback: about 1 min quick, 6.5 min full.
 bench-quick: $(BENCH_STAMP) bench-packages
 	$(BIN)/python -m bench --quick
 
