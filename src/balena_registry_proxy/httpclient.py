@@ -27,7 +27,13 @@ from multidict import CIMultiDict
 
 __all__ = ["Body", "ConnectionPool", "Response"]
 
+# An idle connection is closed after this long, and at most this many are kept per host: a
+# burst of requests must not leave hundreds of connections open (the registry never closes
+# idle ones itself).
 _IDLE_SECONDS = 30.0
+_MAX_IDLE = 256
+# An answer's status line and headers may take this much; llhttp itself sets no limit.
+_MAX_HEAD_BYTES = 64 * 1024
 _HEADER_CHARSET = ("utf-8", "surrogateescape")
 
 
@@ -192,6 +198,7 @@ class _Connection(asyncio.Protocol):
         self._reusable = False
         self._keep_alive = False
         self._remaining = 0
+        self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport to write requests to."""
@@ -210,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self._head = head
         self._headers = []
         self._reason = ""
+        self._head_bytes = 0
         self._body = None
         self._complete = False
         self._reusable = False
@@ -296,11 +304,18 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase of the status line."""
+        self._count_head(len(reason))
         self._reason += reason.decode(*_HEADER_CHARSET)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """One header line."""
+        self._count_head(len(name) + len(value))
         self._headers.append((name.decode(*_HEADER_CHARSET), value.decode(*_HEADER_CHARSET)))
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise aiohttp.ClientPayloadError("the upstream's answer headers are too large")
 
     def on_headers_complete(self) -> None:
         """Hand the response to the waiting request (interim 1xx answers are skipped)."""
@@ -389,7 +404,9 @@ class ConnectionPool:
         self._host_line = f"Host: {authority}\r\n".encode()
         self.read_buffer = read_buffer
         self.read_timeout = read_timeout
-        self._idle: list[_Connection] = []
+        # Insertion-ordered: the most recently used is reused first, the oldest swept first.
+        self._idle: dict[_Connection, None] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def request(
@@ -421,10 +438,9 @@ class ConnectionPool:
             raise
 
     def _pooled(self) -> _Connection | None:
-        now = time.monotonic()
         while self._idle:
-            connection = self._idle.pop()
-            if connection.open and now - connection.idle_since < _IDLE_SECONDS:
+            connection, _ = self._idle.popitem()
+            if connection.open:
                 return connection
             connection.release(read_to_end=False)
         return None
@@ -454,22 +470,39 @@ class ConnectionPool:
 
     def forget(self, connection: _Connection) -> None:
         """Drop ``connection`` from the idle ones (the upstream closed it)."""
-        if connection in self._idle:
-            self._idle.remove(connection)
+        self._idle.pop(connection, None)
 
     def give_back(self, connection: _Connection) -> None:
         """Keep ``connection`` for the next request (called by ``Response.release``)."""
-        if self._closed:
+        if self._closed or len(self._idle) >= _MAX_IDLE:
             connection.release(read_to_end=False)
             return
         connection.idle_since = time.monotonic()
-        self._idle.append(connection)
+        self._idle[connection] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_IDLE_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for too long; come back when the next one will be."""
+        self._sweeper = None
+        now = time.monotonic()
+        while self._idle:
+            oldest = next(iter(self._idle))
+            if now - oldest.idle_since < _IDLE_SECONDS:
+                wait = oldest.idle_since + _IDLE_SECONDS - now
+                self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
+                return
+            del self._idle[oldest]
+            oldest.release(read_to_end=False)
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
-            self._idle.pop().release(read_to_end=False)
+            self._idle.popitem()[0].release(read_to_end=False)
 
 
 def _serialize(

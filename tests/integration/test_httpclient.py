@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from balena_registry_proxy import httpclient
 from balena_registry_proxy.httpclient import ConnectionPool, Response
 from balena_registry_proxy.sandbox.ports import free_port
 from balena_registry_proxy.upstream import Upstream
@@ -400,3 +401,41 @@ async def test_bytes_beyond_the_answer_close_the_connection(apart: bool) -> None
         await asyncio.sleep(0.1)
         assert await body_of(await pool.request("GET", "/", [])) == b"0123456789"
     assert server.connections == 2
+
+
+async def test_headers_beyond_the_limit_fail_the_request() -> None:
+    huge = b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"x" * (70 * 1024) + b"\r\n\r\n"
+    async with serving(answering(huge)) as server:
+        with pytest.raises(aiohttp.ClientError):
+            await pool_for(server).request("GET", "/", [])
+
+
+async def test_idle_connections_are_closed_after_a_while_and_few_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(httpclient, "_IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(httpclient, "_MAX_IDLE", 2)
+    closed: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader, holder[0])
+        await asyncio.sleep(0.1)  # long enough for all four requests to need a connection
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()  # until the client closes its side
+        closed.append(asyncio.get_running_loop().time())
+
+    holder: list[Server] = []
+    async with scripted(handle) as server:
+        holder.append(server)
+        pool = pool_for(server)
+        started = asyncio.get_running_loop().time()
+        responses = await asyncio.gather(*(pool.request("GET", "/", []) for _ in range(4)))
+        for response in responses:
+            assert await body_of(response) == b"hello"
+        await asyncio.sleep(0.05)
+        assert len(closed) == 2  # two over the limit went at once
+        await asyncio.sleep(0.6)
+        assert len(closed) == 4  # the two kept ones once idle long enough
+        assert closed[-1] - started >= 0.3
+    assert server.connections == 4
