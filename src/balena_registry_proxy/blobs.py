@@ -301,7 +301,11 @@ class CachedBlobs:
 
 
 class _CachedFile(web.FileResponse):
-    """A kept blob sent with sendfile, its bytes counted as served from the cache."""
+    """A kept blob sent with sendfile, its bytes counted as served from the cache.
+
+    They are counted here because the file goes out only after the handler has returned, when
+    the request metrics have already been counted without them.
+    """
 
     def __init__(self, path: Path, metrics: Metrics, headers: dict[str, str]) -> None:
         super().__init__(path, headers=headers)
@@ -312,6 +316,7 @@ class _CachedFile(web.FileResponse):
         writer = await super().prepare(request)
         if request.method == "GET" and self.status in (200, 206) and self.content_length:
             self._metrics.cache_served_bytes.inc(self.content_length)
+            self._metrics.body_bytes.labels("blob").inc(self.content_length)
         return writer
 
 

@@ -155,6 +155,7 @@ async def test_cold_then_warm_downloads_once(proxy_for: ProxyFor) -> None:
     assert 'registry_proxy_cache_requests_total{kind="blob",outcome="miss"} 1.0' in page
     assert sample(page, "registry_proxy_cache_served_bytes_total") == len(DATA)
     assert sample(page, "registry_proxy_cache_size_bytes") == len(DATA)
+    assert sample(page, 'registry_proxy_response_body_bytes_total{route="blob"}') == 2 * len(DATA)
 
 
 async def test_range_and_head_from_the_cache(proxy_for: ProxyFor) -> None:
