@@ -15,6 +15,7 @@ Errors are aiohttp's client exception types, so callers handle one family whatev
 from __future__ import annotations
 
 import asyncio
+import copy
 import ssl
 import time
 from collections import deque
@@ -32,7 +33,7 @@ __all__ = ["Body", "ConnectionPool", "Response"]
 # idle ones itself).
 _IDLE_SECONDS = 30.0
 _MAX_IDLE = 256
-# An answer's status line and headers may take this much; llhttp itself sets no limit.
+# An answer's status line and headers may take this much; httptools itself sets no limit.
 _MAX_HEAD_BYTES = 64 * 1024
 _HEADER_CHARSET = ("utf-8", "surrogateescape")
 
@@ -67,6 +68,11 @@ class Body:
     def at_eof(self) -> bool:
         """Whether every byte of the body has been read."""
         return self._done and not self._chunks
+
+    @property
+    def received(self) -> bool:
+        """Whether the whole body arrived (read or not) and the connection reads again."""
+        return self._done and self._error is None and not self._paused
 
     def feed(self, chunk: bytes) -> None:
         """Called by the connection with the next bytes of the body."""
@@ -112,7 +118,9 @@ class Body:
         while not self._chunks:
             if self._done:
                 if self._error is not None:
-                    raise self._error
+                    # A copy: raising the stored one would tie its traceback (and the frames'
+                    # buffers) to this body in a cycle.
+                    raise copy.copy(self._error)
                 return b""
             if self._timer is None:
                 wait = self._read_timeout - (self._loop.time() - self._last_data)
@@ -177,8 +185,11 @@ class Response:
         self.content_length = int(length) if length is not None and length.isdigit() else None
 
     def release(self) -> None:
-        """Back to the pool if the body was read to the end, else close the connection."""
-        self._connection.release(self.content.at_eof)
+        """Back to the pool if the whole body arrived, else close the connection.
+
+        An unread body that arrived whole (a redirect's, a 401's) does not cost the connection.
+        """
+        self._connection.release(self.content.received)
 
 
 class _Connection(asyncio.Protocol):
@@ -199,6 +210,9 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._remaining = 0
         self._head_bytes = 0
+        self._header_bytes = 0
+        self.answering = False
+        """Whether any byte of an answer to the current request arrived."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport to write requests to."""
@@ -218,6 +232,8 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._reason = ""
         self._head_bytes = 0
+        self._header_bytes = 0
+        self.answering = False
         self._body = None
         self._complete = False
         self._reusable = False
@@ -231,12 +247,21 @@ class _Connection(asyncio.Protocol):
         if self._parser is None or self._complete:
             self._fail(aiohttp.ClientPayloadError("upstream sent bytes nobody asked for"))
             return
+        self.answering = True
         if self._remaining:
             self._take_body(data)
             return
+        if self._body is None:
+            # Still in the head. Counted here as well as per header: httptools gathers a
+            # header line whole before handing it over, however long it grows.
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._fail(aiohttp.ClientPayloadError("the upstream's answer head is too large"))
+                return
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as error:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            # An upgrade (101) was never asked for: as malformed as any other surprise.
             self._fail(aiohttp.ClientPayloadError(f"malformed upstream answer: {error}"))
 
     def _take_body(self, data: bytes) -> None:
@@ -277,9 +302,14 @@ class _Connection(asyncio.Protocol):
                 body.finish(aiohttp.ClientPayloadError("upstream closed mid-body"))
 
     def _until_close(self) -> bool:
-        """Whether the body has neither a length nor chunks, so it ends when the stream does."""
+        """Whether the body has neither a length nor chunks, so it ends when the stream does.
+
+        A transfer coding other than chunked last (RFC 9112, 6.3) also reads until close.
+        """
         names = {name.lower() for name, _ in self._headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        codings = [v for n, v in self._headers if n.lower() == "transfer-encoding"]
+        chunked = bool(codings) and codings[-1].rsplit(",", 1)[-1].strip().lower() == "chunked"
+        return "content-length" not in names and not chunked
 
     def _fail(self, error: Exception) -> None:
         if self._answer is not None and not self._answer.done():
@@ -304,18 +334,14 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase of the status line."""
-        self._count_head(len(reason))
         self._reason += reason.decode(*_HEADER_CHARSET)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header line."""
-        self._count_head(len(name) + len(value))
+        """One header line; the lines of one answer together stay under the limit too."""
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEAD_BYTES:
+            raise aiohttp.ClientPayloadError("the upstream's answer head is too large")
         self._headers.append((name.decode(*_HEADER_CHARSET), value.decode(*_HEADER_CHARSET)))
-
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > _MAX_HEAD_BYTES:
-            raise aiohttp.ClientPayloadError("the upstream's answer headers are too large")
 
     def on_headers_complete(self) -> None:
         """Hand the response to the waiting request (interim 1xx answers are skipped)."""
@@ -333,8 +359,16 @@ class _Connection(asyncio.Protocol):
             answer.set_result(Response(self, status, self._reason, headers, body))
         if self._head:
             # llhttp cannot know that a HEAD answer carries no body: end it here, and let a
-            # fresh parser read the next answer.
-            self._reusable = self._parser.should_keep_alive()
+            # fresh parser read the next answer. Nor can its keep-alive verdict: an answer
+            # without a length would, to it, run until the connection closes.
+            tokens = {
+                token.strip().lower()
+                for name, value in self._headers
+                if name.lower() == "connection"
+                for token in value.split(",")
+            }
+            http11 = self._parser.get_http_version() == "1.1"
+            self._reusable = "close" not in tokens and (http11 or "keep-alive" in tokens)
             self._parser = None
             self._complete = True
             body.finish()
@@ -425,7 +459,8 @@ class ConnectionPool:
             try:
                 return await self._send(connection, request, head)
             except aiohttp.ServerDisconnectedError:
-                pass
+                if connection.answering:
+                    raise  # it was answering: the request may have been acted on
         return await self._send(await self._connect(), request, head)
 
     async def _send(self, connection: _Connection, request: bytes, head: bool) -> Response:

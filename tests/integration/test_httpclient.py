@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
+import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,3 +442,99 @@ async def test_idle_connections_are_closed_after_a_while_and_few_are_kept(
         assert len(closed) == 4  # the two kept ones once idle long enough
         assert closed[-1] - started >= 0.3
     assert server.connections == 4
+
+
+async def test_one_endless_header_line_fails_at_once() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Filler: ")
+        while True:
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async with scripted(endless) as server:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientError):
+            await pool_for(server, answer_timeout=3.0).request("GET", "/", [])
+        assert time.monotonic() - started < 1.0
+
+
+async def test_an_unasked_upgrade_fails_and_is_not_sent_again() -> None:
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"
+    async with serving(answering(OK, switching, OK)) as server:
+        pool = pool_for(server)
+        assert await body_of(await pool.request("GET", "/", [])) == b"hello"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await pool.request("GET", "/", [])
+    assert len(server.requests) == 2
+
+
+async def test_a_request_answered_in_part_is_not_sent_again() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader, holder[0])
+        writer.write(OK)
+        await read_request(reader, holder[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Half")
+        await writer.drain()
+
+    holder: list[Server] = []
+    async with scripted(handle) as server:
+        holder.append(server)
+        pool = pool_for(server)
+        assert await body_of(await pool.request("GET", "/", [])) == b"hello"
+        with pytest.raises(aiohttp.ClientError):
+            await pool.request("GET", "/", [])
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("coding", [b"identity", b"gzip"])
+async def test_a_transfer_coding_other_than_chunked_ends_with_the_connection(
+    coding: bytes,
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\nall of it"
+    async with serving(answering(answer, close_after=True)) as server:
+        assert await body_of(await pool_for(server).request("GET", "/", [])) == b"all of it"
+
+
+async def test_a_head_answer_without_a_length_keeps_the_connection() -> None:
+    # What a registry on S3 answers to a blob HEAD: a redirect, and no Content-Length.
+    redirect = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://s3.test/x\r\n\r\n"
+    async with serving(answering(redirect, OK)) as server:
+        pool = pool_for(server)
+        assert await body_of(await pool.request("HEAD", "/v2/r/blobs/sha256:x", [])) == b""
+        assert await body_of(await pool.request("GET", "/", [])) == b"hello"
+    assert server.connections == 1
+
+
+async def test_a_body_received_whole_but_unread_keeps_the_connection() -> None:
+    redirect = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /x\r\nContent-Length: 5\r\n\r\nmoved"
+    async with serving(answering(redirect, OK)) as server:
+        pool = pool_for(server)
+        response = await pool.request("GET", "/r", [])
+        await asyncio.sleep(0.05)  # every byte is in
+        response.release()  # as a followed redirect is left unread
+        assert await body_of(await pool.request("GET", "/", [])) == b"hello"
+    assert server.connections == 1
+
+
+async def test_a_failed_read_leaves_no_cycle_holding_its_buffers() -> None:
+    size = 4 << 20
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"m" * (3 << 20)
+    async with serving(answering(cut, close_after=True)) as server:
+        pool = pool_for(server)
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            response = await pool.request("GET", "/", [])
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.content.readexactly(size)
+            response.release()
+            del response
+            await asyncio.sleep(0.05)
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held < 1 << 20, f"{held >> 20} MiB held until the next full collection"
+        finally:
+            tracemalloc.stop()
+            gc.enable()
