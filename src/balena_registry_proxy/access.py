@@ -81,27 +81,32 @@ def find_access(entries: tuple[AccessEntry, ...], repository: str) -> Match | No
     An alias-less entry naming the repository itself is UNRESOLVED when it grants nothing (the
     balena API's answer for unknown releases and for private apps without login), else GRANTED.
     """
-    direct: AccessEntry | None = None
-    for entry in entries:
-        if entry.alias == repository:
-            if not is_valid_name(entry.name):
-                raise _invalid_alias_target(repository)
-            return Match(Verdict.ALIASED, entry.name)
-        if entry.alias is None and entry.name == repository and direct is None:
-            direct = entry
-    if direct is None:
+    entry = _entry_for(entries, repository)
+    if entry is None:
         return None
-    verdict = Verdict.GRANTED if direct.actions else Verdict.UNRESOLVED
+    if entry.alias == repository:
+        if not is_valid_name(entry.name):
+            raise _invalid_alias_target(repository)
+        return Match(Verdict.ALIASED, entry.name)
+    verdict = Verdict.GRANTED if entry.actions else Verdict.UNRESOLVED
     return Match(verdict, repository)
 
 
 def grants_pull(entries: tuple[AccessEntry, ...], repository: str) -> bool:
-    """Whether an entry for ``repository`` (by alias, or by name without one) grants pull."""
-    return any(
-        "pull" in entry.actions
-        and (entry.alias == repository or (entry.alias is None and entry.name == repository))
-        for entry in entries
-    )
+    """Whether the entry ``find_access`` goes by for ``repository`` grants pull."""
+    entry = _entry_for(entries, repository)
+    return entry is not None and "pull" in entry.actions
+
+
+def _entry_for(entries: tuple[AccessEntry, ...], repository: str) -> AccessEntry | None:
+    """The first entry aliasing ``repository``, else the first alias-less one naming it."""
+    direct: AccessEntry | None = None
+    for entry in entries:
+        if entry.alias == repository:
+            return entry
+        if entry.alias is None and entry.name == repository and direct is None:
+            direct = entry
+    return direct
 
 
 def _invalid_alias_target(repository: str) -> RegistryError:

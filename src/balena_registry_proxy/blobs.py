@@ -34,6 +34,7 @@ from .upstream import Response, Upstream
 log = logging.getLogger("balena_registry_proxy")
 
 CONFIRMATION_SECONDS = 60.0
+_CONDITIONAL = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since")
 _CONFIRMATIONS = 10_000
 Key = tuple[str, str, str]
 
@@ -133,6 +134,8 @@ class CachedBlobs:
             )
             if not confirmed:
                 return None
+            if path is not None and self.cache.lookup(digest) is None:
+                return None  # evicted while the upstream was asked: relayed instead
             self.metrics.cache_requests.labels("blob", "hit" if path else "joined").inc()
             if path is not None:
                 return _CachedFile(path, self.metrics, headers=_blob_headers(digest))
@@ -155,6 +158,8 @@ class CachedBlobs:
         Only a client whose ``Accept`` names the kept media type is answered here; anything
         else goes upstream, which decides what such a client gets.
         """
+        if any(name in request.headers for name in _CONDITIONAL):
+            return None  # the upstream knows what a conditional request gets
         kept = self.cache.manifest(digest)
         if kept is None or not accepts(request.headers.getall("Accept", []), kept[0]):
             return None
@@ -167,13 +172,29 @@ class CachedBlobs:
         return self._manifest_response(request, digest, *kept)
 
     def keep_manifest(
-        self, request: web.Request, repository: str, digest: str, media_type: str, body: bytes
+        self,
+        headers: list[tuple[str, str]],
+        repository: str,
+        digest: str,
+        content_type: str,
+        body: bytes,
     ) -> None:
-        """Keep a manifest the upstream just gave this client, if it matches its digest."""
-        if self.cache.keep_manifest(digest, media_type, body):
+        """Keep a manifest the upstream just gave the client that sent ``headers`` upstream.
+
+        Kept only if it hashes to ``digest``, under its media type without parameters.
+        """
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if self.cache.holds_manifest(digest, media_type):
+            kept = True
+        elif self.cache.keep_manifest(digest, media_type, body):
             self.metrics.cache_requests.labels("manifest", "miss").inc()
-            key = (request.headers.get("Authorization", ""), repository, digest)
-            self.confirmations.remember(key, time.monotonic())
+            kept = True
+        else:
+            kept = False
+        if kept:
+            self.confirmations.remember(
+                (_credentials(headers), repository, digest), time.monotonic()
+            )
 
     def _manifest_response(
         self, request: web.Request, digest: str, media_type: str, body: bytes
@@ -202,7 +223,7 @@ class CachedBlobs:
 
         ``kind`` is the path segment, ``blobs`` or ``manifests``.
         """
-        key = (request.headers.get("Authorization", ""), repository, digest)
+        key = (_credentials(headers), repository, digest)
         now = time.monotonic()
         if self.confirmations.fresh(key, now):
             return True
@@ -236,7 +257,7 @@ class CachedBlobs:
         if download is None:
             return None
         self.metrics.cache_requests.labels("blob", "miss").inc()
-        key = (request.headers.get("Authorization", ""), repository, digest)
+        key = (_credentials(headers), repository, digest)
         self.confirmations.remember(key, time.monotonic())
         return await self._follow(request, download, joined=False)
 
@@ -256,7 +277,13 @@ class CachedBlobs:
         if response.status != 200 or size is None:
             await stack.aclose()
             return None
-        download = self.cache.start(digest, size)
+        try:
+            download = self.cache.start(digest, size)
+        except OSError as error:
+            # A full or read-only cache disk: the blob is relayed as without a cache.
+            log.warning("cannot cache %s: %s", digest, error.strerror or error)
+            await stack.aclose()
+            return None
         task = asyncio.create_task(self._fill(download, stack, response))
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
@@ -318,6 +345,18 @@ class _CachedFile(web.FileResponse):
             self._metrics.cache_served_bytes.inc(self.content_length)
             self._metrics.body_bytes.labels("blob").inc(self.content_length)
         return writer
+
+
+def _credentials(headers: list[tuple[str, str]]) -> str:
+    """The Authorization sent upstream: what the upstream's answer was about.
+
+    Not the client's own header: a token the proxy refused is not sent, so the answer it
+    got was an anonymous client's.
+    """
+    for name, value in headers:
+        if name.lower() == "authorization":
+            return value
+    return ""
 
 
 def _blob_headers(digest: str) -> dict[str, str]:

@@ -135,6 +135,8 @@ class BlobCache:
         self._temporary = root / "tmp"
         # file -> size, least recently used first.
         self._entries: OrderedDict[Path, int] = OrderedDict()
+        # Manifest file -> media type, for those kept since start.
+        self._media_types: dict[Path, str] = {}
         self.size = 0
         self.evictions = 0
         self.downloads: dict[str, Download] = {}
@@ -184,10 +186,20 @@ class BlobCache:
             return None
         return media_type.decode("ascii"), body
 
+    def holds_manifest(self, digest: str, media_type: str) -> bool:
+        """Whether manifest ``digest`` is kept with ``media_type`` (without reading it)."""
+        path = self._manifests / digest.removeprefix("sha256:")
+        return path in self._entries and self._media_types.get(path) == media_type
+
     def keep_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
-        """Keep ``body`` as manifest ``digest`` if it hashes to it; True if kept."""
+        """Keep ``body`` as manifest ``digest`` if it hashes to it; True if kept.
+
+        ``media_type`` is the upstream's Content-Type without parameters. A disk that refuses
+        the write (full, read-only) only means the manifest is not kept.
+        """
         if (
-            len(body) > MAX_MANIFEST_BYTES
+            not media_type
+            or len(body) > MAX_MANIFEST_BYTES
             or not media_type.isascii()
             or "\n" in media_type
             or f"sha256:{hashlib.sha256(body).hexdigest()}" != digest
@@ -199,8 +211,12 @@ class BlobCache:
         try:
             temporary.write_bytes(content)
             os.replace(temporary, final)
+        except OSError as error:
+            log.warning("not caching manifest %s: %s", digest, error.strerror or error)
+            return False
         finally:
             temporary.unlink(missing_ok=True)
+        self._media_types[final] = media_type
         self.size += len(content) - self._entries.get(final, 0)
         self._entries[final] = len(content)
         self._entries.move_to_end(final)
@@ -212,16 +228,19 @@ class BlobCache:
         if path not in self._entries:
             return False
         try:
-            os.utime(path)
+            os.utime(path)  # the order survives a restart
         except FileNotFoundError:
             self._forget(path)
             return False
+        except OSError:
+            pass  # a read-only disk: still readable, only the order is not kept on disk
         self._entries.move_to_end(path)
         return True
 
     def _forget(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
         self.size -= self._entries.pop(path, 0)
+        self._media_types.pop(path, None)
+        _remove(path)
 
     def start(self, digest: str, size: int) -> Download:
         """Begin receiving ``digest``; readers find it in ``downloads`` until it ends."""
@@ -231,27 +250,62 @@ class BlobCache:
         return download
 
     async def end(self, download: Download, ok: bool) -> bool:
-        """Keep the download if ``ok`` and it verifies, else delete it; True if kept."""
+        """Keep the download if ``ok`` and it verifies, else delete it; True if kept.
+
+        Readers learn the outcome first; making the file durable before it is renamed into
+        place can take a while on a slow disk, and they have their bytes already.
+        """
         kept = ok and download.verified()
+        await download.finish(kept)
         try:
             if kept:
                 final = self.path(download.digest)
-                os.replace(download.temporary, final)
+                await asyncio.to_thread(_durable_rename, download.temporary, final)
                 self.size += download.size - self._entries.get(final, 0)
                 self._entries[final] = download.size
                 self._evict()
             else:
                 log.warning("not caching %s: the download did not verify", download.digest)
+        except OSError as error:
+            log.warning("not caching %s: %s", download.digest, error.strerror or error)
+            kept = False
         finally:
             if not kept:
-                download.temporary.unlink(missing_ok=True)
+                _remove(download.temporary)
             self.downloads.pop(download.digest, None)
-            await download.finish(kept)
         return kept
 
     def _evict(self) -> None:
         while self.size > self.max_bytes and self._entries:
             path, size = self._entries.popitem(last=False)
-            path.unlink(missing_ok=True)
             self.size -= size
+            self._media_types.pop(path, None)
             self.evictions += 1
+            _remove(path)
+
+
+def _durable_rename(temporary: Path, final: Path) -> None:
+    """Rename ``temporary`` to ``final`` once its bytes are on disk, and the rename too.
+
+    Kept blobs are not hashed again when read: after a power cut, a file renamed before its
+    bytes reached the disk could be empty under a digest it does not match.
+    """
+    _fsync(temporary, os.O_RDONLY)
+    os.replace(temporary, final)
+    _fsync(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` if it is there; a disk that refuses is logged, not raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("cannot remove %s from the cache: %s", path.name, error.strerror or error)

@@ -124,7 +124,7 @@ class Proxy:
                         self.upstream.request(request.method, plan.target, headers)
                     )
                 self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
-                return await self._relay(request, route, plan, upstream)
+                return await self._relay(request, route, plan, upstream, headers)
         except aiohttp.ConnectionTimeoutError:
             # Nothing answered at all: as unreachable as a refused connection.
             self.metrics.upstream_errors.labels("unreachable").inc()
@@ -229,7 +229,9 @@ class Proxy:
         route: Route,
         plan: Plan,
         upstream: Response,
+        sent: list[tuple[str, str]],
     ) -> web.StreamResponse:
+        """Answer the client from ``upstream``, the answer to a request with ``sent`` headers."""
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
@@ -266,10 +268,10 @@ class Proxy:
             body, complete = await _read_small(upstream, MAX_MANIFEST_BYTES)
             if not complete:
                 return await self._stream(request, upstream, headers, prefix=body)
-            media_type = upstream.headers.get("Content-Type", "")
+            content_type = upstream.headers.get("Content-Type", "")
             assert route.reference is not None
             self.blobs.keep_manifest(
-                request, _real_repository(route, plan), route.reference, media_type, body
+                sent, _real_repository(route, plan), route.reference, content_type, body
             )
             return _buffered(upstream.status, headers, body)
         return await self._stream(request, upstream, headers)

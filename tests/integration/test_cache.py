@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from balena_registry_proxy.cache import BlobCache
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.sandbox import generate_signing_key
 
@@ -44,6 +47,9 @@ class Registry:
     storage_auth: list[str | None] = field(default_factory=list)
     manifest_requests: list[str] = field(default_factory=list)
     slow: bool = False
+    slow_heads: bool = False
+    content_type: str = OCI
+    etag: str | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -62,12 +68,16 @@ class Registry:
         accepted = OCI in request.headers.getall("Accept", [])
         if repo not in ("public/app", "private/app") or body is None or not accepted:
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
-        headers = {"Content-Type": OCI, "Docker-Content-Digest": MANIFEST_DIGEST}
+        if self.etag is not None and request.headers.get("If-None-Match") == self.etag:
+            return web.Response(status=304, headers={"Etag": self.etag})
+        headers = {"Docker-Content-Digest": MANIFEST_DIGEST, "Content-Type": self.content_type}
         return web.Response(body=body, headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         repo, digest = request.match_info["repo"], request.match_info["digest"]
         (self.gets if request.method == "GET" else self.heads).append(f"{repo}@{digest}")
+        if self.slow_heads and request.method == "HEAD":
+            await asyncio.sleep(0.5)
         if repo == "private/app" and request.headers.get("Authorization") != GOOD:
             return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
         if repo == "stored/app" and request.method == "GET":
@@ -131,6 +141,15 @@ def proxy_for(
     return make
 
 
+async def settled(cache_dir: Path) -> None:
+    """Wait until no download is being written: kept files are renamed once on disk."""
+    for _ in range(100):
+        if not any(path.suffix == ".part" for path in (cache_dir / "tmp").iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the rename's bookkeeping (eviction) follows on the loop
+
+
 def cached_files(cache_dir: Path) -> list[str]:
     return sorted(path.name for path in (cache_dir / "blobs" / "sha256").iterdir())
 
@@ -145,7 +164,7 @@ async def test_cold_then_warm_downloads_once(proxy_for: ProxyFor) -> None:
     assert first.status == 200
     assert first.headers["Docker-Content-Digest"] == DIGEST
     assert await first.read() == DATA
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
     second = await get(setup.client, "public/app", DIGEST)
     assert await second.read() == DATA
@@ -161,7 +180,7 @@ async def test_cold_then_warm_downloads_once(proxy_for: ProxyFor) -> None:
 async def test_range_and_head_from_the_cache(proxy_for: ProxyFor) -> None:
     setup = await proxy_for()
     await (await get(setup.client, "public/app", DIGEST)).read()
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     ranged = await get(setup.client, "public/app", DIGEST, Range="bytes=100-199")
     assert ranged.status == 206
     assert ranged.headers["Content-Range"] == f"bytes 100-199/{len(DATA)}"
@@ -185,7 +204,7 @@ async def test_a_wrong_upstream_blob_fails_the_client_and_is_not_kept(
     assert response.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == []
     assert list((setup.cache_dir / "tmp").iterdir()) == []
 
@@ -206,7 +225,7 @@ async def test_cached_private_layer_never_reaches_other_clients(proxy_for: Proxy
     setup = await proxy_for()
     owner = await get(setup.client, "private/app", DIGEST, Authorization=GOOD)
     assert await owner.read() == DATA
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
     anonymous = await get(setup.client, "private/app", DIGEST)
     assert anonymous.status == 401
@@ -240,9 +259,9 @@ async def test_follow_redirects_without_a_cache(proxy_for: ProxyFor) -> None:
 async def test_least_recently_used_blobs_are_evicted(proxy_for: ProxyFor) -> None:
     setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
     await (await get(setup.client, "public/app", DIGEST)).read()
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     await (await get(setup.client, "public/app", OTHER_DIGEST)).read()
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == [OTHER_DIGEST.removeprefix("sha256:")]
     page = await (await setup.client.get("/metrics")).text()
     assert sample(page, "registry_proxy_cache_evictions") == 1
@@ -260,7 +279,7 @@ async def test_offline_serves_cached_blobs_only_to_clients_seen_before(
 ) -> None:
     setup = await proxy_for()
     await (await get(setup.client, "private/app", DIGEST, Authorization=GOOD)).read()
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     await setup.upstream.close()
     offline = await get(setup.client, "private/app", DIGEST, Authorization=GOOD)
     assert await offline.read() == DATA
@@ -286,7 +305,7 @@ async def test_offline_a_fresh_verified_token_is_served_what_its_repository_link
         setup.client, "public/app", DIGEST, Authorization=f"Bearer {token('public/app')}"
     )
     assert await first.read() == DATA
-    await asyncio.sleep(0.1)
+    await settled(setup.cache_dir)
     await setup.upstream.close()
     fresh = await get(
         setup.client, "public/app", DIGEST, Authorization=f"Bearer {token('public/app')}"
@@ -384,3 +403,107 @@ async def test_offline_a_cached_manifest_is_served_to_clients_seen_before(
     )
     assert stranger.status == 503
     assert (await stranger.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_a_full_cache_disk_relays_the_manifest_and_keeps_nothing(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    hex_digest = MANIFEST_DIGEST.removeprefix("sha256:")
+    (setup.cache_dir / "tmp" / f"{hex_digest}.manifest").symlink_to("/dev/full")
+    response = await manifest(setup.client, "public/app", MANIFEST_DIGEST)
+    assert response.status == 200
+    assert await response.read() == MANIFEST
+    assert kept_manifests(setup.cache_dir) == []
+
+
+async def test_a_read_only_cache_disk_still_serves_and_relays(
+    proxy_for: ProxyFor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await proxy_for()
+    assert await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read() == MANIFEST
+    assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
+    await settled(setup.cache_dir)
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    monkeypatch.setattr(BlobCache, "start", read_only)
+    assert await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read() == MANIFEST
+    assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
+    uncached = await get(setup.client, "public/app", OTHER_DIGEST)
+    assert uncached.status == 200
+    assert await uncached.read() == OTHER
+
+
+async def test_a_blob_evicted_while_its_client_is_confirmed_is_relayed(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
+    await (await get(setup.client, "public/app", DIGEST)).read()
+    await settled(setup.cache_dir)
+    setup.registry.slow_heads = True
+    newcomer = asyncio.create_task(
+        get(setup.client, "public/app", DIGEST, Authorization="Bearer n")
+    )
+    await settled(setup.cache_dir)
+    # Meanwhile another blob fills the cache and evicts the first.
+    await (await get(setup.client, "public/app", OTHER_DIGEST)).read()
+    response = await newcomer
+    assert response.status == 200
+    assert await response.read() == DATA
+
+
+async def test_a_media_type_with_parameters_is_kept_bare(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+    setup.registry.content_type = f"{OCI}; charset=utf-8"
+    for _ in range(3):
+        assert await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read()
+    page = await (await setup.client.get("/metrics")).text()
+    assert 'registry_proxy_cache_requests_total{kind="manifest",outcome="miss"} 1.0' in page
+    assert 'registry_proxy_cache_requests_total{kind="manifest",outcome="hit"} 2.0' in page
+    warm = await manifest(setup.client, "public/app", MANIFEST_DIGEST)
+    assert warm.headers["Content-Type"] == OCI
+
+
+async def test_a_manifest_already_kept_is_not_counted_again(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    docker = "application/vnd.docker.distribution.manifest.v2+json"
+    setup.registry.content_type = docker
+    # Clients whose Accept lacks the kept type go upstream each time.
+    for _ in range(3):
+        await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read()
+    page = await (await setup.client.get("/metrics")).text()
+    assert 'registry_proxy_cache_requests_total{kind="manifest",outcome="miss"} 1.0' in page
+
+
+async def test_conditional_requests_go_upstream(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    setup.registry.etag = f'"{MANIFEST_DIGEST}"'
+    await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read()
+    conditional = await manifest(
+        setup.client, "public/app", MANIFEST_DIGEST, **{"If-None-Match": setup.registry.etag}
+    )
+    assert conditional.status == 304
+
+
+async def test_offline_a_token_the_proxy_refuses_gets_nothing_from_the_cache(
+    proxy_for: ProxyFor, tmp_path: Path
+) -> None:
+    key = generate_signing_key()
+    (tmp_path / "issuer.pem").write_bytes(key.certificate_pem)
+    setup = await proxy_for(token_public_key=str(tmp_path / "issuer.pem"), token_audience="reg")
+    now = int(time.time())
+    entry = {"type": "repository", "name": "public/app", "actions": ["pull"]}
+    # Inside the verifier's leeway now, outside it two seconds later.
+    claims = {"aud": "reg", "exp": now - 29, "nbf": now - 100, "jti": uuid.uuid4().hex}
+    token = f"Bearer {key.sign({**claims, 'access': [entry]})}"
+    first = await manifest(setup.client, "public/app", MANIFEST_DIGEST, Authorization=token)
+    assert await first.read() == MANIFEST
+    await asyncio.sleep(2.5)
+    await setup.upstream.close()
+    offline = await manifest(setup.client, "public/app", MANIFEST_DIGEST, Authorization=token)
+    assert offline.status == 503

@@ -165,3 +165,16 @@ def test_grants_pull_by_alias_or_by_name_without_alias() -> None:
     assert not grants_pull(entries, "org/app/9.9.9")
     assert not grants_pull(entries, "v2/abc")  # only under its alias
     assert not grants_pull((), "org/app")
+
+
+def test_grants_pull_goes_by_the_entry_the_alias_lookup_uses() -> None:
+    # A pull grant on the name itself does not count when an alias entry for it grants nothing:
+    # the request would go to the alias's repository, which was not granted.
+    entries = (
+        AccessEntry("org/app/1.2.3", None, ("pull",)),
+        AccessEntry("v2/abc", "org/app/1.2.3", ()),
+    )
+    assert not grants_pull(entries, "org/app/1.2.3")
+    match = find_access(entries, "org/app/1.2.3")
+    assert match is not None
+    assert match.repository == "v2/abc"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,7 @@ def test_manifests_are_kept_with_their_media_type(tmp_path: Path) -> None:
     ("media_type", "body", "claimed"),
     [
         (OCI_MANIFEST, b"{}", digest_of(b"[]")),
+        ("", b"{}", None),
         ("text/plain\nX-Evil: 1", b"{}", None),
         ("application/ünicode", b"{}", None),
         (OCI_MANIFEST, b" " * (MAX_MANIFEST_BYTES + 1), None),
@@ -209,3 +211,30 @@ async def test_blobs_and_manifests_share_the_limit_and_the_order(tmp_path: Path)
     assert cache.lookup(digest_of(b"x" * (len(OCI_MANIFEST) + 4))) is not None
     assert cache.manifest(digest_of(new)) == (OCI_MANIFEST, new)
     assert cache.evictions == 1
+
+
+async def test_a_kept_blob_is_on_disk_before_it_is_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = BlobCache(tmp_path, 10_000)
+    cache.open()
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def replace(source: object, target: object) -> None:
+        events.append("rename")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert await fill(cache, b"durable")
+    final = cache.path(digest_of(b"durable"))
+    assert events == [
+        f"fsync {tmp_path / 'tmp' / (final.name + '.part')}",
+        "rename",
+        f"fsync {final.parent}",
+    ]
