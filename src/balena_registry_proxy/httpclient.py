@@ -4,7 +4,7 @@ Most of what a proxy does is small requests (manifests, HEADs, token pings), and
 general-purpose client's per-request machinery (request and response objects, tracing hooks,
 cookie and redirect handling, timers) cost more CPU than everything else the proxy does, the
 HTTP server included. This client does only what the proxy needs: GET and HEAD without a
-body, to one origin, over pooled keep-alive connections. Responses are parsed by httptools
+body, over keep-alive connections pooled per origin. Responses are parsed by httptools
 (llhttp, the parser of Node.js and aiohttp), never by hand. Bodies are streamed with flow
 control: a connection stops reading once it holds ``2 * read_buffer`` unread bytes, so a slow
 client of a multi-GiB layer costs at most that much memory.
