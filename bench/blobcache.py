@@ -91,6 +91,16 @@ def cached_file(stack: Stack, digest: str) -> Path:
     return found[0]
 
 
+def wait_until_kept(path: Path, timeout: float = 120.0) -> None:
+    """Wait for a filled blob to be renamed into the cache: the proxy flushes it to disk first,
+    after its clients have their last byte."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{CACHE_PROXY}: {path} was not kept within {timeout:g} s")
+        time.sleep(0.02)
+
+
 def warm_up(stack: Stack) -> tuple[Path, dict[str, Any]]:
     """Fill the cache with one GET of the big blob and check it: the client's bytes, the kept
     file's bytes, and a second GET served from the file all hash to the digest."""
@@ -100,6 +110,10 @@ def warm_up(stack: Stack) -> tuple[Path, dict[str, Any]]:
     expected = (image.big.digest, image.big.size)
     checks: dict[str, Any] = {}
     _checked_get(stack, url, "fill", "miss", checks)
+    name = image.big.digest.removeprefix("sha256:")
+    deadline = time.monotonic() + 120
+    while not any(stack.cache_dir.rglob(name)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # flushed to disk, then renamed into place
     path = cached_file(stack, image.big.digest)
     started = time.monotonic()
     kept = (_sha256_file(path), path.stat().st_size)
@@ -154,6 +168,8 @@ def _measure(
     for item in downloads:
         if item.status != 200 or item.size != image.big.size:
             raise RuntimeError(f"{name}: blob GET answered {item.status}, {item.size} B")
+    if name == "cache-cold":
+        wait_until_kept(kept)
     counted = _delta(counted_before, cache_outcomes(target.port)) if caching else None
     _check_outcomes(name, counted, len(clients))
     total = sum(item.size for item in downloads)

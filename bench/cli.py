@@ -264,6 +264,8 @@ def _repeat_downloads(
             target.url(f"blobs/{image.big.digest}"),
             [blobcache.fresh_headers(stack) for _ in range(clients)],
         )
+        if kept is not None:
+            blobcache.wait_until_kept(kept)
         if time.monotonic() > deadline:
             break
 
