@@ -69,6 +69,20 @@ def proxy_process(
             process.wait(30)
 
 
+def settled(cache: Path, timeout: float = 60.0) -> None:
+    """Wait until a caching proxy has kept what it downloaded.
+
+    A filled blob is flushed to disk and renamed into place just after its clients have their
+    last byte, so a pull can end a moment before its layers show in the cache folder.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(path.suffix == ".part" for path in (cache / "tmp").iterdir()):
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
+
+
 def wait_for_ping(url: str, process: subprocess.Popen[bytes], cafile: Path | None = None) -> None:
     """Wait until the proxy answers ``/ping`` at ``url`` (trusting ``cafile`` for HTTPS)."""
     context = ssl.create_default_context(cafile=str(cafile)) if cafile else None

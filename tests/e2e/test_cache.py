@@ -15,7 +15,7 @@ import pytest
 
 from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 
-from .conftest import RunningProxy, Skopeo, proxy_process
+from .conftest import RunningProxy, Skopeo, proxy_process, settled
 from .test_pull import ALICE, BIG, MULTI, PINNED, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +80,7 @@ def test_warm_pull_takes_no_blob_from_upstream(
         if attempt == "cold":
             assert blob_gets(sandbox, layers) == before + len(layers)
     assert blob_gets(sandbox, layers) == before + len(layers)
+    settled(cache)
     for digest in layers:
         assert (cache / "blobs" / "sha256" / digest.removeprefix("sha256:")).exists()
         assert (tmp_path / "warm" / digest.removeprefix("sha256:")).read_bytes() == (
@@ -95,6 +96,7 @@ def test_a_cached_private_layer_does_not_leak(
     member = client.pull(secret, tmp_path / "member", f"--src-creds={ALICE}", host=proxy.host)
     assert member.returncode == 0, member.stderr
     layer = sandbox.seed[SECRET_PINNED].manifest.layer_digests[0]
+    settled(cache)
     assert (cache / "blobs" / "sha256" / layer.removeprefix("sha256:")).exists()
     # Anonymous, under the private app's name and under a public app's name.
     for name in ("gh_acme/secret/0.2.0", "gh_acme/web/1.2.3"):
@@ -137,6 +139,7 @@ def test_a_download_killed_midway_leaves_nothing_behind(
     with proxy_process(env, tmp_path / "first.log") as proxy:
         small = client.pull("gh_acme/web/1.2.3", tmp_path / "web", host=proxy.host)
         assert small.returncode == 0, small.stderr
+        settled(cache)
         kept = set(os.listdir(cache / "blobs" / "sha256"))
         assert kept
         # The proxy is killed while it downloads the 64 MiB layer...
@@ -207,6 +210,7 @@ def test_least_recently_used_layers_are_evicted_under_a_small_limit(
         for name, attempt in (("gh_acme/web", "web"), ("gh_acme/big", "big")):
             result = client.pull(name, tmp_path / attempt, host=proxy.host)
             assert result.returncode == 0, result.stderr
+        settled(cache)
         kept = {path.name for path in (cache / "blobs" / "sha256").iterdir()}
         assert {d.removeprefix("sha256:") for d in big.manifest.layer_digests} <= kept
         assert not {d.removeprefix("sha256:") for d in web_blobs if d is not None} <= kept

@@ -24,7 +24,7 @@ from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 from balena_registry_proxy.sandbox.registry import AccessLogEntry
 
 from ..conftest import missing
-from .conftest import RunningProxy, Skopeo, proxy_process
+from .conftest import RunningProxy, Skopeo, proxy_process, settled
 from .moto_s3 import (
     MOTO_MISSING,
     MotoS3,
@@ -236,6 +236,7 @@ def test_a_caching_proxy_takes_layers_from_the_bucket_once(
         destination = tmp_path / f"cold-{name.replace('/', '_')}"
         result = client.pull(name, destination, *options)
         assert result.returncode == 0, result.stderr
+        settled(cache_dir)
         for digest in digests:
             pulled = (destination / digest.removeprefix("sha256:")).read_bytes()
             assert sha256_of(pulled) == digest
