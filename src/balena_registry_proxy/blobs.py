@@ -141,7 +141,7 @@ class CachedBlobs:
                 return _CachedFile(path, self.metrics, headers=_blob_headers(digest))
             assert download is not None
             return await self._follow(request, download, joined=True)
-        if request.method != "GET" or "Range" in request.headers:
+        if request.method != "GET" or "Range" in request.headers or not self.cache.filling:
             return None
         return await self._fill_and_follow(request, repository, digest, headers)
 
@@ -281,7 +281,7 @@ class CachedBlobs:
             download = self.cache.start(digest, size)
         except OSError as error:
             # A full or read-only cache disk: the blob is relayed as without a cache.
-            log.warning("cannot cache %s: %s", digest, error.strerror or error)
+            self.cache.refused(error)
             await stack.aclose()
             return None
         task = asyncio.create_task(self._fill(download, stack, response))
@@ -296,7 +296,11 @@ class CachedBlobs:
                 await download.write(chunk)
                 self.metrics.cache_bytes.inc(len(chunk))
             ok = True
-        except (aiohttp.ClientError, TimeoutError, DownloadFailed, OSError) as error:
+        except OSError as error:
+            # The disk, not the upstream: this download's readers are cut once, and the next
+            # requests are relayed uncached until the disk has had time to recover.
+            self.cache.refused(error)
+        except (aiohttp.ClientError, TimeoutError, DownloadFailed) as error:
             log.warning("download of %s failed: %s", download.digest, type(error).__name__)
         finally:
             await stack.aclose()

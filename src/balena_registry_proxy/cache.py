@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,9 @@ _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _CHUNK = 256 * 1024
 # The registry's own limit on a manifest's size; anything bigger is relayed, not kept.
 MAX_MANIFEST_BYTES = 4 << 20
+# After the disk refuses a write (full, read-only), blobs are relayed uncached for this long:
+# retrying every download into a full disk would cut every one of them.
+FILL_PAUSE_SECONDS = 60.0
 
 
 class DownloadFailed(Exception):
@@ -140,6 +144,21 @@ class BlobCache:
         self.size = 0
         self.evictions = 0
         self.downloads: dict[str, Download] = {}
+        self._refused_until = 0.0
+
+    @property
+    def filling(self) -> bool:
+        """Whether new downloads may be written (not just after the disk refused one)."""
+        return time.monotonic() >= self._refused_until
+
+    def refused(self, error: OSError) -> None:
+        """The disk refused a write: relay blobs without keeping them for a while."""
+        self._refused_until = time.monotonic() + FILL_PAUSE_SECONDS
+        log.warning(
+            "the cache disk refused a write (%s): relaying blobs uncached for %g s",
+            error.strerror or error,
+            FILL_PAUSE_SECONDS,
+        )
 
     def open(self) -> None:
         """Create the folders, drop temporaries a crash left behind, and index what is kept."""
@@ -267,7 +286,7 @@ class BlobCache:
             else:
                 log.warning("not caching %s: the download did not verify", download.digest)
         except OSError as error:
-            log.warning("not caching %s: %s", download.digest, error.strerror or error)
+            self.refused(error)
             kept = False
         finally:
             if not kept:

@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from balena_registry_proxy.cache import BlobCache
+from balena_registry_proxy import cache as cache_module
+from balena_registry_proxy.cache import BlobCache, Download
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.sandbox import generate_signing_key
 
@@ -507,3 +508,30 @@ async def test_offline_a_token_the_proxy_refuses_gets_nothing_from_the_cache(
     await setup.upstream.close()
     offline = await manifest(setup.client, "public/app", MANIFEST_DIGEST, Authorization=token)
     assert offline.status == 503
+
+
+async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
+    proxy_for: ProxyFor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await proxy_for()
+    monkeypatch.setattr(cache_module, "FILL_PAUSE_SECONDS", 0.5)
+    written = Download.write
+
+    async def full(self: Download, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Download, "write", full)
+    first = await get(setup.client, "public/app", DIGEST)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await first.read()
+    # Meanwhile, nothing is written: the blob is relayed whole.
+    again = await get(setup.client, "public/app", DIGEST)
+    assert await again.read() == DATA
+    await settled(setup.cache_dir)
+    assert cached_files(setup.cache_dir) == []
+    # Once the pause is over, the cache fills again.
+    monkeypatch.setattr(Download, "write", written)
+    await asyncio.sleep(0.6)
+    assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
+    await settled(setup.cache_dir)
+    assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
