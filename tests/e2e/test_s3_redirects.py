@@ -321,3 +321,28 @@ def test_a_plain_proxy_hands_the_redirect_to_the_client(
         # skopeo itself took the layer from the bucket, sent there by the proxy's answer.
         referers = [r.header("Referer") for r in moto.blob_data_requests(layer, since=s3_mark)]
         assert f"http://{plain_proxy.host}/v2/gh_acme/big/blobs/{layer}" in referers
+
+
+def test_blob_heads_through_a_caching_proxy_before_and_after_the_blob_is_kept(
+    s3_sandbox: Sandbox, caching_proxy: RunningProxy, cache_dir: Path
+) -> None:
+    # The web app's smallest layer, under the name a client uses.
+    name = "gh_acme/web/1.3.0"
+    layer = layers_of(s3_sandbox, name)[0]
+    token = pull_token(s3_sandbox, name)
+    url = f"http://{caching_proxy.host}/v2/{name}/blobs/{layer}"
+    kept = cache_dir / "blobs" / "sha256" / layer.removeprefix("sha256:")
+    assert not kept.exists()
+    # Not kept: the registry's own answer to a HEAD of an S3 blob, a redirect, is relayed.
+    status, headers, _ = fetch(url, token, "HEAD")
+    assert status == 307
+    assert urlsplit(headers["Location"]).path.endswith("/data")
+    # The same client's GET fills the cache; the HEAD then comes from the kept file.
+    status, _, body = fetch(url, token)
+    assert (status, sha256_of(body)) == (200, layer)
+    settled(cache_dir)
+    assert kept.is_file()
+    status, headers, body = fetch(url, pull_token(s3_sandbox, name), "HEAD")
+    assert (status, body) == (200, b"")
+    assert headers["Docker-Content-Digest"] == layer
+    assert headers["Content-Length"] == str(kept.stat().st_size)
