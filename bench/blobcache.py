@@ -165,32 +165,29 @@ def _measure(
     if len(downloads) == 1:
         # curl's own timing, as the other single-stream runs: no process start-up in it.
         wall = downloads[0].seconds
-    for item in downloads:
-        if item.status != 200 or item.size != image.big.size:
-            raise RuntimeError(f"{name}: blob GET answered {item.status}, {item.size} B")
+    record = measure.download_record(
+        name=name,
+        kind=kind,
+        round_=round_,
+        downloads=downloads,
+        size=image.big.size,
+        wall=wall,
+        cpu={
+            service: round(runtime_seconds(before[service], after[service]), 4) for service in after
+        },
+        hop=target.hop,
+        upstream=target.upstream,
+        digits=4,
+    )
     if name == "cache-cold":
         wait_until_kept(kept)
     counted = _delta(counted_before, cache_outcomes(target.port)) if caching else None
     _check_outcomes(name, counted, len(clients))
-    total = sum(item.size for item in downloads)
-    cpu = {service: round(runtime_seconds(before[service], after[service]), 4) for service in after}
     hop_ticks = ticks_after[target.hop] - ticks_before[target.hop]
-    return {
-        "round": round_,
-        "target": name,
-        "kind": kind,
-        "streams": len(downloads),
-        "bytes": total,
-        "seconds": round(wall, 3),
-        "mb_per_s": round(total / wall / 1e6, 1),
-        "cpu_s": cpu,
+    return record | {
         "hop": target.hop,
-        "hop_cpu_s_per_gib": round(cpu[target.hop] / (total / GIB), 4),
         # The same from /proc/<pid>/stat, as the other blob runs count it (10 ms ticks).
-        "hop_cpu_s_per_gib_ticks": round(hop_ticks / (total / GIB), 3),
-        "upstream_cpu_s_per_gib": (
-            round(cpu[target.upstream] / (total / GIB), 4) if target.upstream else None
-        ),
+        "hop_cpu_s_per_gib_ticks": round(hop_ticks / (record["bytes"] / GIB), 3),
         "cache_outcomes": counted,
         "hop_peak_rss_mib": round(sampler.peak_kib / 1024, 1),
     }

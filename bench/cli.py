@@ -118,27 +118,18 @@ def blob_runs(stack: Stack, settings: Settings) -> list[dict[str, Any]]:
                         downloads, wall = measure.download_parallel(url, headers, settings.streams)
                 cpu = _delta(before, stack.cpu())
                 stack.check_alive()
-                for item in downloads:
-                    if item.status != 200 or item.size != image.big.size:
-                        raise RuntimeError(
-                            f"{name}: blob GET answered {item.status}, {item.size} B"
-                        )
-                total = sum(item.size for item in downloads)
-                run: dict[str, Any] = {
-                    "round": round_,
-                    "target": name,
-                    "kind": kind,
-                    "streams": len(downloads),
-                    "bytes": total,
-                    "seconds": round(wall, 3),
-                    "mb_per_s": round(total / wall / 1e6, 1),
-                    "cpu_s": cpu,
-                    "hop_cpu_s_per_gib": round(cpu[target.hop] / (total / GIB), 3),
-                    "upstream_cpu_s_per_gib": (
-                        round(cpu[target.upstream] / (total / GIB), 3) if target.upstream else None
-                    ),
-                    "proxy_peak_rss_mib": round(sampler.peak_kib / 1024, 1),
-                }
+                run = measure.download_record(
+                    name=name,
+                    kind=kind,
+                    round_=round_,
+                    downloads=downloads,
+                    size=image.big.size,
+                    wall=wall,
+                    cpu=cpu,
+                    hop=target.hop,
+                    upstream=target.upstream,
+                )
+                run["proxy_peak_rss_mib"] = round(sampler.peak_kib / 1024, 1)
                 runs.append(run)
                 log(
                     f"  blob {kind:8} {name:8} {run['mb_per_s']:8.1f} MB/s  "

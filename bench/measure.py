@@ -110,6 +110,39 @@ class Download:
     seconds: float
 
 
+def download_record(
+    *,
+    name: str,
+    kind: str,
+    round_: int,
+    downloads: Sequence[Download],
+    size: int,
+    wall: float,
+    cpu: dict[str, float],
+    hop: str,
+    upstream: str | None,
+    digits: int = 3,
+) -> dict[str, Any]:
+    """The common part of a blob run's record; every download must be a whole ``size`` 200."""
+    for item in downloads:
+        if item.status != 200 or item.size != size:
+            raise RuntimeError(f"{name}: blob GET answered {item.status}, {item.size} B")
+    total = sum(item.size for item in downloads)
+    gib = total / (1 << 30)
+    return {
+        "round": round_,
+        "target": name,
+        "kind": kind,
+        "streams": len(downloads),
+        "bytes": total,
+        "seconds": round(wall, 3),
+        "mb_per_s": round(total / wall / 1e6, 1),
+        "cpu_s": cpu,
+        "hop_cpu_s_per_gib": round(cpu[hop] / gib, digits),
+        "upstream_cpu_s_per_gib": round(cpu[upstream] / gib, digits) if upstream else None,
+    }
+
+
 def _curl_argv(url: str, headers: dict[str, str]) -> list[str]:
     argv = [
         require("curl", "curl"),
