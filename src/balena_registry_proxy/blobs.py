@@ -184,7 +184,7 @@ class CachedBlobs:
         Kept only if it hashes to ``digest``, under its media type without parameters.
         """
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if self.cache.holds_manifest(digest, media_type):
+        if self.cache.holds_manifest(digest):
             kept = True
         elif self.cache.keep_manifest(digest, media_type, body):
             self.metrics.cache_requests.labels("manifest", "miss").inc()

@@ -139,8 +139,6 @@ class BlobCache:
         self._temporary = root / "tmp"
         # file -> size, least recently used first.
         self._entries: OrderedDict[Path, int] = OrderedDict()
-        # Manifest file -> media type, for those kept since start.
-        self._media_types: dict[Path, str] = {}
         self.size = 0
         self.evictions = 0
         self.downloads: dict[str, Download] = {}
@@ -205,10 +203,13 @@ class BlobCache:
             return None
         return media_type.decode("ascii"), body
 
-    def holds_manifest(self, digest: str, media_type: str) -> bool:
-        """Whether manifest ``digest`` is kept with ``media_type`` (without reading it)."""
-        path = self._manifests / digest.removeprefix("sha256:")
-        return path in self._entries and self._media_types.get(path) == media_type
+    def holds_manifest(self, digest: str) -> bool:
+        """Whether manifest ``digest`` is kept (without reading it).
+
+        Its media type needs no comparing: the registry derives it from the bytes, and the
+        digest names the bytes.
+        """
+        return self._manifests / digest.removeprefix("sha256:") in self._entries
 
     def keep_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
         """Keep ``body`` as manifest ``digest`` if it hashes to it; True if kept.
@@ -235,7 +236,6 @@ class BlobCache:
             return False
         finally:
             temporary.unlink(missing_ok=True)
-        self._media_types[final] = media_type
         self.size += len(content) - self._entries.get(final, 0)
         self._entries[final] = len(content)
         self._entries.move_to_end(final)
@@ -258,7 +258,6 @@ class BlobCache:
 
     def _forget(self, path: Path) -> None:
         self.size -= self._entries.pop(path, 0)
-        self._media_types.pop(path, None)
         _remove(path)
 
     def start(self, digest: str, size: int) -> Download:
@@ -298,7 +297,6 @@ class BlobCache:
         while self.size > self.max_bytes and self._entries:
             path, size = self._entries.popitem(last=False)
             self.size -= size
-            self._media_types.pop(path, None)
             self.evictions += 1
             _remove(path)
 

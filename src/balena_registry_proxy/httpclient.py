@@ -65,11 +65,6 @@ class Body:
         self._timer: asyncio.TimerHandle | None = None
 
     @property
-    def at_eof(self) -> bool:
-        """Whether every byte of the body has been read."""
-        return self._done and not self._chunks
-
-    @property
     def received(self) -> bool:
         """Whether the whole body arrived (read or not) and the connection reads again."""
         return self._done and self._error is None and not self._paused

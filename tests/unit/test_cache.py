@@ -154,7 +154,9 @@ def test_manifests_are_kept_with_their_media_type(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path, 10_000)
     cache.open()
     body = b'{"schemaVersion":2}'
+    assert not cache.holds_manifest(digest_of(body))
     assert cache.keep_manifest(digest_of(body), OCI_MANIFEST, body)
+    assert cache.holds_manifest(digest_of(body))
     assert cache.manifest(digest_of(body)) == (OCI_MANIFEST, body)
     assert cache.lookup(digest_of(body)) is None  # a manifest is not served as a blob
     assert cache.size == len(OCI_MANIFEST) + 1 + len(body)
