@@ -10,23 +10,32 @@
 #
 # The base image is pinned to a Python patch release on Debian bookworm, the Python that CI
 # tests with (3.11); both stages use the same one. Bump both FROM lines together.
+#
+# Every Python package comes from a hashed lock in requirements/ (`make lock` writes them from
+# pyproject.toml), so a rebuild installs the same files: build.txt for the build backend,
+# runtime.txt for the dependencies. Their hashes cover the amd64 and arm64 wheels alike.
 
 # Stage 1: build the wheel of this project (pure Python; its dependencies come as wheels below).
 FROM python:3.11.13-slim-bookworm AS build
 WORKDIR /src
+COPY requirements/build.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/build.txt
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# Built with the locked setuptools just installed, not one fetched for an isolated build.
+RUN pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels .
 
-# Stage 2: the runtime image: the wheel and its dependencies, no build tools, no sources.
+# Stage 2: the runtime image: the locked dependencies and the wheel, no build tools, no sources.
 FROM python:3.11.13-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PROXY_PORT=8080
+COPY requirements/runtime.txt /tmp/requirements.txt
 COPY --from=build /wheels/ /tmp/wheels/
-RUN pip install --no-cache-dir /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels \
+RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels /tmp/requirements.txt \
     && groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin proxy

