@@ -2,18 +2,54 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The venv for tests, lint and the benchmark; the demo's is the runtime part of it.
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+# -rs: the summary says why each skipped test was skipped (a missing tool, say).
+PYTEST := $(BIN)/pytest -q -rs
+# Editable, built with the locked setuptools; its dependencies come from a lock beforehand.
+INSTALL_PROJECT := $(BIN)/pip install -q --no-deps --no-build-isolation -e .
 
-.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages \
-	lock clean
+.PHONY: test lint types unit e2e demo system-packages venv-support bench bench-quick \
+	bench-profile bench-packages lock clean
 
-# The venv has exactly the versions of requirements/dev.txt (see `lock` below), hashes checked;
-# the project itself goes in editable, built with the locked setuptools.
-$(STAMP): pyproject.toml requirements/dev.txt
+# Debian packages $(1) for $(2): installed when root, otherwise the line to run is printed.
+define apt-install
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $(1); \
+	else \
+		echo "$(2) needs: sudo apt-get install -y --no-install-recommends $(1)"; \
+		exit 1; \
+	fi
+endef
+
+# Debian packages $(1), each providing the command of its name, for $(2).
+define need-packages
+	@if $(foreach p,$(1),command -v $(p) >/dev/null &&) true; then exit 0; fi; \
+	$(call apt-install,$(1),$(2))
+endef
+
+# `python3 -m venv` needs ensurepip, which Debian ships apart from Python: python3.X-venv.
+VENV_PACKAGE = python$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv
+venv-support:
+	@if $(PYTHON) -c 'import ensurepip' 2>/dev/null; then exit 0; fi; \
+	$(call apt-install,$(VENV_PACKAGE),python3 -m venv)
+
+$(BIN)/python: | venv-support
 	$(PYTHON) -m venv $(VENV)
+
+# Exactly the versions of requirements/dev.txt (see `lock` below), hashes checked.
+$(STAMP): $(BIN)/python pyproject.toml requirements/dev.txt
 	$(BIN)/pip install -q --require-hashes -r requirements/dev.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(INSTALL_PROJECT)
 	touch $(STAMP)
+
+# What the proxy and the sandbox run with, and nothing else, so a first demo starts soon.
+$(DEMO_STAMP): $(BIN)/python pyproject.toml requirements/runtime.txt requirements/build.txt
+	$(BIN)/pip install -q --require-hashes -r requirements/build.txt -r requirements/runtime.txt
+	$(INSTALL_PROJECT)
+	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -24,33 +60,20 @@ types: $(STAMP)
 	$(BIN)/mypy --strict --ignore-missing-imports bench
 
 unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit tests/integration
+	$(PYTEST) tests/unit tests/integration
 
 e2e: $(STAMP)
-	$(BIN)/pytest -q tests/e2e
+	$(PYTEST) tests/e2e
 
 test: lint types $(STAMP)
-	$(BIN)/pytest -q
-
-# Debian packages $(1) (each providing the command of its name) for $(2): installed when
-# root, otherwise the line to run is printed.
-define need-packages
-	@if $(foreach p,$(1),command -v $(p) >/dev/null &&) true; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $(1); \
-	else \
-		echo "$(2) needs: sudo apt-get install -y --no-install-recommends $(1)"; \
-		exit 1; \
-	fi
-endef
+	$(PYTEST)
 
 SYSTEM_PACKAGES := docker-registry skopeo
 system-packages:
 	$(call need-packages,$(SYSTEM_PACKAGES),The demo)
 
 # A local balenaCloud stand-in plus the proxy, with real pulls through it; Ctrl-C stops it.
-demo: $(STAMP) system-packages
+demo: $(DEMO_STAMP) system-packages
 	$(BIN)/balena-registry-proxy sandbox --demo
 
 BENCH_PACKAGES := docker-registry nginx wrk curl
