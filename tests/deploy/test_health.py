@@ -1,5 +1,7 @@
-"""The health checks run for real: the Dockerfile's and the compose file's command, against the
-proxy started as the image starts it (its ENV, the console script), on a free loopback port.
+"""The health checks run for real: the Dockerfile's and the compose file's command, and the
+paths the Kubernetes probes and Prometheus' annotations name, against the proxy started as the
+image starts it (its ENV, the console script), on a free loopback port, with an upstream that
+does not answer (a closed loopback port), as when balenaCloud cannot be reached.
 """
 
 from __future__ import annotations
@@ -12,12 +14,22 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from balena_registry_proxy.sandbox.ports import free_port
 
-from .files import COMPOSE, SETTINGS, find_tool, image, load_yaml, mapping, sequence
+from .files import (
+    COMPOSE,
+    KUBERNETES,
+    SETTINGS,
+    find_tool,
+    image,
+    load_yaml,
+    mapping,
+    sequence,
+)
 
 
 def _environment(port: int) -> dict[str, str]:
@@ -34,15 +46,25 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _get(port: int, path: str) -> tuple[int, str, bytes]:
+    """Status, Content-Type and body of ``GET path``, error statuses included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.headers.get("Content-Type", ""), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Content-Type", ""), error.read()
+
+
 @pytest.fixture(scope="module")
 def proxy_port() -> Iterator[int]:
     """The port of a running proxy, started by the image's ENTRYPOINT with the image's ENV."""
     script = find_tool("balena-registry-proxy")
     command = [script] if script else [sys.executable, "-m", "balena_registry_proxy"]
     port = free_port()
+    unreachable = f"http://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         command,
-        env={**_environment(port), "PROXY_HOST": "127.0.0.1"},
+        env={**_environment(port), "PROXY_HOST": "127.0.0.1", "REGISTRY_URL": unreachable},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,3 +118,27 @@ def test_health_command_passes_while_the_proxy_serves(source: str, proxy_port: i
 def test_health_command_fails_when_nothing_answers(source: str) -> None:
     result = _run(_health_commands()[source], free_port())
     assert result.returncode != 0
+
+
+def _pod_template() -> dict[str, Any]:
+    deployment = load_yaml(KUBERNETES / "deployment.yaml")
+    return mapping(deployment["spec"]["template"], "pod template")
+
+
+def test_kubernetes_probes_pass_while_the_upstream_is_unreachable(proxy_port: int) -> None:
+    (container,) = sequence(_pod_template()["spec"]["containers"], "containers")
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        status, _, _ = _get(proxy_port, path)
+        # Kubernetes counts 200-399 as success.
+        assert 200 <= status < 400, f"{probe} {path}: {status}"
+    # What a readiness probe on /ready would have done: taken every pod out.
+    assert _get(proxy_port, "/ready")[0] == 503
+
+
+def test_the_scraped_path_serves_prometheus_metrics(proxy_port: int) -> None:
+    annotations = mapping(_pod_template()["metadata"]["annotations"], "pod annotations")
+    status, content_type, body = _get(proxy_port, annotations["prometheus.io/path"])
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    assert b"# TYPE registry_proxy_requests_total counter" in body

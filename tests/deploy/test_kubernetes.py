@@ -2,13 +2,15 @@
 
 Each manifest is validated against the Kubernetes OpenAPI schemas (strict: no unknown field)
 that the PyPI package kubernetes-validate ships for every Kubernetes version it knows, offline.
-Then the rules a schema cannot state: probes on /ready and /ping, ports that meet, labels that
-select, resources, a non-root read-only container, and a grace period longer than the drain.
+Then the rules a schema cannot state: probes on the proxy's own health, ports that meet, labels
+that select, resources, a non-root read-only container, a grace period longer than the drain,
+Prometheus' scrape annotations, and an Ingress that streams and outwaits the proxy's timeouts.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -39,6 +41,9 @@ KINDS = {
     "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
     "pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
 }
+# deploy/kubernetes/ingress-nginx: an overlay of the manifests above with an Ingress.
+INGRESS = "ingress-nginx/ingress.yaml"
+MANIFESTS = {**KINDS, INGRESS: ("networking.k8s.io/v1", "Ingress")}
 OLDEST_KUBERNETES = Version("1.25")
 
 
@@ -125,10 +130,10 @@ def test_kustomization_lists_every_manifest() -> None:
     assert not list(KUBERNETES.glob("*.yml")), "use .yaml, as the kustomization does"
 
 
-@pytest.mark.parametrize("name", sorted(KINDS))
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
 def test_manifest_is_valid_for_every_kubernetes_version(name: str) -> None:
     document = load(name)
-    assert (document["apiVersion"], document["kind"]) == KINDS[name]
+    assert (document["apiVersion"], document["kind"]) == MANIFESTS[name]
     assert document["metadata"]["name"] == NAME
     assert document["metadata"]["labels"] == {"app.kubernetes.io/name": NAME}
     versions = kubernetes_versions()
@@ -183,16 +188,38 @@ def test_ports_meet(container: dict[str, Any], the_image: Image) -> None:
     assert container_port(container, port["targetPort"]) == the_image.port
 
 
-@pytest.mark.parametrize(
-    ("probe", "path"), [("readinessProbe", "/ready"), ("livenessProbe", "/ping")]
-)
-def test_probes_ask_the_health_endpoints(
-    container: dict[str, Any], the_image: Image, probe: str, path: str
+@pytest.mark.parametrize("probe", ["readinessProbe", "livenessProbe"])
+def test_probes_ask_the_proxys_own_health(
+    container: dict[str, Any], the_image: Image, probe: str
 ) -> None:
     check = mapping(container[probe], probe)
-    assert check["httpGet"]["path"] == path
+    # Not /ready: it fails on every pod at once while the upstream is unreachable, and a Service
+    # without endpoints refuses connections where the proxy would answer 502/503.
+    assert check["httpGet"]["path"] == "/ping"
     assert container_port(container, check["httpGet"]["port"]) == the_image.port
     assert check["timeoutSeconds"] < check["periodSeconds"]
+
+
+def test_an_unanswering_pod_leaves_the_service_before_it_is_restarted(
+    container: dict[str, Any],
+) -> None:
+    def seconds_to_fail(probe: str) -> int:
+        check = mapping(container[probe], probe)
+        return int(check["periodSeconds"]) * int(check["failureThreshold"])
+
+    assert seconds_to_fail("readinessProbe") < seconds_to_fail("livenessProbe")
+
+
+def test_prometheus_scrapes_each_pod(
+    deployment: dict[str, Any], container: dict[str, Any], the_image: Image
+) -> None:
+    metadata = mapping(deployment["spec"]["template"]["metadata"], "pod metadata")
+    annotations = mapping(metadata["annotations"], "pod annotations")
+    assert annotations["prometheus.io/scrape"] == "true"
+    port = int(annotations["prometheus.io/port"])
+    assert container_port(container, port) == the_image.port
+    # test_health.py GETs this path from a running proxy.
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_resources_are_requested_and_limited(container: dict[str, Any]) -> None:
@@ -256,3 +283,36 @@ def test_disruption_budget_leaves_room_to_drain() -> None:
     budget = load("pdb.yaml")["spec"]
     minimum = load("hpa.yaml")["spec"]["minReplicas"]
     assert budget["minAvailable"] == 1 < minimum
+
+
+def test_ingress_overlay_adds_the_ingress_to_the_manifests() -> None:
+    kustomization = load(str(Path(INGRESS).parent / "kustomization.yaml"))
+    assert kustomization["kind"] == "Kustomization"
+    assert sequence(kustomization["resources"], "resources") == ["..", Path(INGRESS).name]
+
+
+def test_ingress_routes_everything_to_the_service() -> None:
+    spec = load(INGRESS)["spec"]
+    service = load("service.yaml")
+    (rule,) = sequence(spec["rules"], "rules")
+    (path,) = sequence(rule["http"]["paths"], "paths")
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    names = [port["name"] for port in sequence(service["spec"]["ports"], "service ports")]
+    assert backend["port"] == {"name": names[0]}
+    (tls,) = sequence(spec["tls"], "tls")
+    assert tls["hosts"] == [rule["host"]]
+
+
+def test_ingress_streams_and_outwaits_the_proxy(
+    configmap: dict[str, str], the_image: Image
+) -> None:
+    annotations = mapping(load(INGRESS)["metadata"]["annotations"], "ingress annotations")
+    prefix = "nginx.ingress.kubernetes.io/"
+    # Buffered, a multi-GiB layer would be spooled to the controller's disk first.
+    assert annotations[prefix + "proxy-buffering"] == "off"
+    settings = load_settings({**proxy_environment(the_image.environment), **configmap}, {})
+    # The proxy's own 504 or cut must come first: it says what went wrong upstream.
+    read_timeout = float(annotations[prefix + "proxy-read-timeout"])
+    assert read_timeout > max(settings.read_timeout, settings.first_byte_timeout)
