@@ -47,6 +47,9 @@ def test_demo_pulls_every_selector_then_stops_cleanly_on_ctrl_c(
         text = output.read_text()
         assert "Still serving" in text
         assert f"proxy (pull through this):  http://127.0.0.1:{port}" in text
+        # The banner says which release a bare name pulls, and which never resolve.
+        assert re.search(r"gh_acme/web +public +releases: .*1\.2\.3\+rev1 \(pinned\)", text)
+        assert "1.5.0 (failed)" in text
         assert re.search(r"gh_acme/web/1\.2\.3 +anonymous +gh_acme/web 1\.2\.3\+rev2", text)
         assert re.search(r"gh_acme/web +anonymous +gh_acme/web 1\.2\.3\+rev1", text)
         assert re.search(r"gh_acme/secret/0\.2\.0 +alice +gh_acme/secret 0\.2\.0", text)

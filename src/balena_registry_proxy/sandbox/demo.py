@@ -11,7 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-from .catalog import App, Catalog, ReleaseStatus, User
+from .catalog import App, Catalog, Release, ReleaseStatus, User
 from .environment import Sandbox
 
 
@@ -52,16 +52,33 @@ def probes(catalog: Catalog) -> list[Probe]:
     return found
 
 
+def release_label(app: App, release: Release) -> str:
+    """A release as the banner lists it: its version, marked when it is the app's pinned
+    release, a draft, or a build that did not succeed (which no name ever resolves to)."""
+    marks = []
+    if release.commit == app.pinned_commit:
+        marks.append("pinned")
+    if not release.is_final:
+        marks.append("draft")
+    if release.status is not ReleaseStatus.SUCCESS:
+        marks.append(release.status.value)
+    return f"{release.version} ({', '.join(marks)})" if marks else release.version
+
+
+def apps_listing(catalog: Catalog) -> str:
+    """The banner's list of apps: visibility and every release, marked as release_label says."""
+    return "\n".join(
+        f"    {app.slug:<18} {'public ' if app.public else 'private'}  "
+        f"releases: {', '.join(release_label(app, r) for r in app.releases) or '-'}"
+        for app in catalog.apps
+    )
+
+
 def banner(sandbox: Sandbox, proxy_host: str) -> str:
     """Addresses, demo credentials and commands to paste, printed once the sandbox is up."""
     users = "\n".join(
         f"    {u.username:<10} API key {u.api_key}  (member of {', '.join(sorted(u.orgs))})"
         for u in sandbox.catalog.users
-    )
-    apps = "\n".join(
-        f"    {app.slug:<18} {'public ' if app.public else 'private'}  "
-        f"releases: {', '.join(r.version for r in app.releases) or '-'}"
-        for app in sandbox.catalog.apps
     )
     private = next((a for a in sandbox.catalog.apps if not a.public and a.releases), None)
     member = member_of(sandbox.catalog, private) if private is not None else None
@@ -76,8 +93,8 @@ balena-registry-proxy sandbox is running
   users:
 {users}
 
-  apps:
-{apps}
+  apps (<org>/<app> alone pulls the pinned release; failed or running builds never resolve):
+{apps_listing(sandbox.catalog)}
 
   try:
     skopeo inspect --tls-verify=false docker://{proxy_host}/gh_acme/web/1.2.3
