@@ -502,6 +502,6 @@ def _main(argv: Sequence[str] | None) -> int:
     results["manifest_runs"] = manifest
     report.write_json(results, out)
     print(report.table(results))
-    report.chart(results, chart)
-    log(f"wrote {out} and {chart}; took {phases['total']:.0f}s")
+    written = [out, *report.chart(results, chart)]
+    log(f"wrote {', '.join(map(str, written))}; took {phases['total']:.0f}s")
     return 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HOPS = {
     "registry": "registry",
@@ -163,52 +168,185 @@ def cache_table(summary: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     return lines
 
 
-def chart(results: dict[str, Any], path: Path) -> None:
-    """req/s and serving-hop CPU ms/request against connection count (log x), per target."""
-    try:
-        import matplotlib
+def _use_agg() -> None:
+    """Have matplotlib draw to files only (Agg), before pyplot is imported; ImportError
+    without matplotlib."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
-        return
-    manifest: dict[str, dict[str, dict[str, float]]] = results["summary"]["manifest"]
-    figure, (rate_axis, cpu_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    for name, per_connections in manifest.items():
-        connections = [int(c) for c in per_connections]
-        rate_axis.plot(
-            connections,
-            [row["rps"] for row in per_connections.values()],
-            marker="o",
-            label=LABELS[name],
-        )
-        cpu_axis.plot(
-            connections,
-            [row["hop_cpu_ms_per_req"] for row in per_connections.values()],
-            marker="o",
-            label=f"{LABELS[name]} [{HOPS[name]}]",
-        )
+    matplotlib.use("Agg")
+
+
+def _on_grid(
+    per_connections: dict[str, dict[str, float]], grid: list[int], key: str
+) -> list[float]:
+    """``key`` of a series at every connection count of ``grid``, NaN where it was not
+    measured: matplotlib breaks a line at NaN, so no segment suggests a count never run."""
+    return [
+        float(per_connections[str(count)][key]) if str(count) in per_connections else math.nan
+        for count in grid
+    ]
+
+
+def _subtitle(results: dict[str, Any]) -> str:
     settings = results["settings"]
-    ticks = sorted({int(c) for rows in manifest.values() for c in rows})
+    return (
+        f"balena-registry-proxy, {settings['mode']} mode, "
+        f"{results['machine']['cores']} cores shared by client and servers, "
+        f"median of {settings['rounds']} round(s)"
+    )
+
+
+def manifest_figure(results: dict[str, Any]) -> Figure:
+    """req/s and serving-hop CPU ms/request against connection count (log x), per target, with
+    the legend below the plots. Each line has its target as ``gid``."""
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    manifest: dict[str, dict[str, dict[str, float]]] = results["summary"]["manifest"]
+    grid = sorted({int(count) for rows in manifest.values() for count in rows})
+    figure, (rate_axis, cpu_axis) = plt.subplots(1, 2, figsize=(13, 6), layout="constrained")
+    for name, per_connections in manifest.items():
+        label = f"{LABELS[name]} [{HOPS[name]}]"
+        if len(per_connections) < len(grid):
+            label += f" (at {', '.join(per_connections)} only)"
+        for axis, key in ((rate_axis, "rps"), (cpu_axis, "hop_cpu_ms_per_req")):
+            axis.plot(
+                grid,
+                _on_grid(per_connections, grid, key),
+                marker="o",
+                label=label,
+                gid=name,
+            )
     for axis, title, ylabel in (
         (rate_axis, "Manifest GET throughput", "requests/s"),
         (cpu_axis, "CPU of the serving hop per request", "CPU ms/request"),
     ):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
-        axis.set_xticks(ticks, [str(c) for c in ticks])
+        axis.set_xticks(grid, [str(count) for count in grid])
         axis.set_xlabel("concurrent connections (wrk -t1)")
         axis.set_ylabel(ylabel + " (log)")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(
-        f"balena-registry-proxy, {settings['mode']} mode, "
-        f"{results['machine']['cores']} cores shared by client and servers, "
-        f"median of {settings['rounds']} round(s) x {settings['seconds']} s",
-        fontsize=10,
+    handles, labels = rate_axis.get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=3,
+        fontsize=8,
+        title="target [the hop whose CPU is counted]",
+        title_fontsize=8,
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    figure.suptitle(
+        f"{_subtitle(results)} x {results['settings']['seconds']} s per run", fontsize=10
+    )
+    return figure
+
+
+def blob_figure(results: dict[str, Any]) -> Figure:
+    """Blob throughput (MB/s) of one stream and of the parallel streams, per target: the relay
+    runs, and the cache's runs when there are any, with the legend below the plots."""
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    settings = results["settings"]
+    streams = settings["streams"]
+    blob = results["summary"]["blob"]
+    panels: list[tuple[str, list[tuple[str, float, float]]]] = [
+        (
+            "Relay",
+            [
+                (LABELS[name], blob[name]["single_mb_per_s"], blob[name]["parallel_mb_per_s"])
+                for name in ("registry", "nginx", "proxy")
+            ],
+        )
+    ]
+    cache = results.get("cache")
+    if cache:
+        summary = cache["summary"]
+        panels.append(
+            (
+                "Blob cache",
+                [
+                    (
+                        CACHE_LABELS.get(name, name),
+                        row["mb_per_s"],
+                        summary["parallel"][name]["mb_per_s"],
+                    )
+                    for name, row in summary["single"].items()
+                ],
+            )
+        )
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(13, 6), layout="constrained", squeeze=False, sharey=True
+    )
+    width = 0.38
+    for axis, (title, rows) in zip(axes[0], panels, strict=True):
+        places = list(range(len(rows)))
+        for offset, index, label in (
+            (-width / 2, 1, "1 stream"),
+            (width / 2, 2, f"{streams} streams, aggregate"),
+        ):
+            bars = axis.bar(
+                [place + offset for place in places],
+                [float(row[index]) for row in rows],
+                width,
+                label=label,
+                color="tab:blue" if index == 1 else "tab:orange",
+            )
+            axis.bar_label(bars, fmt="{:,.0f}", fontsize=8, padding=2)
+        axis.set_xticks(places, [row[0].replace(", ", ",\n") for row in rows])
+        axis.set_title(f"{title}: GET of a {settings['blob_mib']} MiB blob (curl)")
+        axis.grid(True, axis="y", alpha=0.3)
+        axis.margins(y=0.12)
+    axes[0][0].set_ylabel("MB/s (10^6 bytes per second)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    title = _subtitle(results)
+    if cache:
+        title += f" ({settings['cache_rounds']} for the cache's single stream)"
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def blob_chart_path(path: Path) -> Path:
+    """Where :func:`chart` puts the blob chart beside the manifest chart at ``path``."""
+    return path.with_name(f"{path.stem}-blobs{path.suffix}")
+
+
+def chart(results: dict[str, Any], path: Path) -> list[Path]:
+    """Write the manifest chart to ``path`` and the blob chart beside it; the paths written
+    (none when matplotlib is missing)."""
+    try:
+        _use_agg()
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
+        return []
+    written: list[Path] = []
+    for figure, target in (
+        (manifest_figure(results), path),
+        (blob_figure(results), blob_chart_path(path)),
+    ):
+        figure.savefig(target, dpi=110)
+        plt.close(figure)
+        written.append(target)
+    return written
+
+
+def main(arguments: list[str] | None = None) -> None:
+    """``python -m bench.report RESULTS.json``: the table and the charts of a finished run
+    again, from its JSON (the charts beside it, as ``RESULTS.png`` and ``RESULTS-blobs.png``)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", type=Path, help="a results JSON file of python -m bench")
+    parser.add_argument("--chart", type=Path, help="manifest chart path (default: RESULTS.png)")
+    args = parser.parse_args(arguments)
+    results = json.loads(args.results.read_text())
+    print(table(results))
+    for path in chart(results, args.chart or args.results.with_suffix(".png")):
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
