@@ -33,12 +33,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PROXY_PORT=8080
 COPY requirements/runtime.txt /tmp/requirements.txt
 COPY --from=build /wheels/ /tmp/wheels/
+# Last, the folder for the cache (CACHE_DIR, off unless set), owned by the proxy's user: a new
+# named volume mounted there (docker-compose.yml) takes the folder's owner.
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels /tmp/requirements.txt \
     && groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin proxy
+        --shell /usr/sbin/nologin proxy \
+    && install -d -o 10001 -g 10001 -m 0750 /var/cache/registry-proxy
 # Numeric, so that Kubernetes' runAsNonRoot can check it without the image's /etc/passwd.
 USER 10001:10001
 EXPOSE 8080

@@ -164,6 +164,28 @@ def environment_of(entries: Mapping[str, object], where: str) -> dict[str, str]:
     return environment
 
 
+# The most CACHE_MAX_SIZE a device deployment may default to: a quarter of a 16 GB SD card,
+# which also holds balenaOS and the device's own images.
+SD_CARD_CACHE_LIMIT = 4 * 2**30
+
+
+def compose_service() -> dict[str, Any]:
+    """The one service of docker-compose.yml."""
+    services = mapping(load_yaml(COMPOSE).get("services"), "services")
+    assert len(services) == 1, list(services)
+    return mapping(next(iter(services.values())), "the compose service")
+
+
+def cache_mount() -> tuple[str, str]:
+    """The named volume of the compose service and where it is mounted: the cache's folder."""
+    volumes = sequence(compose_service().get("volumes", []), "volumes")
+    assert len(volumes) == 1, f"expected one volume, for the cache: {volumes}"
+    (entry,) = volumes
+    assert isinstance(entry, str), entry
+    name, _, target = entry.partition(":")
+    return name, target
+
+
 @dataclass(frozen=True)
 class Image:
     """What the other files must agree with in the Dockerfile's final stage."""

@@ -18,6 +18,9 @@ from .files import (
     BALENA,
     DEVICE_ARCHITECTURES,
     SETTINGS,
+    cache_mount,
+    compose_service,
+    environment_of,
     image,
     load_yaml,
     mapping,
@@ -76,7 +79,8 @@ def test_data_keys(data: dict[str, Any]) -> None:
     assert set(data) <= DATA, set(data) - DATA
 
 
-def test_environment_variables_are_valid_settings(data: dict[str, Any]) -> None:
+def fleet_variables(data: dict[str, Any]) -> dict[str, str]:
+    """balena.yml's fleet variables (one per entry, each a string), by name."""
     entries = sequence(data["applicationEnvironmentVariables"], "applicationEnvironmentVariables")
     environment: dict[str, str] = {}
     for entry in entries:
@@ -87,6 +91,11 @@ def test_environment_variables_are_valid_settings(data: dict[str, Any]) -> None:
         assert isinstance(value, str), f"{key}: quote {value!r} so it stays a string"
         assert key not in environment, f"{key} twice"
         environment[key] = value
+    return environment
+
+
+def test_environment_variables_are_valid_settings(data: dict[str, Any]) -> None:
+    environment = fleet_variables(data)
     assert "REGISTRY2_HOST" in environment
     # The image's port is fixed by the compose port mapping: the fleet must not move it.
     assert "PROXY_PORT" not in environment
@@ -103,3 +112,19 @@ def test_device_types(data: dict[str, Any]) -> None:
     assert {"generic-amd64", "generic-aarch64", "raspberrypi4-64", "raspberrypi5"} <= set(supported)
     assert data["defaultDeviceType"] == "generic-amd64"
     assert data["defaultDeviceType"] in supported
+
+
+def test_edge_mode_is_offered(balena: dict[str, Any], data: dict[str, Any]) -> None:
+    offered = fleet_variables(data)
+    # Shown, and editable, in the "Deploy with balena" dialog; off as shipped.
+    assert offered["PROXY_AUTH"] == "false"
+    assert "CACHE_DIR" not in offered, "a cache sends every layer through the device"
+    # The same defaults as the compose file, which `balena push` deploys without this file.
+    compose = environment_of(mapping(compose_service()["environment"], "environment"), "compose")
+    shared = set(offered) & set(compose)
+    assert "CACHE_MAX_SIZE" in shared
+    assert {key: offered[key] for key in shared} == {key: compose[key] for key in shared}
+    # The post-provisioning note names the variable values that turn edge mode on.
+    _, folder = cache_mount()
+    assert f"CACHE_DIR={folder}" in balena["post-provisioning"]
+    assert "PROXY_AUTH=true" in balena["post-provisioning"]

@@ -19,8 +19,10 @@ from .files import (
     COMPOSE,
     PUBLIC_PORT,
     SCHEMAS,
+    SD_CARD_CACHE_LIMIT,
     SETTINGS,
     Image,
+    cache_mount,
     duration_seconds,
     environment_of,
     image,
@@ -129,6 +131,15 @@ def test_valid_against_the_schema(compose: dict[str, Any], schema_file: str) -> 
             {"version": "2.1", "services": {SERVICE: {"healthcheck": {"start_period": "5s"}}}},
             "compose-v2.1.json",
         ),
+        # Format 2.1 knows only the short volume syntax, and no unknown volume option.
+        (
+            {"services": {SERVICE: {"volumes": [{"type": "volume", "target": "/c"}]}}},
+            "compose-v2.1.json",
+        ),
+        (
+            {"services": {SERVICE: {"build": "."}}, "volumes": {"c": {"drivr": "x"}}},
+            "compose-spec.json",
+        ),
     ],
 )
 def test_schemas_catch_mistakes(broken: dict[str, Any], schema_file: str) -> None:
@@ -182,6 +193,34 @@ def test_healthcheck_is_the_image_one(service: dict[str, Any], the_image: Image)
     assert test == ["CMD", *the_image.health_command]
     assert any("/ping" in word for word in test)
     assert duration_seconds(check["timeout"]) < duration_seconds(check["interval"])
+
+
+def test_the_cache_folder_is_a_named_volume(compose: dict[str, Any]) -> None:
+    name, target = cache_mount()
+    # balena supports named volumes only: a path here would be a bind mount.
+    assert name in mapping(compose["volumes"], "volumes"), f"volume {name} is not declared"
+    assert not name.startswith(("/", ".", "~")), name
+    assert target.startswith("/"), target
+    assert ":ro" not in target, "the cache writes to it"
+
+
+def test_edge_mode_needs_only_the_documented_fleet_variables(
+    service: dict[str, Any], the_image: Image
+) -> None:
+    environment = environment_of(mapping(service["environment"], "environment"), SERVICE)
+    # Off as shipped: a cache sends every layer through the device.
+    off = load_settings({**proxy_environment(the_image.environment), **environment}, {})
+    assert off.cache_dir is None
+    assert not off.follows_redirects
+    _, folder = cache_mount()
+    fleet = {"CACHE_DIR": folder, "PROXY_AUTH": "true"}
+    edge = load_settings({**proxy_environment(the_image.environment), **environment, **fleet}, {})
+    assert edge.cache_dir == folder
+    assert edge.proxy_auth
+    assert edge.workers == 1, "the cache works with one worker"
+    # Set for the device, not the proxy's general default.
+    assert "CACHE_MAX_SIZE" in environment
+    assert 0 < edge.cache_max_size <= SD_CARD_CACHE_LIMIT
 
 
 def test_runs_without_privileges(service: dict[str, Any]) -> None:

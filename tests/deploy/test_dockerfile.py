@@ -22,7 +22,16 @@ from .dockerfile import (
     workdir,
 )
 from .dockerignore import is_ignored, read_rules
-from .files import DOCKERFILE, DOCKERIGNORE, ROOT, find_tool, image, missing, project
+from .files import (
+    DOCKERFILE,
+    DOCKERIGNORE,
+    ROOT,
+    cache_mount,
+    find_tool,
+    image,
+    missing,
+    project,
+)
 
 # A Python 3.11/3.12 slim image pinned to a patch release (optionally its Debian release and
 # a digest): never a moving tag like python:3.11-slim.
@@ -108,6 +117,22 @@ def test_runs_as_a_numeric_non_root_user(final: Stage) -> None:
     assert int(name) != 0, user.value
     assert group == "" or group.isdigit(), user.value
     assert group == "" or int(group) != 0, user.value
+
+
+def test_the_cache_folder_belongs_to_the_proxys_user(final: Stage) -> None:
+    # A new named volume takes the owner of the image's folder it is mounted on.
+    _, folder = cache_mount()
+    uid = image().uid
+    commands = [command for item in final.all("RUN") for command in shell_commands(item.value)]
+    created = [
+        command
+        for command in commands
+        if command[0] == "install" and "-d" in command and folder in command
+    ]
+    assert created, f"the image does not create {folder}"
+    for command in created:
+        assert "-o" in command, command
+        assert command[command.index("-o") + 1] == str(uid), command
 
 
 def test_exposes_the_port_the_proxy_listens_on() -> None:
