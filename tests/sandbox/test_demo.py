@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from balena_registry_proxy.sandbox import Catalog
-from balena_registry_proxy.sandbox.catalog import catalog_from_data
-from balena_registry_proxy.sandbox.demo import apps_listing
+from balena_registry_proxy.sandbox.catalog import ReleaseStatus
+from balena_registry_proxy.sandbox.demo import apps_listing, release_label
 
 
 def _line(listing: str, slug: str) -> str:
@@ -28,28 +30,13 @@ def test_the_default_catalog_marks_the_pinned_the_draft_and_the_failed(
     assert _line(apps_listing(default_catalog), "gh_acme/empty").endswith("releases: -")
 
 
-def test_a_pinned_draft_says_both_and_a_running_build_is_marked() -> None:
-    catalog = catalog_from_data(
-        {
-            "orgs": ["o"],
-            "apps": [
-                {
-                    "slug": "o/a",
-                    "public": True,
-                    "pinned_release": "a" * 32,
-                    "releases": [
-                        {
-                            "commit": "a" * 32,
-                            "semver": "1.0.0",
-                            "final": False,
-                            "raw_version": "1.0.0-1700000000000",
-                        },
-                        {"commit": "b" * 32, "semver": "1.1.0", "status": "running"},
-                    ],
-                }
-            ],
-        }
-    )
-    assert _line(apps_listing(catalog), "o/a").endswith(
-        "releases: 1.0.0-1700000000000 (pinned, draft), 1.1.0 (running)"
-    )
+def test_a_pinned_draft_says_both_and_a_running_build_is_marked(
+    default_catalog: Catalog,
+) -> None:
+    web = default_catalog.app("gh_acme/web")
+    assert web is not None
+    draft = next(release for release in web.releases if not release.is_final)
+    pinned_to_the_draft = dataclasses.replace(web, pinned_commit=draft.commit)
+    assert release_label(pinned_to_the_draft, draft) == "1.4.0-1700000000000 (pinned, draft)"
+    running = dataclasses.replace(web.releases[3], status=ReleaseStatus.RUNNING)
+    assert release_label(web, running) == "1.3.0 (running)"
