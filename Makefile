@@ -107,7 +107,7 @@ IMAGE_PYTHON := 3.11
 IMAGE_GLIBC_MINOR := 36
 IMAGE_ARCHES := x86_64 aarch64
 
-$(LOCK_VENV)/bin/pip-compile:
+$(LOCK_VENV)/bin/pip-compile: | venv-support
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION)
 
