@@ -137,7 +137,9 @@ class Sandbox:
             if workdir is None:
                 stack.callback(shutil.rmtree, directory, ignore_errors=True)
             signing_key = await asyncio.to_thread(generate_signing_key)
-            _, cert_path = await asyncio.to_thread(_write_keys, signing_key, directory / "keys")
+            cert_path, jwks_path = await asyncio.to_thread(
+                _write_keys, signing_key, directory / "keys"
+            )
             token_issuer = TokenIssuer(catalog, signing_key, issuer=issuer, service=service)
             token_app = create_token_app(token_issuer)
             runner = web.AppRunner(token_app)
@@ -149,7 +151,11 @@ class Sandbox:
             token_url = f"http://{_LOCALHOST}:{token_port}{TOKEN_PATH}"
 
             settings = RegistrySettings(
-                realm=token_url, service=service, issuer=issuer, root_cert_path=cert_path
+                realm=token_url,
+                service=service,
+                issuer=issuer,
+                root_cert_path=cert_path,
+                jwks_path=jwks_path,
             )
             registry = await stack.enter_async_context(
                 run_registry(settings, directory / "registry", binary=registry_binary, s3=s3)
@@ -169,5 +175,7 @@ class Sandbox:
 
 
 def _write_keys(signing_key: SigningKey, directory: Path) -> tuple[Path, Path]:
+    """Write the key material the registry trusts; return the certificate and JWKS paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    return signing_key.write_pem(directory)
+    _, cert_path = signing_key.write_pem(directory)
+    return cert_path, signing_key.write_jwks(directory)
