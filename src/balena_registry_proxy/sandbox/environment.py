@@ -120,12 +120,17 @@ class Sandbox:
         service: str = DEFAULT_SERVICE,
         issuer: str = DEFAULT_ISSUER,
         s3: S3Storage | None = None,
+        realm_host: str = _LOCALHOST,
     ) -> AsyncIterator[Sandbox]:
         """Start the token service and the registry, seed every release, yield the sandbox.
 
         ``catalog_path`` defaults to the packaged ``default_catalog.yaml``. Without ``workdir``
         all state lives in a temporary directory removed on exit; a given ``workdir`` is kept.
-        With ``s3`` the registry keeps blobs in that (existing) bucket, not in ``workdir``.
+        With ``s3`` the registry keeps blobs in that (existing) bucket, not in ``workdir``; with
+        ``registry_binary`` that executable (distribution 3, say) serves instead of Debian's.
+        ``realm_host`` is how the token realm names the loopback token service: ``localhost``
+        makes it a host name like balenaCloud's, which clients that refuse a realm on a private
+        IP literal (crane 0.22) accept.
         """
         catalog = load_catalog(catalog_path or default_catalog_path())
         directory = (
@@ -148,7 +153,7 @@ class Sandbox:
             site = web.TCPSite(runner, _LOCALHOST, 0)
             await site.start()
             token_port = runner.addresses[0][1]
-            token_url = f"http://{_LOCALHOST}:{token_port}{TOKEN_PATH}"
+            token_url = f"http://{realm_host}:{token_port}{TOKEN_PATH}"
 
             settings = RegistrySettings(
                 realm=token_url,
