@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean
+.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean go-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,24 @@ e2e: $(STAMP)
 
 test: lint types $(STAMP)
 	$(BIN)/pytest -q
+
+# The Go programs of go-tools.txt, each built once per pinned version into
+# .tools/<name>@<version>/ from the Go module proxy alone (no VCS, no cgo). An interrupted build
+# leaves no binary behind: each is installed into a scratch folder that is renamed when complete.
+GO_TOOLS_DIR := $(CURDIR)/.tools
+GO_BUILD_ENV := GOPROXY=https://proxy.golang.org GOFLAGS=-mod=mod CGO_ENABLED=0
+
+go-tools:
+	@command -v go >/dev/null || { echo "go-tools needs Go 1.26: https://go.dev/dl/"; exit 1; }
+	@grep -v '^#' go-tools.txt | while read -r name package; do \
+		dir="$(GO_TOOLS_DIR)/$$name@$${package##*@}"; \
+		[ -x "$$dir/$$name" ] && continue; \
+		rm -rf "$$dir.part"; start=$$(date +%s); \
+		GOBIN="$$dir.part" $(GO_BUILD_ENV) go install "$$package" || exit 1; \
+		[ -x "$$dir.part/$$name" ] || { echo "$$package built no $$name"; exit 1; }; \
+		mv "$$dir.part" "$$dir"; \
+		echo "built $$name ($$package) in $$(( $$(date +%s) - start )) s"; \
+	done
 
 # Debian packages $(1) (each providing the command of its name) for $(2): installed when
 # root, otherwise the line to run is printed.
@@ -71,4 +89,4 @@ bench-profile: $(BENCH_STAMP) bench-packages
 	$(BIN)/python -m bench --quick --profile
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .tools reports
