@@ -43,6 +43,17 @@ def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield running
 
 
+@pytest.fixture(scope="session")
+def edge_proxy(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningProxy]:
+    """A proxy in edge mode (``--proxy-auth``) in front of the sandbox."""
+    directory = tmp_path_factory.mktemp("edge")
+    env = {"REGISTRY_URL": sandbox.registry_url, "PROXY_AUTH": "true"}
+    with proxy_process(env, directory / "proxy.log") as running:
+        yield running
+
+
 @contextlib.contextmanager
 def proxy_process(
     env: dict[str, str], log_path: Path, cafile: Path | None = None

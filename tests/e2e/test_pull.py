@@ -27,22 +27,23 @@ ALICE = "alice:alice-sandbox-api-key-0001"
 MALLORY = "mallory:mallory-sandbox-api-key-0003"
 
 
-@pytest.mark.parametrize(
-    ("name", "commit"),
-    [
-        ("gh_acme/web", PINNED),
-        ("gh_acme/web/latest", PINNED),
-        ("gh_acme/web/current", PINNED),
-        ("gh_acme/web/default", PINNED),
-        ("gh_acme/web/pinned", PINNED),
-        ("gh_acme/web/1.2.3", REV2),
-        ("gh_acme/web/1.3.0", NEWEST),
-        ("gh_acme/web/1.4.0-1700000000000", DRAFT),
-        (f"gh_acme/web/{REV0}", REV0),
-        (f"gh_acme/web/{NEWEST}:some-ignored-tag", NEWEST),
-        ("gh_acme/web/1.2.3:v0.0.1", REV2),
-    ],
-)
+# Every way of writing a release in a name (see the README), with the release it must pull.
+SELECTORS = [
+    ("gh_acme/web", PINNED),
+    ("gh_acme/web/latest", PINNED),
+    ("gh_acme/web/current", PINNED),
+    ("gh_acme/web/default", PINNED),
+    ("gh_acme/web/pinned", PINNED),
+    ("gh_acme/web/1.2.3", REV2),
+    ("gh_acme/web/1.3.0", NEWEST),
+    ("gh_acme/web/1.4.0-1700000000000", DRAFT),
+    (f"gh_acme/web/{REV0}", REV0),
+    (f"gh_acme/web/{NEWEST}:some-ignored-tag", NEWEST),
+    ("gh_acme/web/1.2.3:v0.0.1", REV2),
+]
+
+
+@pytest.mark.parametrize(("name", "commit"), SELECTORS)
 def test_every_selector_resolves_to_its_release(
     client: Skopeo, sandbox: Sandbox, name: str, commit: str
 ) -> None:
