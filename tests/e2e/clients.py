@@ -7,7 +7,9 @@ nor get written to.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +33,7 @@ from .conftest import RunningProxy
 COMMAND_TIMEOUT = 120
 # The proxy's explanation when a name does not resolve for the caller (see ``denial.explain``).
 NOT_ALLOWED = "not found, or you are not allowed to pull it"
+_REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -92,6 +96,50 @@ def fetched_by_digest(proxy: RunningProxy, name: str, digest: str) -> int:
 def tail(path: Path, lines: int = 20) -> str:
     """The last ``lines`` lines of a log file, for failure messages."""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def sha256_of(data: bytes) -> str:
+    """``data``'s digest as registries write it."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+# ------------------------------------------------------------------------------ OCI layouts
+
+
+@dataclass(frozen=True)
+class OciLayout:
+    """An OCI image layout on disk, as crane and oras write one."""
+
+    directory: Path
+
+    def index(self) -> list[dict[str, Any]]:
+        """The descriptors of ``index.json``."""
+        document = json.loads((self.directory / "index.json").read_bytes())
+        descriptors: list[dict[str, Any]] = document["manifests"]
+        return descriptors
+
+    def only(self) -> str:
+        """The digest of the one descriptor of ``index.json`` (crane writes one per pull)."""
+        (descriptor,) = self.index()
+        digest: str = descriptor["digest"]
+        return digest
+
+    def tagged(self, tag: str) -> str:
+        """The digest ``index.json`` names under ``tag``; fails the test if there is none."""
+        for descriptor in self.index():
+            if descriptor.get("annotations", {}).get(_REF_NAME) == tag:
+                digest: str = descriptor["digest"]
+                return digest
+        pytest.fail(f"no descriptor tagged {tag!r} in {self.directory}/index.json")
+
+    def blobs(self) -> set[str]:
+        """Digests of every blob in the layout, each checked against its content first."""
+        found = set()
+        for path in (self.directory / "blobs" / "sha256").iterdir():
+            digest = f"sha256:{path.name}"
+            assert sha256_of(path.read_bytes()) == digest, f"{path} does not hash to its name"
+            found.add(digest)
+        return found
 
 
 # ------------------------------------------------------------------------------ containerd
@@ -202,6 +250,41 @@ def containerd16_config(workdir: Path) -> str:
     )
 
 
+def containerd2_config(workdir: Path) -> str:
+    """A containerd 2 configuration (format 4) that keeps everything inside ``workdir``."""
+    disabled = [
+        *_NOT_NEEDED,
+        # containerd 2 splits the CRI into these; NRI would listen on /var/run/nri.
+        "io.containerd.cri.v1.images",
+        "io.containerd.cri.v1.runtime",
+        "io.containerd.podsandbox.controller.v1.podsandbox",
+        "io.containerd.sandbox.controller.v1.shim",
+        "io.containerd.nri.v1.nri",
+        "io.containerd.snapshotter.v1.blockfile",
+        "io.containerd.snapshotter.v1.erofs",
+    ]
+    return (
+        "version = 4\n"
+        f"root = {toml_string(workdir / 'root')}\n"
+        f"state = {toml_string(workdir / 'state')}\n"
+        f"disabled_plugins = {json.dumps(disabled)}\n"
+        '[plugins."io.containerd.server.v1.grpc"]\n'
+        f"address = {toml_string(workdir / 's')}\n"
+        '[plugins."io.containerd.server.v1.ttrpc"]\n'
+        f"address = {toml_string(workdir / 't')}\n"
+        '[plugins."io.containerd.server.v1.debug"]\n'
+        f"address = {toml_string(workdir / 'd')}\n"
+        '[plugins."io.containerd.internal.v1.opt"]\n'
+        f"path = {toml_string(workdir / 'opt')}\n"
+        # containerd 2 pulls in the daemon (the transfer service), which unpacks with overlayfs
+        # unless told otherwise; any linux platform (arm64 too) unpacks into native snapshots.
+        '[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
+        'platform = "linux/amd64"\n'
+        'snapshotter = "native"\n'
+        'differ = "walking"\n' + _ISOLATED
+    )
+
+
 def _wait_for_containerd(
     ctr: str, address: str, process: subprocess.Popen[bytes], log_path: Path
 ) -> None:
@@ -254,3 +337,13 @@ def containerd_daemon(daemon: str, ctr: str, config: Callable[[Path], str]) -> I
 def namespace_for(request: pytest.FixtureRequest) -> str:
     """A containerd namespace named after the test, so no pull finds earlier content."""
     return re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")
+
+
+def write_auth_config(path: Path, host: str, credentials: str) -> Path:
+    """A Docker ``config.json`` at ``path`` logging in to ``host`` with ``user:password``.
+
+    crane reads it from ``$DOCKER_CONFIG``, oras from ``--registry-config``.
+    """
+    auth = base64.b64encode(credentials.encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    return path

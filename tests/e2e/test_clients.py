@@ -23,6 +23,7 @@ import pytest
 from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.seed import PushedManifest
 
+from .. import matrix
 from ..conftest import require_binary
 from .clients import (
     NOT_ALLOWED,
@@ -48,6 +49,7 @@ WEB = "gh_acme/web/1.2.3"
 SECRET = "gh_acme/secret/0.2.0"
 MULTI_NAME = "gh_acme/multi/2.0.0"
 ARM64, AMD64 = "linux/arm64", "linux/amd64"
+CTR = "ctr (Debian's containerd)"
 
 
 # --------------------------------------------------------------------------------- podman
@@ -142,6 +144,7 @@ def podman(proxy: RunningProxy) -> Iterator[Podman]:
     """podman with a store of its own for this test only, so no pull is served from cache."""
     binary = require_binary("podman", "podman")
     require_root("podman")
+    matrix.note_version("podman", [binary, "--version"])
     workdir = short_tempdir("pd")
     try:
         yield Podman.in_new_store(binary, proxy.host, workdir)
@@ -156,6 +159,7 @@ def _assert_podman_image(image: dict[str, Any], manifest: PushedManifest) -> Non
     assert f"sha256:{image['Id']}" == manifest.config_digest
 
 
+@pytest.mark.matrix("podman", "pull a public release")
 def test_podman_pulls_public_release(podman: Podman, sandbox: Sandbox) -> None:
     result = podman.pull(WEB)
     assert result.returncode == 0, result.stderr
@@ -164,6 +168,7 @@ def test_podman_pulls_public_release(podman: Podman, sandbox: Sandbox) -> None:
     assert image["Config"]["Labels"]["io.balena.sandbox.commit"] == REV2
 
 
+@pytest.mark.matrix("podman", "private app, with and without credentials")
 def test_podman_private_release_needs_credentials(podman: Podman, sandbox: Sandbox) -> None:
     anonymous = podman.pull(SECRET)
     assert anonymous.returncode != 0
@@ -178,6 +183,7 @@ def test_podman_private_release_needs_credentials(podman: Podman, sandbox: Sandb
     assert image["Config"]["Labels"]["io.balena.sandbox.commit"] == SECRET_PINNED
 
 
+@pytest.mark.matrix("podman", "index child by digest")
 def test_podman_pulls_arm64_child_of_index(
     podman: Podman, sandbox: Sandbox, proxy: RunningProxy
 ) -> None:
@@ -207,6 +213,7 @@ def containerd() -> Iterator[Containerd]:
     daemon = require_binary("containerd", "containerd")
     ctr = require_binary("ctr", "containerd")
     require_root("containerd")
+    matrix.note_version(CTR, [ctr, "--version"])
     with containerd_daemon(daemon, ctr, containerd16_config) as running:
         yield running
 
@@ -217,6 +224,7 @@ def ctr(containerd: Containerd, proxy: RunningProxy, request: pytest.FixtureRequ
     return containerd.client(namespace_for(request), proxy.host)
 
 
+@pytest.mark.matrix(CTR, "pull a public release")
 def test_ctr_pulls_public_release(ctr: Ctr, sandbox: Sandbox) -> None:
     seeded = sandbox.seed[REV2]
     result = ctr.pull(WEB)
@@ -227,6 +235,7 @@ def test_ctr_pulls_public_release(ctr: Ctr, sandbox: Sandbox) -> None:
     assert ctr.unpacked(WEB)
 
 
+@pytest.mark.matrix(CTR, "private app, with credentials")
 def test_ctr_pulls_private_release_with_credentials(ctr: Ctr, sandbox: Sandbox) -> None:
     seeded = sandbox.seed[SECRET_PINNED]
     result = ctr.pull(SECRET, f"--user={ALICE}")
@@ -236,6 +245,7 @@ def test_ctr_pulls_private_release_with_credentials(ctr: Ctr, sandbox: Sandbox) 
     assert ctr.unpacked(SECRET)
 
 
+@pytest.mark.matrix(CTR, "private app, without credentials: refused")
 def test_ctr_private_release_refuses_anonymous(ctr: Ctr) -> None:
     result = ctr.pull(SECRET)
     assert result.returncode != 0
@@ -245,6 +255,7 @@ def test_ctr_private_release_refuses_anonymous(ctr: Ctr) -> None:
     assert ctr.content() == set()
 
 
+@pytest.mark.matrix(CTR, "index child by digest")
 def test_ctr_pulls_arm64_child_by_digest(ctr: Ctr, sandbox: Sandbox, proxy: RunningProxy) -> None:
     seeded = sandbox.seed[MULTI]
     child = seeded.platform_manifests[ARM64]
