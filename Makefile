@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean go-tools
+.PHONY: test lint types unit e2e demo system-packages bench bench-quick bench-profile bench-packages clean \
+	go-tools conformance readme readme-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,18 @@ go-tools:
 		mv "$$dir.part" "$$dir"; \
 		echo "built $$name ($$package) in $$(( $$(date +%s) - start )) s"; \
 	done
+
+# The OCI distribution-spec conformance suite against the proxy and against the registry behind
+# it (Debian's 2.8 and distribution 3); reports in reports/conformance/.
+conformance: $(STAMP) go-tools
+	$(BIN)/pytest -q tests/e2e/test_conformance.py
+
+# The README's client matrix and conformance figures, from the records of the last test run.
+readme: $(STAMP)
+	$(BIN)/python -m tests.readme_tables
+
+readme-check: $(STAMP)
+	$(BIN)/python -m tests.readme_tables --check
 
 # Debian packages $(1) (each providing the command of its name) for $(2): installed when
 # root, otherwise the line to run is printed.
