@@ -21,6 +21,18 @@ README = ROOT / "README.md"
 CONFORMANCE = REPORTS / "conformance"
 UPSTREAMS = {"registry2": "registry {}", "registry3": "registry {}"}
 SYMBOLS = {"pass": "✓", "fail": "✗", "xfail": "✗ known defect"}
+# The cases several clients run, in the order the matrix shows them.
+CASE_ORDER = (
+    "pull by every selector form",
+    "pull a public release",
+    "pull by digest",
+    "multi-platform index, every platform",
+    "multi-platform index, one platform",
+    "index child by digest",
+    "private app, with credentials",
+    "private app, without credentials: refused",
+    "private app, with and without credentials",
+)
 
 
 class IncompleteRecordsError(ValueError):
@@ -36,8 +48,11 @@ def render_matrix(document: Mapping[str, Any]) -> str:
         raise IncompleteRecordsError(f"{len(skipped)} cases were skipped, e.g. {skipped[0]}")
     upstreams = [key for key in UPSTREAMS if any(r["upstream"] == key for r in records)]
     outcomes = {(r["client"], r["case"], r["upstream"]): r["outcome"] for r in records}
-    # Clients by name, whatever order the tests ran in; each one's cases in the order they ran.
-    rows = sorted(dict.fromkeys((r["client"], r["case"]) for r in records), key=lambda row: row[0])
+    # Clients by name, whatever order the tests ran in; each one's cases in the order of
+    # CASE_ORDER, then its own in the order they ran.
+    runs = list(dict.fromkeys((r["client"], r["case"]) for r in records))
+    rank = {case: number for number, case in enumerate(CASE_ORDER)}
+    rows = sorted(runs, key=lambda row: (row[0], rank.get(row[1], len(rank)), runs.index(row)))
     labels = [UPSTREAMS[key].format(versions[key]) for key in upstreams]
     lines = [
         _row(["client", "version", "case", *labels]),

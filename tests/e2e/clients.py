@@ -20,15 +20,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from balena_registry_proxy.sandbox.seed import PushedManifest
 
 from ..conftest import missing
-from .conftest import RunningProxy
 
+if TYPE_CHECKING:
+    # Only named in annotations: the e2e conftest imports this module's neighbours.
+    from .conftest import RunningProxy
+
+# Names the client tests pull: a public release, a private one, a multi-platform index.
+WEB, SECRET, MULTI_NAME = "gh_acme/web/1.2.3", "gh_acme/secret/0.2.0", "gh_acme/multi/2.0.0"
 # Generous: every pull here moves a few KiB; only a hang should ever reach it.
 COMMAND_TIMEOUT = 120
 # The proxy's explanation when a name does not resolve for the caller (see ``denial.explain``).

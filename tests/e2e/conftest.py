@@ -21,6 +21,7 @@ from balena_registry_proxy.sandbox.ports import free_port
 
 from .. import matrix
 from ..conftest import register_log
+from .go_clients import Crane, LayoutClient, Oras
 from .go_tools import go_tool
 
 
@@ -197,3 +198,31 @@ def client(proxy: RunningProxy, skopeo: str, tmp_path_factory: pytest.TempPathFa
     workdir = tmp_path_factory.mktemp("skopeo")
     (workdir / "auth.json").write_text("{}")
     return Skopeo(skopeo, proxy.host, workdir)
+
+
+def _go_client_parts(name: str, upstream: Upstream, tmp_path: Path) -> tuple[Path, str, Path]:
+    """A Go client's binary (its version noted), the proxy's host and a new home for it."""
+    binary = go_tool(name)
+    matrix.note_version(name, [str(binary), "version"])
+    home = tmp_path / name
+    home.mkdir()
+    return binary, upstream.host, home
+
+
+@pytest.fixture
+def crane(go_upstream: Upstream, tmp_path: Path) -> Crane:
+    """crane, talking to the proxy in front of ``go_upstream``."""
+    return Crane(*_go_client_parts("crane", go_upstream, tmp_path))
+
+
+@pytest.fixture
+def oras(go_upstream: Upstream, tmp_path: Path) -> Oras:
+    """oras, talking to the proxy in front of ``go_upstream``."""
+    return Oras(*_go_client_parts("oras", go_upstream, tmp_path))
+
+
+@pytest.fixture(params=["crane", "oras"])
+def layout_client(request: pytest.FixtureRequest) -> LayoutClient:
+    """crane, then oras: the cases both clients run alike."""
+    client: LayoutClient = request.getfixturevalue(request.param)
+    return client

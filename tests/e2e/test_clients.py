@@ -26,7 +26,10 @@ from balena_registry_proxy.sandbox.seed import PushedManifest
 from .. import matrix
 from ..conftest import require_binary
 from .clients import (
+    MULTI_NAME,
     NOT_ALLOWED,
+    SECRET,
+    WEB,
     Containerd,
     Ctr,
     blobs_of,
@@ -45,9 +48,6 @@ from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
 
-WEB = "gh_acme/web/1.2.3"
-SECRET = "gh_acme/secret/0.2.0"
-MULTI_NAME = "gh_acme/multi/2.0.0"
 ARM64, AMD64 = "linux/arm64", "linux/amd64"
 CTR = "ctr (Debian's containerd)"
 

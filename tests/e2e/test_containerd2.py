@@ -18,6 +18,9 @@ from balena_registry_proxy.sandbox.ports import free_port
 
 from .. import matrix
 from .clients import (
+    MULTI_NAME,
+    SECRET,
+    WEB,
     Containerd,
     Ctr,
     blobs_of,
@@ -34,7 +37,6 @@ from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED, SELECTORS
 pytestmark = pytest.mark.e2e
 
 CLIENT = "ctr (containerd 2)"
-WEB, SECRET, MULTI_NAME = "gh_acme/web/1.2.3", "gh_acme/secret/0.2.0", "gh_acme/multi/2.0.0"
 # A registry name that exists only in the hosts.toml below (.invalid never resolves).
 MIRRORED = "balena.invalid"
 

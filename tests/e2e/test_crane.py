@@ -1,133 +1,25 @@
-"""crane (go-containerregistry: ko, Tekton, many CI systems) through the proxy.
+"""crane (go-containerregistry: ko, Tekton, many CI systems) through the proxy: its own commands.
 
-Every case runs against the proxy in front of Debian's registry 2.8 and in front of
-distribution 3, and checks what crane wrote by digest against what the sandbox seeded.
+What crane and oras both do, pulling into an OCI layout, is in ``test_layout_clients``. Unless
+a case says otherwise it runs against the proxy in front of registry 2.8 and of distribution 3.
 """
 
 from __future__ import annotations
 
-import subprocess
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
 
-from .. import matrix
-from .clients import (
-    NOT_ALLOWED,
-    OciLayout,
-    blobs_of,
-    client_env,
-    fetched_by_digest,
-    run_client,
-    sha256_of,
-    write_auth_config,
-)
+from .clients import MULTI_NAME, NOT_ALLOWED, SECRET, WEB, sha256_of
 from .conftest import RunningProxy, Upstream
+from .go_clients import Crane
 from .go_tools import go_tool
-from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED, SELECTORS
+from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
-
-WEB, SECRET, MULTI_NAME = "gh_acme/web/1.2.3", "gh_acme/secret/0.2.0", "gh_acme/multi/2.0.0"
-
-
-@dataclass(frozen=True)
-class Crane:
-    """crane with a home of its own, talking plain HTTP to a proxy."""
-
-    binary: Path
-    host: str
-    home: Path
-
-    def run(self, *args: str, credentials: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a crane command, logged in with ``user:password`` if given."""
-        config = self.home / ("login" if credentials else "anonymous")
-        config.mkdir(exist_ok=True)
-        if credentials:
-            write_auth_config(config / "config.json", self.host, credentials)
-        env = client_env(HOME=str(self.home), DOCKER_CONFIG=str(config))
-        return run_client([str(self.binary), *args, "--insecure"], env)
-
-    def ref(self, name: str) -> str:
-        """``name`` on the proxy."""
-        return f"{self.host}/{name}"
-
-    def pull(
-        self, name: str, destination: Path, *options: str, credentials: str | None = None
-    ) -> OciLayout:
-        """``crane pull`` of ``name`` into an OCI layout; fails the test if crane fails."""
-        source = self.ref(name)
-        result = self.run(
-            "pull", "--format=oci", *options, source, str(destination), credentials=credentials
-        )
-        assert result.returncode == 0, f"{name}: {result.stderr}"
-        return OciLayout(destination)
-
-
-@pytest.fixture
-def crane(go_upstream: Upstream, tmp_path: Path) -> Crane:
-    """crane, talking to the proxy in front of ``go_upstream``."""
-    binary = go_tool("crane")
-    matrix.note_version("crane", [str(binary), "version"])
-    home = tmp_path / "home"
-    home.mkdir()
-    return Crane(binary, go_upstream.host, home)
-
-
-@pytest.mark.matrix("crane", "pull by every selector form")
-def test_crane_pulls_every_selector(crane: Crane, go_upstream: Upstream, tmp_path: Path) -> None:
-    wrong = {}
-    for number, (name, commit) in enumerate(SELECTORS):
-        seeded = go_upstream.sandbox.seed[commit]
-        layout = crane.pull(name, tmp_path / str(number))
-        if layout.only() != seeded.digest or not blobs_of(seeded.manifest) <= layout.blobs():
-            wrong[name] = layout.only()
-    assert not wrong, f"pulled the wrong image for {wrong}"
-
-
-@pytest.mark.matrix("crane", "pull by digest")
-def test_crane_pulls_by_digest(crane: Crane, go_upstream: Upstream, tmp_path: Path) -> None:
-    seeded = go_upstream.sandbox.seed[REV2]
-    layout = crane.pull(f"{WEB}@{seeded.digest}", tmp_path)
-    assert layout.only() == seeded.digest
-    assert blobs_of(seeded.manifest) <= layout.blobs()
-
-
-@pytest.mark.matrix("crane", "multi-platform index, every platform")
-def test_crane_pulls_a_multi_platform_index(
-    crane: Crane, go_upstream: Upstream, tmp_path: Path
-) -> None:
-    seeded = go_upstream.sandbox.seed[MULTI]
-    layout = crane.pull(MULTI_NAME, tmp_path)
-    assert layout.only() == seeded.digest
-    children = [blobs_of(child) for child in seeded.platform_manifests.values()]
-    assert set().union(*children) <= layout.blobs()
-
-
-@pytest.mark.matrix("crane", "index child by digest")
-def test_crane_pulls_an_index_child_by_digest(
-    crane: Crane, go_upstream: Upstream, tmp_path: Path
-) -> None:
-    child = go_upstream.sandbox.seed[MULTI].platform_manifests["linux/arm64"]
-    before = fetched_by_digest(go_upstream.proxy, MULTI_NAME, child.digest)
-    layout = crane.pull(f"{MULTI_NAME}@{child.digest}", tmp_path)
-    assert layout.only() == child.digest
-    assert blobs_of(child) <= layout.blobs()
-    assert fetched_by_digest(go_upstream.proxy, MULTI_NAME, child.digest) > before
-
-
-@pytest.mark.matrix("crane", "private app, with credentials")
-def test_crane_pulls_a_private_app_with_credentials(
-    crane: Crane, go_upstream: Upstream, tmp_path: Path
-) -> None:
-    seeded = go_upstream.sandbox.seed[SECRET_PINNED]
-    layout = crane.pull(SECRET, tmp_path, credentials=ALICE)
-    assert layout.only() == seeded.digest
-    assert blobs_of(seeded.manifest) <= layout.blobs()
 
 
 @pytest.mark.matrix("crane", "private app, without credentials: refused")

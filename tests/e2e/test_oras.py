@@ -1,139 +1,25 @@
-"""oras (OCI Registry As Storage) through the proxy.
+"""oras (OCI Registry As Storage) through the proxy: its own commands.
 
-Every case runs against the proxy in front of Debian's registry 2.8 and in front of
-distribution 3, and checks what oras wrote by digest against what the sandbox seeded.
+What crane and oras both do, pulling into an OCI layout, is in ``test_layout_clients``. Unless
+a case says otherwise it runs against the proxy in front of registry 2.8 and of distribution 3.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
 
-from .. import matrix
-from .clients import (
-    NOT_ALLOWED,
-    OciLayout,
-    blobs_of,
-    client_env,
-    fetched_by_digest,
-    run_client,
-    sha256_of,
-    write_auth_config,
-)
+from .clients import MULTI_NAME, NOT_ALLOWED, SECRET, WEB, sha256_of
 from .conftest import RunningProxy, Upstream
+from .go_clients import Oras
 from .go_tools import go_tool
-from .test_pull import ALICE, BIG, MULTI, REV2, SECRET_PINNED, SELECTORS
+from .test_pull import ALICE, BIG, MULTI, REV2, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
-
-WEB, SECRET, MULTI_NAME = "gh_acme/web/1.2.3", "gh_acme/secret/0.2.0", "gh_acme/multi/2.0.0"
-
-
-@dataclass(frozen=True)
-class Oras:
-    """oras with a home of its own, talking plain HTTP to a proxy."""
-
-    binary: Path
-    host: str
-    home: Path
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run an oras command."""
-        return run_client([str(self.binary), *args], client_env(HOME=str(self.home)))
-
-    def ref(self, name: str) -> str:
-        """``name`` on the proxy; oras wants a tag or a digest spelled out."""
-        return f"{self.host}/{name}" if ":" in name or "@" in name else f"{self.host}/{name}:latest"
-
-    def login(self, credentials: str | None) -> list[str]:
-        """The authentication file option of a command: ``user:password``, or nobody's."""
-        path = self.home / ("login.json" if credentials else "anonymous.json")
-        if credentials:
-            write_auth_config(path, self.host, credentials)
-        else:
-            path.write_text("{}")
-        return [f"--registry-config={path}"]
-
-    def copy(self, name: str, layout: Path, credentials: str | None = None) -> OciLayout:
-        """``oras copy`` of ``name`` into the OCI layout ``layout``, tagged ``copied``."""
-        login = [f"--from-{option[2:]}" for option in self.login(credentials)]
-        source, destination = self.ref(name), f"{layout}:copied"
-        result = self.run(
-            "copy", "--from-plain-http", *login, source, "--to-oci-layout", destination
-        )
-        assert result.returncode == 0, f"{name}: {result.stderr}"
-        return OciLayout(layout)
-
-    def manifest(self, name: str, *options: str) -> subprocess.CompletedProcess[str]:
-        """``oras manifest fetch`` of ``name``."""
-        return self.run("manifest", "fetch", "--plain-http", *options, self.ref(name))
-
-
-@pytest.fixture
-def oras(go_upstream: Upstream, tmp_path: Path) -> Oras:
-    """oras, talking to the proxy in front of ``go_upstream``."""
-    binary = go_tool("oras")
-    matrix.note_version("oras", [str(binary), "version"])
-    home = tmp_path / "home"
-    home.mkdir()
-    return Oras(binary, go_upstream.host, home)
-
-
-@pytest.mark.matrix("oras", "pull by every selector form")
-def test_oras_copies_every_selector(oras: Oras, go_upstream: Upstream, tmp_path: Path) -> None:
-    wrong = {}
-    for number, (name, commit) in enumerate(SELECTORS):
-        seeded = go_upstream.sandbox.seed[commit]
-        layout = oras.copy(name, tmp_path / str(number))
-        copied = layout.tagged("copied")
-        if copied != seeded.digest or not blobs_of(seeded.manifest) <= layout.blobs():
-            wrong[name] = copied
-    assert not wrong, f"copied the wrong image for {wrong}"
-
-
-@pytest.mark.matrix("oras", "pull by digest")
-def test_oras_copies_by_digest(oras: Oras, go_upstream: Upstream, tmp_path: Path) -> None:
-    seeded = go_upstream.sandbox.seed[REV2]
-    layout = oras.copy(f"{WEB}@{seeded.digest}", tmp_path)
-    assert layout.tagged("copied") == seeded.digest
-    assert blobs_of(seeded.manifest) <= layout.blobs()
-
-
-@pytest.mark.matrix("oras", "oras copy of a multi-platform index to an OCI layout")
-def test_oras_copies_a_multi_platform_index(
-    oras: Oras, go_upstream: Upstream, tmp_path: Path
-) -> None:
-    seeded = go_upstream.sandbox.seed[MULTI]
-    layout = oras.copy(MULTI_NAME, tmp_path)
-    assert layout.tagged("copied") == seeded.digest
-    children = [blobs_of(child) for child in seeded.platform_manifests.values()]
-    assert {seeded.digest}.union(*children) <= layout.blobs()
-
-
-@pytest.mark.matrix("oras", "index child by digest")
-def test_oras_fetches_an_index_child_by_digest(oras: Oras, go_upstream: Upstream) -> None:
-    child = go_upstream.sandbox.seed[MULTI].platform_manifests["linux/arm64"]
-    before = fetched_by_digest(go_upstream.proxy, MULTI_NAME, child.digest)
-    result = oras.manifest(f"{MULTI_NAME}@{child.digest}")
-    assert result.returncode == 0, result.stderr
-    assert sha256_of(result.stdout.encode()) == child.digest
-    assert fetched_by_digest(go_upstream.proxy, MULTI_NAME, child.digest) > before
-
-
-@pytest.mark.matrix("oras", "private app, with credentials")
-def test_oras_copies_a_private_app_with_credentials(
-    oras: Oras, go_upstream: Upstream, tmp_path: Path
-) -> None:
-    seeded = go_upstream.sandbox.seed[SECRET_PINNED]
-    layout = oras.copy(SECRET, tmp_path, credentials=ALICE)
-    assert layout.tagged("copied") == seeded.digest
-    assert blobs_of(seeded.manifest) <= layout.blobs()
 
 
 @pytest.mark.matrix("oras", "private app, without credentials: refused")
