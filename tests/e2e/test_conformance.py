@@ -34,11 +34,12 @@ from .conformance import (
 )
 from .conftest import Upstream
 from .go_tools import go_tool, pin
-from .test_pull import SECRET_PINNED
+from .test_pull import ALICE, SECRET_PINNED
 
 RESULTS = matrix.REPORTS / "conformance"
 SLUG = "gh_acme/secret/0.2.0"
-CREDENTIALS = ("alice", "alice-sandbox-api-key-0001")
+USERNAME, _, API_KEY = ALICE.partition(":")
+CREDENTIALS = (USERNAME, API_KEY)
 
 
 @pytest.mark.e2e
