@@ -11,7 +11,7 @@ PYTEST := $(BIN)/pytest -q -rs
 INSTALL_PROJECT := $(BIN)/pip install -q --no-deps --no-build-isolation -e .
 
 .PHONY: test lint types unit e2e demo system-packages venv-support bench bench-quick \
-	bench-profile bench-packages lock clean
+	bench-profile bench-packages lock clean go-tools conformance readme readme-check
 
 # Debian packages $(1) for $(2): installed when root, otherwise the line to run is printed.
 define apt-install
@@ -67,6 +67,36 @@ e2e: $(STAMP)
 
 test: lint types $(STAMP)
 	$(PYTEST)
+
+# The Go programs of go-tools.txt, each built once per pinned version into
+# .tools/<name>@<version>/ from the Go module proxy alone (no VCS, no cgo). An interrupted build
+# leaves no binary behind: each is installed into a scratch folder that is renamed when complete.
+GO_TOOLS_DIR := $(CURDIR)/.tools
+GO_BUILD_ENV := GOPROXY=https://proxy.golang.org GOFLAGS=-mod=mod CGO_ENABLED=0
+
+go-tools:
+	@command -v go >/dev/null || { echo "go-tools needs Go 1.26: https://go.dev/dl/"; exit 1; }
+	@grep -v '^#' go-tools.txt | while read -r name package; do \
+		dir="$(GO_TOOLS_DIR)/$$name@$${package##*@}"; \
+		[ -x "$$dir/$$name" ] && continue; \
+		rm -rf "$$dir.part"; start=$$(date +%s); \
+		GOBIN="$$dir.part" $(GO_BUILD_ENV) go install "$$package" || exit 1; \
+		[ -x "$$dir.part/$$name" ] || { echo "$$package built no $$name"; exit 1; }; \
+		mv "$$dir.part" "$$dir"; \
+		echo "built $$name ($$package) in $$(( $$(date +%s) - start )) s"; \
+	done
+
+# The OCI distribution-spec conformance suite against the proxy and against the registry behind
+# it (Debian's 2.8 and distribution 3); reports in reports/conformance/.
+conformance: $(STAMP) go-tools
+	$(PYTEST) tests/e2e/test_conformance.py
+
+# The README's client matrix and conformance figures, from the records of the last test run.
+readme: $(STAMP)
+	$(BIN)/python -m tests.readme_tables
+
+readme-check: $(STAMP)
+	$(BIN)/python -m tests.readme_tables --check
 
 SYSTEM_PACKAGES := docker-registry skopeo
 system-packages:
@@ -131,4 +161,4 @@ lock: $(LOCK_VENV)/bin/pip-compile
 	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .tools reports

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,6 +24,8 @@ from balena_registry_proxy.sandbox import (
     find_registry_binary,
     sandbox_in_thread,
 )
+
+from . import matrix
 
 
 def missing(reason: str) -> NoReturn:
@@ -45,9 +47,11 @@ def require_binary(name: str, package: str) -> str:
 def registry_binary() -> Path:
     """The docker-registry executable."""
     try:
-        return find_registry_binary()
+        binary = find_registry_binary()
     except RegistryNotInstalledError as error:
         missing(str(error))
+    matrix.note_version(matrix.DEFAULT_UPSTREAM, [str(binary), "--version"])
+    return binary
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +64,9 @@ def sandbox(registry_binary: Path) -> Iterator[Sandbox]:
 @pytest.fixture(scope="session")
 def skopeo() -> str:
     """Path of the skopeo binary."""
-    return require_binary("skopeo", "skopeo")
+    binary = require_binary("skopeo", "skopeo")
+    matrix.note_version("skopeo", [binary, "--version"])
+    return binary
 
 
 # Anything that looks like a credential: a JWT (their JSON header always encodes to "eyJ"),
@@ -114,6 +120,21 @@ def no_secret_in_any_log() -> Iterator[None]:
             lines += path.read_text(errors="replace").splitlines()
     leaked = [line for line in lines if _SECRET.search(line)]
     assert not leaked, f"{len(leaked)} log lines carry secrets, e.g. {leaked[0][:200]}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Record the outcome of every client matrix case (see ``matrix``)."""
+    report = yield
+    matrix.observe(item, report)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the client matrix records of this session."""
+    matrix.write()
 
 
 async def until_serving(base_url: str) -> None:

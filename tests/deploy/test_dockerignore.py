@@ -20,6 +20,8 @@ from .files import DOCKERIGNORE, ROOT
         ".ruff_cache/CACHEDIR.TAG",
         ".hypothesis/examples/x",
         "bench/results/run.json",
+        ".tools/crane@v0.22.1/crane",
+        "reports/conformance/proxy/junit.xml",
         "src/balena_registry_proxy.egg-info/PKG-INFO",
         "src/balena_registry_proxy/__pycache__/app.cpython-311.pyc",
         "build/lib/balena_registry_proxy/app.py",

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from balena_registry_proxy.sandbox import Sandbox
+from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 from balena_registry_proxy.sandbox.ports import free_port
 
+from .. import matrix
 from ..conftest import register_log
+from .go_clients import Crane, LayoutClient, Oras
+from .go_tools import go_tool
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,55 @@ def proxy(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
     with proxy_process({"REGISTRY_URL": sandbox.registry_url}, log_path) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def edge_proxy(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningProxy]:
+    """A proxy in edge mode (``--proxy-auth``) in front of the sandbox."""
+    directory = tmp_path_factory.mktemp("edge")
+    env = {"REGISTRY_URL": sandbox.registry_url, "PROXY_AUTH": "true"}
+    with proxy_process(env, directory / "proxy.log") as running:
+        yield running
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A sandbox with a proxy in front, for the Go clients, the upstream registry chosen.
+
+    The token realm names the token service ``localhost``, a host name as balenaCloud's is, and
+    clients address the proxy as ``localhost`` too: crane refuses a realm on a private IP literal
+    and oras one that resolves to loopback, unless it is the registry's own host (see the
+    README's client notes).
+    """
+
+    key: str
+    version: str
+    sandbox: Sandbox
+    proxy: RunningProxy
+
+    @property
+    def host(self) -> str:
+        """The proxy's ``localhost:<port>``."""
+        return self.proxy.host.replace("127.0.0.1", "localhost", 1)
+
+
+@pytest.fixture(scope="session", params=["registry2", "registry3"])
+def go_upstream(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Upstream]:
+    """The proxy in front of Debian's registry 2.8, then in front of distribution 3."""
+    key: str = request.param
+    if key == "registry2":
+        binary: Path = request.getfixturevalue("registry_binary")
+    else:
+        binary = go_tool("registry")
+    version = matrix.note_version(key, [str(binary), "--version"])
+    with sandbox_in_thread(registry_binary=binary, realm_host="localhost") as sandbox:
+        log_path = tmp_path_factory.mktemp(f"proxy-{key}") / "proxy.log"
+        with proxy_process({"REGISTRY_URL": sandbox.registry_url}, log_path) as proxy:
+            yield Upstream(key, version, sandbox, proxy)
 
 
 @contextlib.contextmanager
@@ -146,3 +198,31 @@ def client(proxy: RunningProxy, skopeo: str, tmp_path_factory: pytest.TempPathFa
     workdir = tmp_path_factory.mktemp("skopeo")
     (workdir / "auth.json").write_text("{}")
     return Skopeo(skopeo, proxy.host, workdir)
+
+
+def _go_client_parts(name: str, upstream: Upstream, tmp_path: Path) -> tuple[Path, str, Path]:
+    """A Go client's binary (its version noted), the proxy's host and a new home for it."""
+    binary = go_tool(name)
+    matrix.note_version(name, [str(binary), "version"])
+    home = tmp_path / name
+    home.mkdir()
+    return binary, upstream.host, home
+
+
+@pytest.fixture
+def crane(go_upstream: Upstream, tmp_path: Path) -> Crane:
+    """crane, talking to the proxy in front of ``go_upstream``."""
+    return Crane(*_go_client_parts("crane", go_upstream, tmp_path))
+
+
+@pytest.fixture
+def oras(go_upstream: Upstream, tmp_path: Path) -> Oras:
+    """oras, talking to the proxy in front of ``go_upstream``."""
+    return Oras(*_go_client_parts("oras", go_upstream, tmp_path))
+
+
+@pytest.fixture(params=["crane", "oras"])
+def layout_client(request: pytest.FixtureRequest) -> LayoutClient:
+    """crane, then oras: the cases both clients run alike."""
+    client: LayoutClient = request.getfixturevalue(request.param)
+    return client

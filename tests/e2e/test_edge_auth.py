@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
 
-from .conftest import RunningProxy, Skopeo, proxy_process
+from .conftest import RunningProxy, Skopeo
 from .test_pull import ALICE, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def edge_proxy(
-    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningProxy]:
-    """A proxy in edge mode in front of the sandbox."""
-    directory = tmp_path_factory.mktemp("edge")
-    env = {"REGISTRY_URL": sandbox.registry_url, "PROXY_AUTH": "true"}
-    with proxy_process(env, directory / "proxy.log") as running:
-        yield running
 
 
 def test_private_pull_with_tokens_through_the_proxy(

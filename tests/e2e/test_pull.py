@@ -27,22 +27,24 @@ ALICE = "alice:alice-sandbox-api-key-0001"
 MALLORY = "mallory:mallory-sandbox-api-key-0003"
 
 
-@pytest.mark.parametrize(
-    ("name", "commit"),
-    [
-        ("gh_acme/web", PINNED),
-        ("gh_acme/web/latest", PINNED),
-        ("gh_acme/web/current", PINNED),
-        ("gh_acme/web/default", PINNED),
-        ("gh_acme/web/pinned", PINNED),
-        ("gh_acme/web/1.2.3", REV2),
-        ("gh_acme/web/1.3.0", NEWEST),
-        ("gh_acme/web/1.4.0-1700000000000", DRAFT),
-        (f"gh_acme/web/{REV0}", REV0),
-        (f"gh_acme/web/{NEWEST}:some-ignored-tag", NEWEST),
-        ("gh_acme/web/1.2.3:v0.0.1", REV2),
-    ],
-)
+# Every way of writing a release in a name (see the README), with the release it must pull.
+SELECTORS = [
+    ("gh_acme/web", PINNED),
+    ("gh_acme/web/latest", PINNED),
+    ("gh_acme/web/current", PINNED),
+    ("gh_acme/web/default", PINNED),
+    ("gh_acme/web/pinned", PINNED),
+    ("gh_acme/web/1.2.3", REV2),
+    ("gh_acme/web/1.3.0", NEWEST),
+    ("gh_acme/web/1.4.0-1700000000000", DRAFT),
+    (f"gh_acme/web/{REV0}", REV0),
+    (f"gh_acme/web/{NEWEST}:some-ignored-tag", NEWEST),
+    ("gh_acme/web/1.2.3:v0.0.1", REV2),
+]
+
+
+@pytest.mark.matrix("skopeo", "pull by every selector form")
+@pytest.mark.parametrize(("name", "commit"), SELECTORS)
 def test_every_selector_resolves_to_its_release(
     client: Skopeo, sandbox: Sandbox, name: str, commit: str
 ) -> None:
@@ -54,6 +56,7 @@ def test_pinned_is_not_the_newest(sandbox: Sandbox) -> None:
     assert sandbox.seed[PINNED].digest != sandbox.seed[NEWEST].digest
 
 
+@pytest.mark.matrix("skopeo", "pull by digest")
 def test_manifest_by_digest(client: Skopeo, sandbox: Sandbox) -> None:
     digest = sandbox.seed[REV2].digest
     document = client.inspect(f"gh_acme/web/1.2.3@{digest}", "--no-tags")
@@ -67,12 +70,14 @@ def test_digest_of_another_release_is_unknown_not_latest(client: Skopeo, sandbox
     assert "manifest unknown" in result.stderr
 
 
+@pytest.mark.matrix("skopeo", "copy a release, check its file")
 def test_copy_delivers_the_release_file(client: Skopeo, tmp_path: Path) -> None:
     result = client.pull("gh_acme/web/1.2.3", tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"commit={REV2}" in _release_text(tmp_path)
 
 
+@pytest.mark.matrix("skopeo", "index child by digest")
 def test_multi_platform_child_by_digest(client: Skopeo, sandbox: Sandbox, tmp_path: Path) -> None:
     seeded = sandbox.seed[MULTI]
     result = client.run(
@@ -92,6 +97,7 @@ def test_multi_platform_child_by_digest(client: Skopeo, sandbox: Sandbox, tmp_pa
     assert "linux/arm64" in _release_text(tmp_path)
 
 
+@pytest.mark.matrix("skopeo", "copy a 64 MiB layer")
 def test_big_layer_copy_verifies(client: Skopeo, sandbox: Sandbox, tmp_path: Path) -> None:
     result = client.pull("gh_acme/big", tmp_path)
     assert result.returncode == 0, result.stderr
@@ -102,6 +108,7 @@ def test_big_layer_copy_verifies(client: Skopeo, sandbox: Sandbox, tmp_path: Pat
         assert hashlib.sha256(data).hexdigest() == digest.split(":")[1]
 
 
+@pytest.mark.matrix("skopeo", "private app, with and without credentials")
 def test_private_app_needs_a_member_key(client: Skopeo, sandbox: Sandbox) -> None:
     anonymous = client.run("inspect", "--tls-verify=false", client.ref("gh_acme/secret/0.2.0"))
     assert anonymous.returncode != 0

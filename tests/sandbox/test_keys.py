@@ -75,6 +75,19 @@ def test_write_pem_round_trips_with_private_key_mode(
     assert cert_path.read_bytes() == signing_key.certificate_pem
 
 
+def test_jwks_names_the_public_key_by_its_libtrust_id(
+    signing_key: SigningKey, tmp_path: Path
+) -> None:
+    path = signing_key.write_jwks(tmp_path)
+    (key,) = jwt.PyJWKSet.from_json(path.read_text()).keys
+    # Distribution 3 trusts a token whose kid names a JWKS key: the kid 2.8 expects must do.
+    assert key.key_id == signing_key.kid
+    token = signing_key.sign({"sub": "alice"})
+    assert jwt.decode(token, key, algorithms=["RS256"]) == {"sub": "alice"}
+    assert "PRIVATE" not in path.read_text()
+    assert '"d"' not in path.read_text()
+
+
 def test_repr_does_not_leak_the_private_key(signing_key: SigningKey) -> None:
     assert "PRIVATE" not in repr(signing_key)
     assert signing_key.kid in repr(signing_key)

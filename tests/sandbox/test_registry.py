@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ def test_config_uses_token_auth_on_loopback() -> None:
     }
     assert config["storage"]["filesystem"] == {"rootdirectory": "/data"}
     assert config["storage"]["delete"] == {"enabled": False}
+
+
+def test_config_names_the_jwks_when_given() -> None:
+    settings = dataclasses.replace(SETTINGS, jwks_path=Path("/keys/token.jwks"))
+    config = render_config(settings, storage_dir=Path("/data"), port=5555, http_secret="s")
+    assert config["auth"]["token"]["jwks"] == "/keys/token.jwks"
+    assert config["auth"]["token"]["rootcertbundle"] == "/keys/token.crt"
 
 
 def test_s3_storage_replaces_the_filesystem_and_keeps_redirects_on() -> None:

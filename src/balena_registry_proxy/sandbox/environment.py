@@ -120,12 +120,17 @@ class Sandbox:
         service: str = DEFAULT_SERVICE,
         issuer: str = DEFAULT_ISSUER,
         s3: S3Storage | None = None,
+        realm_host: str = _LOCALHOST,
     ) -> AsyncIterator[Sandbox]:
         """Start the token service and the registry, seed every release, yield the sandbox.
 
         ``catalog_path`` defaults to the packaged ``default_catalog.yaml``. Without ``workdir``
         all state lives in a temporary directory removed on exit; a given ``workdir`` is kept.
-        With ``s3`` the registry keeps blobs in that (existing) bucket, not in ``workdir``.
+        With ``s3`` the registry keeps blobs in that (existing) bucket, not in ``workdir``; with
+        ``registry_binary`` that executable (distribution 3, say) serves instead of Debian's.
+        ``realm_host`` is how the token realm names the loopback token service: ``localhost``
+        makes it a host name like balenaCloud's, which clients that refuse a realm on a private
+        IP literal (crane 0.22) accept.
         """
         catalog = load_catalog(catalog_path or default_catalog_path())
         directory = (
@@ -137,7 +142,9 @@ class Sandbox:
             if workdir is None:
                 stack.callback(shutil.rmtree, directory, ignore_errors=True)
             signing_key = await asyncio.to_thread(generate_signing_key)
-            _, cert_path = await asyncio.to_thread(_write_keys, signing_key, directory / "keys")
+            cert_path, jwks_path = await asyncio.to_thread(
+                _write_keys, signing_key, directory / "keys"
+            )
             token_issuer = TokenIssuer(catalog, signing_key, issuer=issuer, service=service)
             token_app = create_token_app(token_issuer)
             runner = web.AppRunner(token_app)
@@ -146,10 +153,14 @@ class Sandbox:
             site = web.TCPSite(runner, _LOCALHOST, 0)
             await site.start()
             token_port = runner.addresses[0][1]
-            token_url = f"http://{_LOCALHOST}:{token_port}{TOKEN_PATH}"
+            token_url = f"http://{realm_host}:{token_port}{TOKEN_PATH}"
 
             settings = RegistrySettings(
-                realm=token_url, service=service, issuer=issuer, root_cert_path=cert_path
+                realm=token_url,
+                service=service,
+                issuer=issuer,
+                root_cert_path=cert_path,
+                jwks_path=jwks_path,
             )
             registry = await stack.enter_async_context(
                 run_registry(settings, directory / "registry", binary=registry_binary, s3=s3)
@@ -169,5 +180,7 @@ class Sandbox:
 
 
 def _write_keys(signing_key: SigningKey, directory: Path) -> tuple[Path, Path]:
+    """Write the key material the registry trusts; return the certificate and JWKS paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    return signing_key.write_pem(directory)
+    _, cert_path = signing_key.write_pem(directory)
+    return cert_path, signing_key.write_jwks(directory)

@@ -2,7 +2,10 @@
 
 Docker distribution 2.8 verifies a registry token by looking the JWT header ``kid`` up among the
 keys of the certificates in its ``rootcertbundle``; the id must be computed exactly as libtrust
-does, which is what :func:`libtrust_key_id` reproduces.
+does, which is what :func:`libtrust_key_id` reproduces. Distribution 3 names the certificates'
+keys by their RFC 7638 thumbprint instead, but also trusts the keys of a JWKS file under the
+``kid`` each one carries: :meth:`SigningKey.write_jwks` writes one that keeps the libtrust id, so
+one token is accepted by both.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
+from jwt.algorithms import RSAAlgorithm
 
 __all__ = ["SigningKey", "generate_signing_key", "libtrust_key_id"]
 
@@ -76,6 +81,13 @@ class SigningKey:
         key_path.write_bytes(self.private_key_pem())
         cert_path.write_bytes(self.certificate_pem)
         return key_path, cert_path
+
+    def write_jwks(self, directory: Path) -> Path:
+        """Write ``token.jwks``: the public key as a JSON Web Key Set, under this key's ``kid``."""
+        jwk = RSAAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
+        path = directory / "token.jwks"
+        path.write_text(json.dumps({"keys": [{**jwk, "kid": self.kid, "use": "sig"}]}))
+        return path
 
 
 def generate_signing_key(common_name: str = "balena-sandbox-token-issuer") -> SigningKey:

@@ -66,6 +66,8 @@ class RegistrySettings:
     service: str
     issuer: str
     root_cert_path: Path
+    # Distribution 3 looks a token's ``kid`` up here (2.8 ignores the setting).
+    jwks_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,14 @@ def render_config(
     driver = (
         {"filesystem": {"rootdirectory": str(storage_dir)}} if s3 is None else {"s3": s3.render()}
     )
+    token: dict[str, str] = {
+        "realm": settings.realm,
+        "service": settings.service,
+        "issuer": settings.issuer,
+        "rootcertbundle": str(settings.root_cert_path),
+    }
+    if settings.jwks_path is not None:
+        token["jwks"] = str(settings.jwks_path)
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
@@ -139,14 +149,7 @@ def render_config(
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": f"{_LOCALHOST}:{port}", "secret": http_secret},
-        "auth": {
-            "token": {
-                "realm": settings.realm,
-                "service": settings.service,
-                "issuer": settings.issuer,
-                "rootcertbundle": str(settings.root_cert_path),
-            }
-        },
+        "auth": {"token": token},
         # Off for S3 too: its probe would only add requests to the bucket's log.
         "health": {"storagedriver": {"enabled": False}},
     }

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .environment import Sandbox
@@ -21,13 +22,11 @@ __all__ = ["sandbox_in_thread"]
 
 class _SandboxThread(threading.Thread):
     def __init__(
-        self, catalog_path: Path | str | None, workdir: Path | str | None, s3: S3Storage | None
+        self, start: Callable[[], contextlib.AbstractAsyncContextManager[Sandbox]]
     ) -> None:
         # Daemon: a wedged shutdown must not keep the interpreter alive forever.
         super().__init__(name="balena-sandbox", daemon=True)
-        self._catalog_path = catalog_path
-        self._workdir = workdir
-        self._s3 = s3
+        self._start = start
         self.ready: concurrent.futures.Future[Sandbox] = concurrent.futures.Future()
         self.failure: BaseException | None = None
         # A threading.Event can be set before the loop exists; stopping is never lost.
@@ -43,7 +42,7 @@ class _SandboxThread(threading.Thread):
                 self.ready.set_exception(exc)
 
     async def _main(self) -> None:
-        async with Sandbox.start(self._catalog_path, self._workdir, s3=self._s3) as sandbox:
+        async with self._start() as sandbox:
             self.ready.set_result(sandbox)
             await asyncio.to_thread(self.stop_requested.wait)
 
@@ -55,14 +54,24 @@ def sandbox_in_thread(
     *,
     timeout_seconds: float = 60.0,
     s3: S3Storage | None = None,
+    registry_binary: Path | str | None = None,
+    realm_host: str = "127.0.0.1",
 ) -> Iterator[Sandbox]:
     """Start a sandbox in a background thread, yield it once seeded, stop it on exit.
 
-    With ``s3`` the registry keeps blobs in that bucket (see :class:`Sandbox`). Startup errors
-    (e.g. :class:`RegistryNotInstalledError`) are re-raised in the caller; so are errors during
-    shutdown.
+    ``s3``, ``registry_binary`` and ``realm_host`` are those of :meth:`Sandbox.start`. Startup
+    errors (e.g. :class:`RegistryNotInstalledError`) are re-raised in the caller; so are errors
+    during shutdown.
     """
-    thread = _SandboxThread(catalog_path, workdir, s3)
+    start = functools.partial(
+        Sandbox.start,
+        catalog_path,
+        workdir,
+        s3=s3,
+        registry_binary=registry_binary,
+        realm_host=realm_host,
+    )
+    thread = _SandboxThread(start)
     thread.start()
     try:
         sandbox = thread.ready.result(timeout=timeout_seconds)

@@ -1,0 +1,29 @@
+"""go-tools.txt pins each Go program the way ``make go-tools`` installs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from .go_tools import PINS, read_pins
+
+
+def test_every_tool_is_pinned_and_named_after_its_binary() -> None:
+    tools = read_pins(PINS.read_text())
+    assert {"conformance", "crane", "oras", "ctr", "containerd", "registry"} <= set(tools)
+    for name, tool in tools.items():
+        # go install names a binary after the last element of the package path.
+        assert tool.package.rsplit("/", 1)[-1] == name, tool
+        assert tool.path.parent.name == f"{name}@{tool.version}"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "crane github.com/google/go-containerregistry/cmd/crane@latest",
+        "crane github.com/google/go-containerregistry/cmd/crane@main",
+        "crane github.com/google/go-containerregistry/cmd/crane",
+    ],
+)
+def test_an_unpinned_tool_is_refused(line: str) -> None:
+    with pytest.raises(ValueError, match="not pinned"):
+        read_pins(line)
