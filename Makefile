@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,sandbox]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -54,7 +54,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_PACKAGES := docker-registry nginx wrk curl
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,sandbox,bench]'
 	touch $(BENCH_STAMP)
 
 bench-packages:

@@ -40,7 +40,9 @@ TOOLS_100 = "c6e2e586eb6e4544c6dbfc74e1e77cde"
 
 
 def repo(catalog: Catalog, commit: str) -> str:
-    return catalog.release(commit)[1].repository
+    image = catalog.release(commit)[1].single_image
+    assert image is not None
+    return image.repository
 
 
 def alice(catalog: Catalog) -> User:
@@ -337,9 +339,10 @@ def test_resolution_never_grants_more_than_pull(
         assert set(entry.actions) <= {"pull"}
         if entry.alias is not None:
             # An alias only ever accompanies a resolved v2/<hash> repository.
-            found = default_catalog.release_by_hash(entry.name.removeprefix("v2/"))
+            found = default_catalog.image_by_hash(entry.name.removeprefix("v2/"))
             assert found is not None
             assert found[1].status is ReleaseStatus.SUCCESS
+            assert found[1].single_image is found[2]
 
 
 @given(
@@ -360,7 +363,7 @@ def test_resolved_release_belongs_to_requested_app(
         entry = resolve_scope(default_catalog, request, who)
         assert entry is not None
         if entry.alias is not None:
-            assert entry.name in {r.repository for r in app.releases}
+            assert entry.name in {i.repository for r in app.releases for i in r.images}
 
 
 # --------------------------------------------------------------------------- model
@@ -381,8 +384,9 @@ def test_repository_hash_given_or_derived(default_catalog: Catalog) -> None:
 
 def test_platforms_and_big_layer(default_catalog: Catalog) -> None:
     _, multi = default_catalog.release("df536a8c7e7306f41113f698a6a97911")
-    assert [str(p) for p in multi.platforms] == ["linux/amd64", "linux/arm64"]
-    assert any(r.big_layer_mib == 64 for _, r in default_catalog.all_releases())
+    assert multi.single_image is not None
+    assert [str(p) for p in multi.single_image.platforms] == ["linux/amd64", "linux/arm64"]
+    assert any(image.big_layer_mib == 64 for _, _, image in default_catalog.all_images())
     assert Platform.parse("linux/arm/v7") == Platform("linux", "arm", "v7")
 
 
@@ -441,8 +445,8 @@ def world(**release: object) -> dict[str, Any]:
         ),
         ({"status": "done"}, "'done' is not one of success, failed, running"),
         ({"hash": "xyz"}, "hash: 'xyz' is not 32 lowercase hex characters"),
-        ({"platforms": ["linux"]}, "platforms[0]: invalid platform 'linux'"),
-        ({"platforms": [3]}, "platforms[0]: invalid platform 3"),
+        ({"platforms": ["linux"]}, "platforms[0]: 'linux' is not a platform os/arch[/variant]"),
+        ({"platforms": [3]}, "platforms[0]: must be a string (quote it in YAML), got 3"),
         ({"platforms": "linux/amd64"}, "platforms: must be a list"),
         ({"platforms": ["linux/amd64", "linux/amd64"]}, "lists a platform twice"),
         ({"big_layer_mib": "64"}, "big_layer_mib: must be a non-negative integer"),
@@ -500,7 +504,7 @@ def test_duplicates_are_rejected() -> None:
         catalog_from_data(doc)
     doc["apps"][0]["releases"][1] = dict(release, commit="b" * 32, revision=1, hash="c" * 32)
     doc["apps"][0]["releases"][0]["hash"] = "c" * 32
-    with pytest.raises(CatalogError, match="two releases share a repository hash"):
+    with pytest.raises(CatalogError, match="two images share a repository hash"):
         catalog_from_data(doc)
     doc["apps"].append({"slug": "o/b", "releases": [dict(release)]})
     del doc["apps"][0]["releases"][0]["hash"]

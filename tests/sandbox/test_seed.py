@@ -19,7 +19,7 @@ from balena_registry_proxy.sandbox.seed import (
     OCI_MANIFEST,
     GeneratedLayer,
     PushedManifest,
-    SeededRelease,
+    SeededImage,
     SeedResult,
     build_image,
     build_index,
@@ -97,7 +97,9 @@ def test_images_are_reproducible(web_rev2: tuple[App, Release]) -> None:
 
 def test_platform_images_differ_and_index_lists_them(default_catalog: Catalog) -> None:
     app, release = default_catalog.release(MULTI)
-    images = [build_image(app, release, platform) for platform in release.platforms]
+    assert release.single_image is not None
+    platforms = release.single_image.platforms
+    images = [build_image(app, release, platform) for platform in platforms]
     assert len({image.manifest_descriptor.digest for image in images}) == 2
     arm = json.loads(images[1].config)
     assert (arm["os"], arm["architecture"]) == ("linux", "arm64")
@@ -110,7 +112,7 @@ def test_platform_images_differ_and_index_lists_them(default_catalog: Catalog) -
             "size": len(image.manifest),
             "platform": {"architecture": str(p.architecture), "os": "linux"},
         }
-        for image, p in zip(images, release.platforms, strict=True)
+        for image, p in zip(images, platforms, strict=True)
     ]
 
 
@@ -155,12 +157,12 @@ def test_extra_layer_is_appended(web_rev2: tuple[App, Release]) -> None:
 
 def test_seeded_release_layer_digests_include_children() -> None:
     child = PushedManifest("sha256:c", OCI_MANIFEST, 1, "sha256:cfg", ("sha256:l1",))
-    seeded = SeededRelease(
+    seeded = SeededImage(
         "c" * 32,
         "v2/x",
         PushedManifest("sha256:i", OCI_INDEX, 2),
         {"linux/amd64": child},
     )
-    result = SeedResult({seeded.commit: seeded})
+    result = SeedResult({seeded.repository: seeded})
     assert result["c" * 32].layer_digests == ("sha256:l1",)
     assert (seeded.digest, seeded.media_type) == ("sha256:i", OCI_INDEX)

@@ -15,10 +15,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .catalog import Catalog, ScopeRequest, default_catalog_path, load_catalog, resolve_scope
+from .catalog import (
+    Catalog,
+    ScopeRequest,
+    User,
+    can_read,
+    default_catalog_path,
+    load_catalog,
+    resolve_release,
+    resolve_scope,
+)
 from .keys import SigningKey, generate_signing_key
 from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, S3Storage, run_registry
-from .seed import SeededRelease, SeedResult, seed_registry
+from .seed import SeededImage, SeedResult, seed_registry
 from .token_service import (
     TOKEN_PATH,
     TOKEN_REQUESTS,
@@ -90,20 +99,40 @@ class Sandbox:
         """The registry's access log: one Apache combined-format line per request."""
         return self.registry.access_log_path
 
-    def expected_release(self, name: str, username: str | None = None) -> SeededRelease | None:
+    def expected_release(self, name: str, username: str | None = None) -> SeededImage | None:
         """What pulling ``name`` (``org/app[/selector]``) should yield for ``username``.
 
         Applies the token service's resolution rules, so tests can compare what a client
         received with what was seeded; ``None`` when balena would not serve the name.
         """
-        user = None if username is None else self.catalog.user(username)
-        if username is not None and user is None:
-            raise KeyError(username)
+        user = self._user(username)
         entry = resolve_scope(self.catalog, ScopeRequest(name, ("pull",)), user)
         if entry is None or entry.alias is None:
             return None
-        found = self.catalog.release_by_hash(entry.name.removeprefix("v2/"))
-        return None if found is None else self.seed[found[1].commit]
+        return self.seed.images[entry.name]
+
+    def expected_images(self, name: str, username: str | None = None) -> dict[str, SeededImage]:
+        """The images, by service, of the release ``org/app[/selector]`` names for ``username``.
+
+        The selector rules are the token service's (pinned release for none or a keyword,
+        newest revision of a final version, a draft by raw version, a commit; successful
+        releases only), without its one-image rule: what a client that resolves releases
+        through ``/v7`` and pulls each service by repository should get. Empty when the app
+        is unknown, unreadable for ``username``, or has no such release.
+        """
+        user = self._user(username)
+        slug, _, selector = name.partition("/")[2].partition("/")
+        app = self.catalog.app(f"{name.split('/')[0]}/{slug}")
+        if app is None or not can_read(app, user):
+            return {}
+        release = resolve_release(app, selector or None, single_image=False)
+        return {} if release is None else self.seed.services(release.commit)
+
+    def _user(self, username: str | None) -> User | None:
+        user = None if username is None else self.catalog.user(username)
+        if username is not None and user is None:
+            raise KeyError(username)
+        return user
 
     def registry_requests(self) -> list[AccessLogEntry]:
         """Requests the registry has served so far (see :meth:`RegistryProcess.access_log`)."""
@@ -155,7 +184,7 @@ class Sandbox:
                 run_registry(settings, directory / "registry", binary=registry_binary, s3=s3)
             )
 
-            repositories = [release.repository for _, release in catalog.all_releases()]
+            repositories = [image.repository for _, _, image in catalog.all_images()]
             seed = await seed_registry(registry.url, catalog, token_issuer.push_token(repositories))
             yield cls(
                 catalog=catalog,
