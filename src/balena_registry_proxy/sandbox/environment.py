@@ -1,4 +1,7 @@
-"""The whole sandbox in one context manager: signing key, token service, registry, seed data.
+"""The whole sandbox in one context manager: signing key, balena API stand-in, registry, seed.
+
+The API stand-in serves the token endpoint (``/auth/v1/token``) and the read side of ``/v7``
+on one port, as api.balena-cloud.com does.
 
 The registry keeps blobs on the local filesystem, or in an S3 bucket (``Sandbox.start(s3=...)``),
 where it answers blob requests with redirects to presigned URLs as balenaCloud's registry does.
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .api import add_api_routes
 from .catalog import (
     Catalog,
     ScopeRequest,
@@ -26,6 +30,7 @@ from .catalog import (
     resolve_scope,
 )
 from .keys import SigningKey, generate_signing_key
+from .model import build_database
 from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, S3Storage, run_registry
 from .seed import SeededImage, SeedResult, seed_registry
 from .token_service import (
@@ -55,7 +60,7 @@ class Sandbox:
         *,
         catalog: Catalog,
         token_issuer: TokenIssuer,
-        token_url: str,
+        api_url: str,
         token_requests: list[TokenRequestRecord],
         registry: RegistryProcess,
         seed: SeedResult,
@@ -63,7 +68,8 @@ class Sandbox:
     ) -> None:
         self.catalog = catalog
         self.token_issuer = token_issuer
-        self.token_url = token_url
+        self.api_url = api_url
+        self.token_url = api_url + TOKEN_PATH
         self.token_requests = token_requests
         self.registry = registry
         self.seed = seed
@@ -169,13 +175,16 @@ class Sandbox:
             _, cert_path = await asyncio.to_thread(_write_keys, signing_key, directory / "keys")
             token_issuer = TokenIssuer(catalog, signing_key, issuer=issuer, service=service)
             token_app = create_token_app(token_issuer)
+            # Image locations name the registry by its service name, as REGISTRY2_HOST does.
+            database = await asyncio.to_thread(build_database, catalog, service)
+            add_api_routes(token_app, catalog, database)
             runner = web.AppRunner(token_app)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, _LOCALHOST, 0)
             await site.start()
-            token_port = runner.addresses[0][1]
-            token_url = f"http://{_LOCALHOST}:{token_port}{TOKEN_PATH}"
+            api_url = f"http://{_LOCALHOST}:{runner.addresses[0][1]}"
+            token_url = api_url + TOKEN_PATH
 
             settings = RegistrySettings(
                 realm=token_url, service=service, issuer=issuer, root_cert_path=cert_path
@@ -189,7 +198,7 @@ class Sandbox:
             yield cls(
                 catalog=catalog,
                 token_issuer=token_issuer,
-                token_url=token_url,
+                api_url=api_url,
                 token_requests=token_app[TOKEN_REQUESTS],
                 registry=registry,
                 seed=seed,
