@@ -1,9 +1,9 @@
-"""A local stand-in for balenaCloud: a real registry, a faithful token service, seeded images.
+"""A local stand-in for balenaCloud: a real registry, a faithful balena API, seeded images.
 
 Used by the end-to-end tests and the demo::
 
     async with Sandbox.start() as sb:
-        ...  # sb.registry_url, sb.token_url, sb.seed[commit].digest, ...
+        ...  # sb.registry_url, sb.token_url, sb.api_url + "/v7/release", sb.seed[commit].digest
 
 or, from synchronous code, ``with sandbox_in_thread() as sb: ...``.
 """

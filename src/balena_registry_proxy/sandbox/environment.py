@@ -49,10 +49,11 @@ _LOCALHOST = "127.0.0.1"
 
 
 class Sandbox:
-    """A running stand-in for balenaCloud's registry and its token server.
+    """A running stand-in for balenaCloud's registry and its API.
 
     Obtain one with ``async with Sandbox.start() as sb``; the attributes are plain values that
-    are safe to read from any thread.
+    are safe to read from any thread. ``api_url`` is the API's root (``/v7/...`` below it),
+    ``token_url`` its token endpoint, the registry's token realm.
     """
 
     def __init__(
