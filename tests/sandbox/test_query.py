@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balena_registry_proxy.sandbox.catalog import Catalog
 from balena_registry_proxy.sandbox.model import RESOURCES, Database, build_database
-from balena_registry_proxy.sandbox.odata import parse_query
+from balena_registry_proxy.sandbox.odata import parse_query, quote_literal
 from balena_registry_proxy.sandbox.query import (
     UnknownNameError,
     UnsupportedQueryError,
@@ -295,3 +297,19 @@ def test_untranslatable_names_and_types(q: Any, raw: str) -> None:
 def test_real_but_unmodelled_navigations(q: Any, raw: str) -> None:
     with pytest.raises(UnsupportedQueryError, match="not modelled"):
         q("application", raw)
+
+
+# --------------------------------------------------------------------------- properties
+
+_SLUGS = st.sampled_from(["gh_acme/web", "gh_acme/secret", "gh_acme/stack", "x' or '1' eq '1"])
+
+
+@settings(max_examples=60)
+@given(st.one_of(_SLUGS, st.text(st.characters(exclude_categories=["Cs"]), max_size=30)))
+def test_a_quoted_value_only_ever_matches_itself(
+    database: Database, default_catalog: Catalog, text: str
+) -> None:
+    options = parse_query(f"$select=slug&$filter=slug eq {quote_literal(text)}").options
+    rows = run_query(database, "application", options, database.visible(None))
+    public = {app.slug for app in default_catalog.apps if app.public}
+    assert [r["slug"] for r in rows] == ([text] if text in public else [])

@@ -270,3 +270,15 @@ def test_requested_scopes_splits_on_whitespace() -> None:
         "c:d:pull",
         "e:f:push",
     ]
+
+
+@pytest.mark.parametrize(
+    "name", ["gh_acme/stack/1.0.0/api", "gh_acme/stack/latest/db", "gh_acme/web/1.2.3/main"]
+)
+async def test_a_service_path_gets_no_actions_even_for_members(
+    aiohttp_client: AiohttpClient, issuer: TokenIssuer, name: str
+) -> None:
+    # The balena API refuses every service component (registry.ts), whoever asks.
+    for headers in (None, ALICE):
+        access = await access_for(aiohttp_client, issuer, f"repository:{name}:pull", headers)
+        assert access == [{"type": "repository", "name": name, "actions": []}]
