@@ -235,6 +235,15 @@ def test_a_path_through_a_collection_joins_one_row_per_match(q: Any) -> None:
     assert len(rows) == 3  # one per release_image, as SQL's LEFT JOIN gives
 
 
+def test_paths_through_single_links_join_in_filters_and_lambdas(q: Any) -> None:
+    failed = q(
+        "release",
+        "$select=semver&$filter=belongs_to__application/slug eq 'gh_acme/stack'"
+        " and release_image/any(ri:ri/image/status eq 'failed')",
+    )
+    assert failed == [{"semver": "1.2.0"}]
+
+
 def test_the_old_proxys_image_query(q: Any, default_catalog: Catalog) -> None:
     # open-balena-registry-proxy b87948a resolved names with this shape; newest revision first.
     rows = q(

@@ -201,14 +201,10 @@ class _Evaluator:
     def lambda_truth(self, member: Member, scope: _Scope) -> bool:
         lambda_ = member.lambda_
         assert lambda_ is not None
-        origin, names = self._origin(member.path, scope)
-        if len(names) == 1:
-            start = scope.aliases[origin] if origin else scope.default
-        else:
-            start = scope.joins[(origin, names[:-1])]
-        target = self.navigation_target(start.resource, names[-1])
+        start, name = self.place_of(member.path, scope)
+        target = self.navigation_target(start.resource, name)
         outcomes: list[Truth] = []
-        for row in self.follow(start, names[-1]):
+        for row in self.follow(start, name):
             place = _Place(row, target)
             inner = _Scope(place, {**scope.aliases, lambda_.alias: place}, {})
             for combination in self.combinations(inner, self.joins_of(lambda_.body, inner)):
