@@ -186,3 +186,14 @@ async def test_unknown_resource_is_401_without_a_body(client: Any) -> None:
 async def test_only_reads(client: Any) -> None:
     response = await client.post("/v7/release", json={"commit": "x"})
     assert response.status == 405
+
+
+async def test_the_reason_for_a_refusal_is_logged_not_answered(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = await get(client, f"/v7/application?$expand=organization&apikey={ALICE_KEY}")
+    assert response.status == 400
+    assert "not modelled" not in await response.text()
+    (record,) = [r for r in caplog.records if r.name == "balena_registry_proxy.sandbox.api"]
+    assert "application.organization is not modelled by the sandbox" in record.getMessage()
+    assert ALICE_KEY not in record.getMessage()

@@ -193,12 +193,13 @@ _KEYWORD_RE = re.compile(r"[a-z]+")
 def _decode(text: str) -> str:
     """JavaScript's decodeURIComponent, which the balena API applies to names and text."""
     text = str(text)  # a lark Token is a str subclass; keep plain strings in the tree
+    # The messages leave the text out: it may be a parameter holding a credential.
     if _ESCAPE_RE.search(text):
-        raise ODataEncodingError(f"a '%' in {text!r} starts no escape")
+        raise ODataEncodingError("a '%' starts no percent-escape")
     try:
         return urllib.parse.unquote(text, errors="strict")
     except UnicodeDecodeError:
-        raise ODataEncodingError(f"{text!r} escapes bytes that are not UTF-8") from None
+        raise ODataEncodingError("a percent-escape encodes bytes that are not UTF-8") from None
 
 
 def _keyword(token: lark.Token) -> str:
