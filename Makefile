@@ -46,8 +46,8 @@ $(STAMP): $(BIN)/python pyproject.toml requirements/dev.txt
 	touch $(STAMP)
 
 # What the proxy and the sandbox run with, and nothing else, so a first demo starts soon.
-$(DEMO_STAMP): $(BIN)/python pyproject.toml requirements/runtime.txt requirements/build.txt
-	$(BIN)/pip install -q --require-hashes -r requirements/build.txt -r requirements/runtime.txt
+$(DEMO_STAMP): $(BIN)/python pyproject.toml requirements/sandbox.txt requirements/build.txt
+	$(BIN)/pip install -q --require-hashes -r requirements/build.txt -r requirements/sandbox.txt
 	$(INSTALL_PROJECT)
 	touch $(DEMO_STAMP)
 
@@ -145,8 +145,10 @@ lock: $(LOCK_VENV)/bin/pip-compile
 	$(PIP_COMPILE) -o requirements/runtime.txt pyproject.toml
 	$(PIP_COMPILE) --allow-unsafe --all-build-deps --only-build-deps \
 		-o requirements/build.txt pyproject.toml
-	$(PIP_COMPILE) --allow-unsafe --all-build-deps --extra dev --extra bench \
-		-c requirements/runtime.txt -c requirements/build.txt \
+	$(PIP_COMPILE) --extra sandbox -c requirements/runtime.txt \
+		-o requirements/sandbox.txt pyproject.toml
+	$(PIP_COMPILE) --allow-unsafe --all-build-deps --extra dev --extra bench --extra sandbox \
+		-c requirements/runtime.txt -c requirements/build.txt -c requirements/sandbox.txt \
 		-o requirements/dev.txt pyproject.toml
 	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
 	for arch in $(IMAGE_ARCHES); do \

@@ -31,7 +31,7 @@ from .files import (
 )
 from .locks import Lock, read_lock
 
-LOCK_FILES = ("runtime.txt", "build.txt", "dev.txt")
+LOCK_FILES = ("runtime.txt", "build.txt", "sandbox.txt", "dev.txt")
 # What pip-compile writes as the reason for a pin that pyproject.toml asks for itself.
 FROM_DEPENDENCIES = "balena-registry-proxy (pyproject.toml)"
 FROM_BUILD_SYSTEM = "balena-registry-proxy (pyproject.toml::build-system.requires)"
@@ -73,12 +73,18 @@ def build_requirements() -> list[Requirement]:
     return requirements(pyproject()["build-system"]["requires"])
 
 
+def sandbox_requirements() -> list[Requirement]:
+    """What the demo's venv runs: the dependencies and the sandbox extra."""
+    extras = pyproject()["project"]["optional-dependencies"]
+    return [*runtime_requirements(), *requirements(extras["sandbox"])]
+
+
 def venv_requirements() -> list[Requirement]:
-    """What the Makefile's venv installs: the dependencies, the dev and bench extras, and the
-    build backend (it installs the project itself without build isolation)."""
+    """What the Makefile's venv installs: the dependencies, the sandbox, dev and bench extras,
+    and the build backend (it installs the project itself without build isolation)."""
     extras = pyproject()["project"]["optional-dependencies"]
     return [
-        *runtime_requirements(),
+        *sandbox_requirements(),
         *requirements(extras["dev"]),
         *requirements(extras["bench"]),
         *build_requirements(),
@@ -117,6 +123,7 @@ def test_every_pin_is_hashed_and_compiled_for_the_image_python(
     [
         ("runtime.txt", runtime_requirements),
         ("build.txt", build_requirements),
+        ("sandbox.txt", sandbox_requirements),
         ("dev.txt", venv_requirements),
     ],
 )
@@ -137,6 +144,7 @@ def test_a_changed_bound_is_caught(locks: dict[str, Lock]) -> None:
     [
         ("runtime.txt", FROM_DEPENDENCIES, runtime_requirements),
         ("build.txt", FROM_BUILD_SYSTEM, build_requirements),
+        ("sandbox.txt", FROM_DEPENDENCIES, sandbox_requirements),
         ("dev.txt", FROM_DEPENDENCIES, venv_requirements),
         ("dev.txt", FROM_BUILD_SYSTEM, build_requirements),
     ],
@@ -149,7 +157,7 @@ def test_lock_keeps_nothing_pyproject_dropped(
     assert asked <= named, f"{name} pins {asked - named} for pyproject.toml: run make lock"
 
 
-@pytest.mark.parametrize("name", ["runtime.txt", "build.txt"])
+@pytest.mark.parametrize("name", ["runtime.txt", "build.txt", "sandbox.txt"])
 def test_the_venv_gets_the_versions_and_files_of_the_image(
     locks: dict[str, Lock], name: str
 ) -> None:

@@ -75,7 +75,7 @@ def test_the_demo_installs_only_what_the_proxy_runs_with(tmp_path: Path) -> None
     installs = pip_installs(planned("demo", tmp_path / "venv"))
     assert installs
     read = {file for command in installs for file in requirement_files(command)}
-    assert read == {"requirements/runtime.txt", "requirements/build.txt"}
+    assert read == {"requirements/sandbox.txt", "requirements/build.txt"}
     for command in installs:
         assert "--require-hashes" in command or "--no-deps" in command, command
         assert not any("[" in word for word in command), f"extras installed: {command}"
@@ -97,8 +97,8 @@ def imported_distributions() -> set[str]:
     return {canonicalize_name(name) for module in modules for name in providers[module]}
 
 
-def test_the_runtime_lock_has_everything_the_proxy_and_the_sandbox_import() -> None:
-    locked = set(read_lock(REQUIREMENTS / "runtime.txt").pins)
+def test_the_demo_lock_has_everything_the_proxy_and_the_sandbox_import() -> None:
+    locked = set(read_lock(REQUIREMENTS / "sandbox.txt").pins)
     assert imported_distributions() <= locked
 
 

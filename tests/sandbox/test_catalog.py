@@ -40,7 +40,9 @@ TOOLS_100 = "c6e2e586eb6e4544c6dbfc74e1e77cde"
 
 
 def repo(catalog: Catalog, commit: str) -> str:
-    return catalog.release(commit)[1].repository
+    image = catalog.release(commit)[1].single_image
+    assert image is not None
+    return image.repository
 
 
 def alice(catalog: Catalog) -> User:
@@ -337,9 +339,10 @@ def test_resolution_never_grants_more_than_pull(
         assert set(entry.actions) <= {"pull"}
         if entry.alias is not None:
             # An alias only ever accompanies a resolved v2/<hash> repository.
-            found = default_catalog.release_by_hash(entry.name.removeprefix("v2/"))
+            found = default_catalog.image_by_hash(entry.name.removeprefix("v2/"))
             assert found is not None
             assert found[1].status is ReleaseStatus.SUCCESS
+            assert found[1].single_image is found[2]
 
 
 @given(
@@ -360,7 +363,7 @@ def test_resolved_release_belongs_to_requested_app(
         entry = resolve_scope(default_catalog, request, who)
         assert entry is not None
         if entry.alias is not None:
-            assert entry.name in {r.repository for r in app.releases}
+            assert entry.name in {i.repository for r in app.releases for i in r.images}
 
 
 # --------------------------------------------------------------------------- model
@@ -381,8 +384,9 @@ def test_repository_hash_given_or_derived(default_catalog: Catalog) -> None:
 
 def test_platforms_and_big_layer(default_catalog: Catalog) -> None:
     _, multi = default_catalog.release("df536a8c7e7306f41113f698a6a97911")
-    assert [str(p) for p in multi.platforms] == ["linux/amd64", "linux/arm64"]
-    assert any(r.big_layer_mib == 64 for _, r in default_catalog.all_releases())
+    assert multi.single_image is not None
+    assert [str(p) for p in multi.single_image.platforms] == ["linux/amd64", "linux/arm64"]
+    assert any(image.big_layer_mib == 64 for _, _, image in default_catalog.all_images())
     assert Platform.parse("linux/arm/v7") == Platform("linux", "arm", "v7")
 
 
@@ -441,8 +445,8 @@ def world(**release: object) -> dict[str, Any]:
         ),
         ({"status": "done"}, "'done' is not one of success, failed, running"),
         ({"hash": "xyz"}, "hash: 'xyz' is not 32 lowercase hex characters"),
-        ({"platforms": ["linux"]}, "platforms[0]: invalid platform 'linux'"),
-        ({"platforms": [3]}, "platforms[0]: invalid platform 3"),
+        ({"platforms": ["linux"]}, "platforms[0]: 'linux' is not a platform os/arch[/variant]"),
+        ({"platforms": [3]}, "platforms[0]: must be a string (quote it in YAML), got 3"),
         ({"platforms": "linux/amd64"}, "platforms: must be a list"),
         ({"platforms": ["linux/amd64", "linux/amd64"]}, "lists a platform twice"),
         ({"big_layer_mib": "64"}, "big_layer_mib: must be a non-negative integer"),
@@ -500,7 +504,7 @@ def test_duplicates_are_rejected() -> None:
         catalog_from_data(doc)
     doc["apps"][0]["releases"][1] = dict(release, commit="b" * 32, revision=1, hash="c" * 32)
     doc["apps"][0]["releases"][0]["hash"] = "c" * 32
-    with pytest.raises(CatalogError, match="two releases share a repository hash"):
+    with pytest.raises(CatalogError, match="two images share a repository hash"):
         catalog_from_data(doc)
     doc["apps"].append({"slug": "o/b", "releases": [dict(release)]})
     del doc["apps"][0]["releases"][0]["hash"]
@@ -537,3 +541,173 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     invalid.write_text("orgs: [o]\napps: [{slug: o/a, releases: [{commit: x, semver: 1.0.0}]}]\n")
     with pytest.raises(CatalogError, match=r"invalid.yaml: catalog.apps\[0\].releases\[0\].commit"):
         load_catalog(invalid)
+
+
+# --------------------------------------------------------------------------- services, device types
+
+STACK = "gh_acme/stack"
+STACK_100 = "b9998890955e1a80e7d30b4cbb1c414f"
+STACK_110 = "46b872d1f31c14c156a484fe0e51183d"
+BACKOFFICE = "85cb7cd25c1f7287d83d99d49cc1a47d"
+
+
+def test_a_release_of_several_services_has_an_image_each(default_catalog: Catalog) -> None:
+    _, release = default_catalog.release(STACK_100)
+    assert [image.service for image in release.images] == ["frontend", "api", "db"]
+    assert len({image.repository for image in release.images}) == 3
+    assert release.single_image is None
+    assert default_catalog.release(WEB_123)[1].images[0].service == "main"
+
+
+@pytest.mark.parametrize("suffix", ["", "/latest", "/1.0.0", f"/{STACK_100}"])
+def test_releases_of_several_services_never_resolve_by_name(
+    default_catalog: Catalog, suffix: str
+) -> None:
+    entry = resolve(default_catalog, f"repository:{STACK}{suffix}:pull")
+    assert entry is not None
+    assert "alias" not in entry
+    # Only the bare name keeps the legacy grant of a repository that does not exist.
+    assert entry == {
+        "type": "repository",
+        "name": f"{STACK}{suffix}",
+        "actions": ["pull"] if suffix == "" else [],
+    }
+
+
+def test_each_service_image_is_pullable_by_repository(default_catalog: Catalog) -> None:
+    for image in default_catalog.release(STACK_100)[1].images:
+        assert resolve(default_catalog, f"repository:{image.repository}:pull") == {
+            "type": "repository",
+            "name": image.repository,
+            "actions": ["pull"],
+        }
+    for image in default_catalog.release(BACKOFFICE)[1].images:
+        scope = f"repository:{image.repository}:pull"
+        assert resolve(default_catalog, scope)["actions"] == []  # type: ignore[index]
+        assert resolve(default_catalog, scope, alice(default_catalog))["actions"] == ["pull"]  # type: ignore[index]
+
+
+def test_invalidated_releases_still_resolve_explicitly(default_catalog: Catalog) -> None:
+    # The API's registry resolution does not look at is_invalidated (registry.ts).
+    entry = resolve(default_catalog, "repository:gh_acme/browser-aarch64/2.3.9:pull")
+    assert entry is not None
+    assert entry["alias"] == "gh_acme/browser-aarch64/2.3.9"
+
+
+def test_resolution_without_the_one_image_rule(default_catalog: Catalog) -> None:
+    app = default_catalog.app(STACK)
+    assert app is not None
+    assert resolve_release(app, None) is None
+    pinned = resolve_release(app, None, single_image=False)
+    assert pinned is not None
+    assert pinned.commit == STACK_100
+    assert resolve_release(app, "1.2.0", single_image=False) is None  # failed
+
+
+def test_the_newest_single_image_revision_wins() -> None:
+    releases = [
+        {"commit": "a" * 32, "semver": "1.0.0"},
+        {
+            "commit": "b" * 32,
+            "semver": "1.0.0",
+            "revision": 1,
+            "services": [{"name": "x"}, {"name": "y"}],
+        },
+    ]
+    catalog = catalog_from_data({"orgs": ["o"], "apps": [{"slug": "o/a", "releases": releases}]})
+    app = catalog.apps[0]
+    assert resolve_release(app, "1.0.0") == app.releases[0]
+    assert resolve_release(app, "1.0.0", single_image=False) == app.releases[1]
+
+
+def test_device_types(default_catalog: Catalog) -> None:
+    web = default_catalog.app("gh_acme/web")
+    browser = default_catalog.app("gh_acme/browser-armv7hf")
+    assert web is not None
+    assert browser is not None
+    assert web.device_type == default_catalog.device_types[0]
+    assert (browser.device_type.cpu_architecture, str(browser.device_type.platform)) == (
+        "armv7hf",
+        "linux/arm/v7",
+    )
+    bare = catalog_from_data({"orgs": ["o"], "apps": [{"slug": "o/a"}]})
+    assert bare.apps[0].device_type.slug == "generic-amd64"
+
+
+def test_a_release_of_several_services_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "world.yaml"
+    path.write_text(
+        "orgs: [o]\n"
+        "device_types: [{slug: rpi3, name: Pi, cpu_architecture: armv7hf}]\n"
+        "apps:\n"
+        "  - slug: o/a\n"
+        "    device_type: rpi3\n"
+        "    releases:\n"
+        "      - commit: " + "a" * 32 + "\n"
+        "        semver: 1.0.0\n"
+        "        invalidated: true\n"
+        "        status: cancelled\n"
+        "        services: [{name: web, hash: "
+        + "b" * 32
+        + "}, {name: db, platforms: [linux/arm/v7]}]\n"
+    )
+    (release,) = load_catalog(path).apps[0].releases
+    assert (release.invalidated, release.status) == (True, ReleaseStatus.CANCELLED)
+    web, db = release.images
+    assert (web.service, web.repository_hash) == ("web", "b" * 32)
+    assert db.repository_hash == derive_repository_hash("o/a", f"{'a' * 32}/db")
+    assert db.platforms == (Platform("linux", "arm", "v7"),)
+
+
+@pytest.mark.parametrize(
+    ("release", "message"),
+    [
+        ({"services": []}, "services: [] should be non-empty"),
+        ({"services": [{"name": "Web"}]}, "services[0].name: 'Web' is not a service name"),
+        ({"services": [{"name": "x"}, {"name": "x"}]}, "services: lists a service twice"),
+        ({"services": [{"name": "x"}], "hash": "c" * 32}, "hash belong to each service"),
+        (
+            {"services": [{"name": "x", "big_layer_mib": 1}]},
+            "services[0]: unknown key(s) big_layer_mib",
+        ),
+        ({"invalidated": "yes"}, "invalidated: must be true or false"),
+        ({"status": "done"}, "error, cancelled, interrupted"),
+    ],
+)
+def test_service_validation(release: dict[str, object], message: str) -> None:
+    with pytest.raises(CatalogError) as excinfo:
+        catalog_from_data(world(**release))
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("device_types", "app_type", "message"),
+    [
+        ([], "nope", "catalog.apps[0].device_type: 'nope' is not declared in device_types"),
+        (
+            [{"slug": "a", "name": "A", "cpu_architecture": "arm"}],
+            None,
+            "cpu_architecture: 'arm' is not one of rpi, armv7hf",
+        ),
+        (
+            [{"slug": "a", "name": "A", "cpu_architecture": "rpi"}] * 2,
+            None,
+            "two device types share a slug",
+        ),
+        (
+            [{"slug": "A", "name": "A", "cpu_architecture": "rpi"}],
+            None,
+            "is not a device type slug",
+        ),
+    ],
+)
+def test_device_type_validation(
+    device_types: list[dict[str, str]], app_type: str | None, message: str
+) -> None:
+    doc = world()
+    doc["device_types"] = device_types
+    if app_type is not None:
+        doc["apps"][0]["device_type"] = app_type
+    with pytest.raises(CatalogError) as excinfo:
+        catalog_from_data(doc)
+    assert message in str(excinfo.value)

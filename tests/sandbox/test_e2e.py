@@ -183,6 +183,75 @@ async def test_registry_access_log_counts_requests(sandbox: Sandbox) -> None:
     assert sandbox.registry_log_path.exists()
 
 
+async def test_every_image_is_seeded_at_its_content_hash(sandbox: Sandbox) -> None:
+    """Every image of every release is in the registry, at the digest /v7 gives as content_hash."""
+    images = sandbox.catalog.all_images()
+    assert len(sandbox.seed.images) == len(images)
+    push_token = sandbox.token_issuer.push_token(image.repository for _, _, image in images)
+    content_hashes: dict[str, str] = {}
+    # Between them, alice's and mallory's orgs own every private app.
+    for key in (ALICE[1], "mallory-sandbox-api-key-0003"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{sandbox.api_url}/v7/image?$select=is_stored_at__image_location,content_hash",
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            for row in (await response.json())["d"]:
+                location = row["is_stored_at__image_location"]
+                content_hashes[location.removeprefix(f"{sandbox.service}/")] = row["content_hash"]
+    assert set(content_hashes) == {image.repository for _, _, image in images}
+    for _, _, image in images:
+        seeded = sandbox.seed.images[image.repository]
+        status, headers, _ = await registry_get(
+            sandbox, f"/v2/{image.repository}/manifests/latest", push_token
+        )
+        assert status == 200
+        assert headers["Docker-Content-Digest"] == seeded.digest == content_hashes[image.repository]
+
+
+async def test_each_service_of_a_release_pulls_by_repository(sandbox: Sandbox) -> None:
+    services = sandbox.expected_images("gh_acme/stack/1.0.0")
+    assert set(services) == {"frontend", "api", "db"}
+    for name, seeded in services.items():
+        token = await get_token(sandbox, f"repository:{seeded.repository}:pull")
+        status, _, body = await registry_get(
+            sandbox, f"/v2/{seeded.repository}/manifests/{seeded.digest}", token
+        )
+        assert status == 200
+        layer = json.loads(body)["layers"][0]["digest"]
+        _, _, blob = await registry_get(sandbox, f"/v2/{seeded.repository}/blobs/{layer}", token)
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as archive:
+            member = archive.extractfile("release.txt")
+            assert member is not None
+            assert member.read().decode().endswith(f" service={name}\n")
+
+
+async def test_private_service_images_need_a_member(sandbox: Sandbox) -> None:
+    web = sandbox.expected_images("gh_acme/backoffice", "alice")["web"]
+    assert sandbox.expected_images("gh_acme/backoffice") == {}
+    path = f"/v2/{web.repository}/manifests/latest"
+    anonymous = await get_token(sandbox, f"repository:{web.repository}:pull")
+    assert (await registry_get(sandbox, path, anonymous))[0] == 401
+    member = await get_token(sandbox, f"repository:{web.repository}:pull", ALICE)
+    assert (await registry_get(sandbox, path, member))[0] == 200
+
+
+async def test_images_are_for_their_apps_platform(sandbox: Sandbox) -> None:
+    seeded = sandbox.expected_release("gh_acme/browser-armv7hf")
+    assert seeded is not None
+    token = await get_token(sandbox, f"repository:{seeded.repository}:pull")
+    _, _, body = await registry_get(sandbox, f"/v2/{seeded.repository}/manifests/latest", token)
+    config_digest = json.loads(body)["config"]["digest"]
+    _, _, config = await registry_get(
+        sandbox, f"/v2/{seeded.repository}/blobs/{config_digest}", token
+    )
+    platform = json.loads(config)
+    assert (platform["architecture"], platform["variant"]) == ("arm", "v7")
+
+
 def test_expected_release_follows_resolution_rules(sandbox: Sandbox) -> None:
     pinned = sandbox.expected_release("gh_acme/web")
     assert pinned is not None
@@ -194,6 +263,12 @@ def test_expected_release_follows_resolution_rules(sandbox: Sandbox) -> None:
     assert sandbox.expected_release("gh_acme/secret", "mallory") is None
     with pytest.raises(KeyError):
         sandbox.expected_release("gh_acme/web", "nobody")
+    # Several services: the API resolves none by name, a resolving client each of them.
+    assert sandbox.expected_release("gh_acme/stack") is None
+    assert set(sandbox.expected_images("gh_acme/stack")) == {"frontend", "api", "db"}
+    assert sandbox.expected_images("gh_acme/web/1.2.3") == {"main": sandbox.seed[WEB_123_REV2]}
+    assert sandbox.expected_images("gh_acme/stack/1.2.0") == {}  # failed
+    assert sandbox.expected_images("nobody/nothing") == {}
 
 
 # --------------------------------------------------------------------------- skopeo

@@ -19,11 +19,12 @@ from balena_registry_proxy.sandbox.seed import (
     OCI_MANIFEST,
     GeneratedLayer,
     PushedManifest,
-    SeededRelease,
+    SeededImage,
     SeedResult,
     build_image,
     build_index,
     deterministic_tar_gz,
+    manifest_digest,
     release_text,
 )
 
@@ -97,7 +98,9 @@ def test_images_are_reproducible(web_rev2: tuple[App, Release]) -> None:
 
 def test_platform_images_differ_and_index_lists_them(default_catalog: Catalog) -> None:
     app, release = default_catalog.release(MULTI)
-    images = [build_image(app, release, platform) for platform in release.platforms]
+    assert release.single_image is not None
+    platforms = release.single_image.platforms
+    images = [build_image(app, release, platform) for platform in platforms]
     assert len({image.manifest_descriptor.digest for image in images}) == 2
     arm = json.loads(images[1].config)
     assert (arm["os"], arm["architecture"]) == ("linux", "arm64")
@@ -110,7 +113,7 @@ def test_platform_images_differ_and_index_lists_them(default_catalog: Catalog) -
             "size": len(image.manifest),
             "platform": {"architecture": str(p.architecture), "os": "linux"},
         }
-        for image, p in zip(images, release.platforms, strict=True)
+        for image, p in zip(images, platforms, strict=True)
     ]
 
 
@@ -155,12 +158,63 @@ def test_extra_layer_is_appended(web_rev2: tuple[App, Release]) -> None:
 
 def test_seeded_release_layer_digests_include_children() -> None:
     child = PushedManifest("sha256:c", OCI_MANIFEST, 1, "sha256:cfg", ("sha256:l1",))
-    seeded = SeededRelease(
+    seeded = SeededImage(
         "c" * 32,
         "v2/x",
         PushedManifest("sha256:i", OCI_INDEX, 2),
         {"linux/amd64": child},
     )
-    result = SeedResult({seeded.commit: seeded})
+    result = SeedResult({seeded.repository: seeded})
     assert result["c" * 32].layer_digests == ("sha256:l1",)
     assert (seeded.digest, seeded.media_type) == ("sha256:i", OCI_INDEX)
+
+
+STACK_100 = "b9998890955e1a80e7d30b4cbb1c414f"
+BROWSER_AARCH64 = "96262b12bf6b6c66d4adc8fe12500d97"
+
+
+def test_service_images_name_their_service(default_catalog: Catalog) -> None:
+    app, release = default_catalog.release(STACK_100)
+    built = {i.service: build_image(app, release, service=i.service) for i in release.images}
+    assert len({image.manifest_descriptor.digest for image in built.values()}) == 3
+    api = built["api"]
+    (layer,) = api.layers
+    assert isinstance(layer.content, bytes)
+    text = untar(gzip.decompress(layer.content))["release.txt"].decode()
+    assert text == f"gh_acme/stack commit={STACK_100} version=1.0.0 service=api\n"
+    assert json.loads(api.config)["config"]["Labels"]["io.balena.sandbox.service"] == "api"
+
+
+def test_single_service_images_keep_their_bytes(web_rev2: tuple[App, Release]) -> None:
+    labels = json.loads(build_image(*web_rev2).config)["config"]["Labels"]
+    assert "io.balena.sandbox.service" not in labels
+
+
+def test_images_are_built_for_the_device_types_platform(default_catalog: Catalog) -> None:
+    config = json.loads(build_image(*default_catalog.release(BROWSER_AARCH64)).config)
+    assert (config["os"], config["architecture"], config["variant"]) == ("linux", "arm64", "v8")
+
+
+def test_manifest_digest_is_what_seeding_puts_at_latest(default_catalog: Catalog) -> None:
+    app, release = default_catalog.release(WEB_REV2)
+    assert release.single_image is not None
+    assert manifest_digest(app, release, release.single_image) == sha256(
+        build_image(app, release).manifest
+    )
+    app, release = default_catalog.release(MULTI)
+    image = release.single_image
+    assert image is not None
+    children = [build_image(app, release, p) for p in image.platforms]
+    assert manifest_digest(app, release, image) == sha256(build_index(children))
+
+
+def test_seed_result_by_release_and_by_service() -> None:
+    pushed = PushedManifest("sha256:m", OCI_MANIFEST, 1)
+    single = SeededImage("a" * 32, "v2/a", pushed)
+    web = SeededImage("b" * 32, "v2/b", pushed, service="web")
+    db = SeededImage("b" * 32, "v2/c", pushed, service="db")
+    result = SeedResult({i.repository: i for i in (single, web, db)})
+    assert result.releases == {"a" * 32: single}
+    assert result.services("b" * 32) == {"web": web, "db": db}
+    with pytest.raises(KeyError):
+        result["b" * 32]

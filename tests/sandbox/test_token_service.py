@@ -93,11 +93,12 @@ async def test_anonymous_public_pull(aiohttp_client: AiohttpClient, issuer: Toke
     assert claims["exp"] - claims["iat"] == 600
     assert claims["nbf"] == claims["iat"] - 10
     uuid.UUID(claims["jti"])
-    _, release = issuer.catalog.release("e8b6a13ac1443a731f1ad8fe7b6573f6")
+    image = issuer.catalog.release("e8b6a13ac1443a731f1ad8fe7b6573f6")[1].single_image
+    assert image is not None
     assert claims["access"] == [
         {
             "type": "repository",
-            "name": release.repository,
+            "name": image.repository,
             "alias": "gh_acme/web/1.2.3",
             "actions": ["pull"],
         }
@@ -119,10 +120,12 @@ async def test_member_key_gets_pull(aiohttp_client: AiohttpClient, issuer: Token
     assert response.status == 200
     claims = decode(body["token"], issuer.signing_key)
     assert claims["sub"] == "alice"
+    image = issuer.catalog.release(SECRET_REPO_COMMIT)[1].single_image
+    assert image is not None
     assert claims["access"] == [
         {
             "type": "repository",
-            "name": issuer.catalog.release(SECRET_REPO_COMMIT)[1].repository,
+            "name": image.repository,
             "alias": "gh_acme/secret/0.2.0",
             "actions": ["pull"],
         }
@@ -267,3 +270,15 @@ def test_requested_scopes_splits_on_whitespace() -> None:
         "c:d:pull",
         "e:f:push",
     ]
+
+
+@pytest.mark.parametrize(
+    "name", ["gh_acme/stack/1.0.0/api", "gh_acme/stack/latest/db", "gh_acme/web/1.2.3/main"]
+)
+async def test_a_service_path_gets_no_actions_even_for_members(
+    aiohttp_client: AiohttpClient, issuer: TokenIssuer, name: str
+) -> None:
+    # The balena API refuses every service component (registry.ts), whoever asks.
+    for headers in (None, ALICE):
+        access = await access_for(aiohttp_client, issuer, f"repository:{name}:pull", headers)
+        assert access == [{"type": "repository", "name": name, "actions": []}]

@@ -11,22 +11,30 @@ import hashlib
 import hmac
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 __all__ = [
+    "CPU_ARCHITECTURES",
+    "DEFAULT_DEVICE_TYPE",
     "DEFAULT_SELECTORS",
+    "DEFAULT_SERVICE_NAME",
     "AccessEntry",
     "App",
     "Catalog",
     "CatalogError",
+    "DeviceType",
     "Organization",
     "Platform",
     "Release",
+    "ReleaseImage",
     "ReleaseStatus",
     "ScopeRequest",
     "User",
@@ -43,13 +51,14 @@ __all__ = [
 
 # Selectors that mean "whatever release the app is pinned to", not "the newest release".
 DEFAULT_SELECTORS = frozenset({"latest", "current", "default", "pinned"})
+# The service name of a release described without `services`, as balena names a lone service.
+DEFAULT_SERVICE_NAME = "main"
+# balena's cpu_architecture slugs (API src/balena.sbvr), in the order the sandbox numbers them.
+CPU_ARCHITECTURES = ("rpi", "armv7hf", "aarch64", "i386-nlp", "i386", "amd64")
 
 _APP_NAME_RE = re.compile(r"^([a-z0-9_-]+)/([a-z0-9_-]+)(?:/([a-z0-9_.-]+))?(?:/([a-z0-9_-]+))?$")
 _DIRECT_NAME_RE = re.compile(r"^v2/([0-9a-f]{32})$")
 _HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
-_SEMVER_RE = re.compile(r"^(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*)$")
-_HANDLE_RE = re.compile(r"^[a-z0-9_-]+$")
-_PLATFORM_RE = re.compile(r"^([a-z0-9]+)/([a-z0-9_]+)(?:/([a-z0-9]+))?$")
 _PULL = "pull"
 
 
@@ -58,11 +67,14 @@ class CatalogError(ValueError):
 
 
 class ReleaseStatus(enum.StrEnum):
-    """Build status of a release; only successful releases are ever resolved by name."""
+    """Build status of a release (balena's six); only successful ones are resolved by name."""
 
     SUCCESS = "success"
     FAILED = "failed"
     RUNNING = "running"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -75,15 +87,42 @@ class Platform:
 
     @classmethod
     def parse(cls, text: str) -> Platform:
-        """Parse ``os/architecture[/variant]``; raise :class:`ValueError` if malformed."""
-        match = _PLATFORM_RE.match(text)
-        if match is None:
-            raise ValueError(f"invalid platform {text!r}, expected os/arch[/variant]")
-        return cls(os=match[1], architecture=match[2], variant=match[3])
+        """Parse ``os/architecture[/variant]`` (already checked by the catalog schema)."""
+        os_name, architecture, *variant = text.split("/")
+        return cls(os=os_name, architecture=architecture, variant=variant[0] if variant else None)
 
     def __str__(self) -> str:
         base = f"{self.os}/{self.architecture}"
         return base if self.variant is None else f"{base}/{self.variant}"
+
+
+# balena-compose's resolveDockerPlatform: the platform an image built for an architecture has.
+_ARCHITECTURE_PLATFORMS = {
+    "rpi": Platform("linux", "arm", "v6"),
+    "armv7hf": Platform("linux", "arm", "v7"),
+    "aarch64": Platform("linux", "arm64", "v8"),
+    "i386-nlp": Platform("linux", "386"),
+    "i386": Platform("linux", "386"),
+    "amd64": Platform("linux", "amd64"),
+}
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    """A balena device type; an app is for exactly one, and it for one cpu architecture."""
+
+    slug: str
+    name: str
+    cpu_architecture: str
+
+    @property
+    def platform(self) -> Platform:
+        """The OCI platform of images built for this device type."""
+        return _ARCHITECTURE_PLATFORMS[self.cpu_architecture]
+
+
+# What an app is for when the catalog does not say.
+DEFAULT_DEVICE_TYPE = DeviceType("generic-amd64", "Generic x86_64 (GPT)", "amd64")
 
 
 @dataclass(frozen=True)
@@ -103,15 +142,10 @@ class User:
 
 
 @dataclass(frozen=True)
-class Release:
-    """One release of an app; its image lives in the registry at :attr:`repository`."""
+class ReleaseImage:
+    """The image of one service in a release; it lives in the registry at :attr:`repository`."""
 
-    commit: str
-    semver: str
-    revision: int
-    is_final: bool
-    raw_version: str
-    status: ReleaseStatus
+    service: str
     repository_hash: str
     platforms: tuple[Platform, ...] = ()
     big_layer_mib: int = 0
@@ -120,6 +154,25 @@ class Release:
     def repository(self) -> str:
         """The opaque registry repository name, ``v2/<hash>``."""
         return f"v2/{self.repository_hash}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One release of an app: one image per service."""
+
+    commit: str
+    semver: str
+    revision: int
+    is_final: bool
+    raw_version: str
+    status: ReleaseStatus
+    images: tuple[ReleaseImage, ...]
+    invalidated: bool = False
+
+    @property
+    def single_image(self) -> ReleaseImage | None:
+        """The release's image when it has exactly one, the only kind resolved by name."""
+        return self.images[0] if len(self.images) == 1 else None
 
     @property
     def version(self) -> str:
@@ -138,6 +191,7 @@ class App:
     public: bool
     pinned_commit: str | None
     releases: tuple[Release, ...]
+    device_type: DeviceType = DEFAULT_DEVICE_TYPE
 
     @property
     def slug(self) -> str:
@@ -157,6 +211,7 @@ class Catalog:
     orgs: tuple[Organization, ...]
     users: tuple[User, ...]
     apps: tuple[App, ...]
+    device_types: tuple[DeviceType, ...] = (DEFAULT_DEVICE_TYPE,)
 
     def app(self, slug: str) -> App | None:
         """Return the app whose slug is ``slug``."""
@@ -182,22 +237,27 @@ class Catalog:
                     return app, release
         raise KeyError(commit)
 
-    def release_by_hash(self, repository_hash: str) -> tuple[App, Release] | None:
-        """Return the release stored at ``v2/<repository_hash>`` and its app."""
-        for app in self.apps:
-            for release in app.releases:
-                if release.repository_hash == repository_hash:
-                    return app, release
-        return None
+    def image_by_hash(self, repository_hash: str) -> tuple[App, Release, ReleaseImage] | None:
+        """Return the image stored at ``v2/<repository_hash>``, its release and its app."""
+        return next(
+            (found for found in self.all_images() if found[2].repository_hash == repository_hash),
+            None,
+        )
 
     def all_releases(self) -> list[tuple[App, Release]]:
         """Every release of every app, whatever its status."""
         return [(app, release) for app in self.apps for release in app.releases]
 
+    def all_images(self) -> list[tuple[App, Release, ReleaseImage]]:
+        """Every image of every release, whatever its status, in catalog order."""
+        return [
+            (app, release, image)
+            for app, release in self.all_releases()
+            for image in release.images
+        ]
+
 
 # --------------------------------------------------------------------------- scope resolution
-
-
 @dataclass(frozen=True)
 class ScopeRequest:
     """A parsed ``repository:<name>:<actions>`` scope; tag or digest suffixes are dropped."""
@@ -242,9 +302,18 @@ def can_read(app: App, user: User | None) -> bool:
     return app.public or (user is not None and app.org in user.orgs)
 
 
-def resolve_release(app: App, selector: str | None) -> Release | None:
-    """Pick the successful release of ``app`` that ``selector`` designates, if any."""
-    candidates = [r for r in app.releases if r.status is ReleaseStatus.SUCCESS]
+def resolve_release(app: App, selector: str | None, *, single_image: bool = True) -> Release | None:
+    """Pick the successful release of ``app`` that ``selector`` designates, if any.
+
+    The balena API's registry resolution only ever considers releases with one image
+    (``release_image/$count eq 1`` in its query); ``single_image=False`` lifts that rule and
+    picks among all successful releases, as a client resolving services itself would.
+    """
+    candidates = [
+        r
+        for r in app.releases
+        if r.status is ReleaseStatus.SUCCESS and (len(r.images) == 1 or not single_image)
+    ]
     if selector is None or selector in DEFAULT_SELECTORS:
         pinned = app.pinned_release
         return pinned if pinned in candidates else None
@@ -262,7 +331,7 @@ def resolve_scope(catalog: Catalog, request: ScopeRequest, user: User | None) ->
     pull = (_PULL,) if _PULL in request.actions else ()
     direct = _DIRECT_NAME_RE.match(request.name)
     if direct is not None:
-        found = catalog.release_by_hash(direct[1])
+        found = catalog.image_by_hash(direct[1])
         readable = found is not None and can_read(found[0], user)
         return AccessEntry(name=request.name, actions=pull if readable else ())
     match = _APP_NAME_RE.match(request.name)
@@ -274,8 +343,9 @@ def resolve_scope(catalog: Catalog, request: ScopeRequest, user: User | None) ->
         return AccessEntry(name=request.name, actions=())
     app = catalog.app(f"{org}/{app_name}")
     release = resolve_release(app, selector) if app is not None and can_read(app, user) else None
-    if release is not None:
-        return AccessEntry(name=release.repository, actions=pull, alias=request.name)
+    image = None if release is None else release.single_image
+    if image is not None:
+        return AccessEntry(name=image.repository, actions=pull, alias=request.name)
     if selector is None:
         # Legacy behaviour: grant the literal name, which does not exist in the registry.
         return AccessEntry(name=request.name, actions=pull)
@@ -326,193 +396,208 @@ def load_catalog(path: Path | str) -> Catalog:
         raise CatalogError(f"{path}: {exc}") from exc
 
 
-class _Fields:
-    """Typed access to one mapping of the catalog, naming its location in every error."""
-
-    def __init__(self, data: object, where: str, allowed: Sequence[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise CatalogError(f"{where}: expected a mapping, got {type(data).__name__}")
-        unknown = sorted(str(k) for k in data if k not in allowed)
-        if unknown:
-            raise CatalogError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        self._data = data
-        self.where = where
-
-    def error(self, key: str, message: str) -> CatalogError:
-        return CatalogError(f"{self.where}.{key}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def string(self, key: str, pattern: re.Pattern[str] | None = None, hint: str = "") -> str:
-        if key not in self._data:
-            raise self.error(key, "is required")
-        value = self._data[key]
-        if not isinstance(value, str):
-            # YAML turns unquoted 1.2 or all-digit hex into numbers; say how to fix it.
-            raise self.error(key, f"must be a string (quote it in YAML), got {value!r}")
-        if pattern is not None and not pattern.match(value):
-            raise self.error(key, f"{value!r} is not {hint}")
-        return value
-
-    def optional_string(self, key: str, pattern: re.Pattern[str], hint: str) -> str | None:
-        return self.string(key, pattern, hint) if key in self._data else None
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {value!r}")
-        return value
-
-    def integer(self, key: str, default: int) -> int:
-        value = self._data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.error(key, f"must be a non-negative integer, got {value!r}")
-        return value
-
-    def items(self, key: str, required: bool = True) -> list[object]:
-        if key not in self._data:
-            if required:
-                raise self.error(key, "is required")
-            return []
-        value = self._data[key]
-        if not isinstance(value, list):
-            raise self.error(key, f"must be a list, got {type(value).__name__}")
-        return value
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(Path(__file__).with_name("catalog.schema.json").read_text("utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
 
 
-def _string_list(fields: _Fields, key: str, pattern: re.Pattern[str], hint: str) -> list[str]:
-    values = fields.items(key, required=False)
-    for i, value in enumerate(values):
-        if not isinstance(value, str) or not pattern.match(value):
-            raise CatalogError(f"{fields.where}.{key}[{i}]: {value!r} is not {hint}")
-    return [str(v) for v in values]
+def _where(path: Iterable[str | int]) -> str:
+    return "catalog" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
-def _parse_release(data: object, where: str, app_slug: str) -> Release:
-    fields = _Fields(
-        data,
-        where,
-        (
-            "commit",
-            "semver",
-            "revision",
-            "final",
-            "raw_version",
-            "status",
-            "hash",
-            "platforms",
-            "big_layer_mib",
-        ),
+_TYPE_MESSAGES = {
+    # YAML turns unquoted 1.2 or all-digit hex into numbers; say how to fix it.
+    "string": "must be a string (quote it in YAML)",
+    "boolean": "must be true or false",
+    "integer": "must be a non-negative integer",
+}
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """One line naming where ``error`` is and what to write instead."""
+    where = _where(error.absolute_path)
+    # The typeshed stubs allow "unset" for these; a raised error always has them.
+    instance: Any = error.instance
+    schema: Any = error.schema
+    value: Any = error.validator_value
+    if error.validator == "type":
+        if value in _TYPE_MESSAGES:
+            return f"{where}: {_TYPE_MESSAGES[value]}, got {instance!r}"
+        expected = {"object": "expected a mapping", "array": "must be a list"}
+        return f"{where}: {expected[value]}, got {type(instance).__name__}"
+    if error.validator == "minimum":
+        return f"{where}: {_TYPE_MESSAGES['integer']}, got {instance!r}"
+    if error.validator == "additionalProperties":
+        unknown = sorted(str(key) for key in instance if key not in schema["properties"])
+        return f"{where}: unknown key(s) {', '.join(unknown)}"
+    if error.validator == "required":
+        missing = next(key for key in value if key not in instance)
+        return f"{where}.{missing}: is required"
+    if error.validator == "uniqueItems":
+        return f"{where}: lists {schema['title']} twice"
+    if error.validator == "enum":
+        return f"{where}: {instance!r} is not one of {', '.join(value)}"
+    if "description" in schema:
+        return f"{where}: {instance!r} is not {schema['description']}"
+    return f"{where}: {error.message}"
+
+
+def catalog_from_data(data: object) -> Catalog:
+    """Validate already-parsed YAML/JSON data and build the :class:`Catalog`."""
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    if error is not None:
+        raise CatalogError(_schema_message(error))
+    assert isinstance(data, Mapping)  # the schema's top-level "type": "object"
+    return _build_catalog(data)
+
+
+def _twice(values: Iterable[object]) -> bool:
+    return any(count > 1 for count in Counter(values).values())
+
+
+def _build_catalog(data: Mapping[str, Any]) -> Catalog:
+    """The catalog from schema-valid ``data``, checking the rules that relate entries."""
+    handles: list[str] = data.get("orgs", [])
+    users: list[User] = []
+    for i, item in enumerate(data.get("users", [])):
+        for org in item.get("orgs", []):
+            if org not in handles:
+                where = _where(("users", i, "orgs"))
+                raise CatalogError(f"{where}: organization {org!r} is not declared in orgs")
+        users.append(User(item["username"], item["api_key"], frozenset(item.get("orgs", []))))
+    if _twice(u.username for u in users):
+        raise CatalogError("catalog.users: two users share a username")
+    if _twice(u.api_key for u in users):
+        raise CatalogError("catalog.users: two users share an api_key")
+    device_types = tuple(
+        DeviceType(d["slug"], d["name"], d["cpu_architecture"])
+        for d in data.get("device_types", [])
+    ) or (DEFAULT_DEVICE_TYPE,)
+    if _twice(d.slug for d in device_types):
+        raise CatalogError("catalog.device_types: two device types share a slug")
+    apps = tuple(
+        _build_app(item, ("apps", i), set(handles), device_types)
+        for i, item in enumerate(data.get("apps", []))
     )
-    commit = fields.string("commit", _HEX32_RE, "a 32-character lowercase hex commit")
-    semver = fields.string("semver", _SEMVER_RE, "a semver like 1.2.3")
-    is_final = fields.boolean("final", default=True)
-    revision = fields.integer("revision", default=0)
+    if _twice(a.slug for a in apps):
+        raise CatalogError("catalog.apps: two apps share a slug")
+    releases = [r for a in apps for r in a.releases]
+    if _twice(r.commit for r in releases):
+        raise CatalogError("catalog.apps: two releases share a commit")
+    if _twice(image.repository_hash for r in releases for image in r.images):
+        raise CatalogError("catalog.apps: two images share a repository hash")
+    return Catalog(
+        orgs=tuple(Organization(h) for h in handles),
+        users=tuple(users),
+        apps=apps,
+        device_types=device_types,
+    )
+
+
+def _build_app(
+    data: Mapping[str, Any],
+    path: tuple[str | int, ...],
+    orgs: set[str],
+    device_types: Sequence[DeviceType],
+) -> App:
+    where = _where(path)
+    slug: str = data["slug"]
+    org, name = slug.split("/")
+    if org not in orgs:
+        raise CatalogError(f"{where}.slug: organization {org!r} is not declared in orgs")
+    slug_of_type: str = data.get("device_type", device_types[0].slug)
+    device_type = next((d for d in device_types if d.slug == slug_of_type), None)
+    if device_type is None:
+        message = f"{slug_of_type!r} is not declared in device_types"
+        raise CatalogError(f"{where}.device_type: {message}")
+    releases = tuple(
+        _build_release(item, (*path, "releases", i), slug)
+        for i, item in enumerate(data.get("releases", []))
+    )
+    if _twice((r.semver, r.revision) for r in releases if r.is_final):
+        raise CatalogError(f"{where}.releases: two final releases share a semver and revision")
+    if _twice(r.raw_version for r in releases if not r.is_final):
+        raise CatalogError(f"{where}.releases: two drafts share a raw_version")
+    pinned: str | None = data.get("pinned_release")
+    if pinned is not None:
+        target = next((r for r in releases if r.commit == pinned), None)
+        if target is None:
+            raise CatalogError(f"{where}.pinned_release: {pinned} is not a release of {slug}")
+        if target.status is not ReleaseStatus.SUCCESS:
+            message = f"{pinned} did not succeed ({target.status})"
+            raise CatalogError(f"{where}.pinned_release: {message}")
+    return App(
+        org=org,
+        name=name,
+        public=data.get("public", False),
+        pinned_commit=pinned,
+        releases=releases,
+        device_type=device_type,
+    )
+
+
+def _build_release(data: Mapping[str, Any], path: tuple[str | int, ...], app_slug: str) -> Release:
+    where = _where(path)
+    commit: str = data["commit"]
+    semver: str = data["semver"]
+    is_final: bool = data.get("final", True)
+    revision: int = data.get("revision", 0)
     if is_final:
-        if fields.has("raw_version"):
-            raise fields.error("raw_version", "only drafts (final: false) have a raw_version")
+        if "raw_version" in data:
+            raise CatalogError(
+                f"{where}.raw_version: only drafts (final: false) have a raw_version"
+            )
         raw_version = semver if revision == 0 else f"{semver}+rev{revision}"
     else:
         if revision != 0:
-            raise fields.error("revision", "drafts (final: false) have no revision")
-        draft_re = re.compile(rf"^{re.escape(semver)}-[0-9]+$")
-        raw_version = fields.string("raw_version", draft_re, f"'{semver}-<timestamp>'")
-    status_text = fields.string("status") if fields.has("status") else ReleaseStatus.SUCCESS.value
-    try:
-        status = ReleaseStatus(status_text)
-    except ValueError:
-        allowed = ", ".join(s.value for s in ReleaseStatus)
-        raise fields.error("status", f"{status_text!r} is not one of {allowed}") from None
-    repository_hash = fields.optional_string("hash", _HEX32_RE, "32 lowercase hex characters")
-    platforms: list[Platform] = []
-    for i, text in enumerate(fields.items("platforms", required=False)):
-        try:
-            if not isinstance(text, str):
-                raise ValueError(f"invalid platform {text!r}, expected os/arch[/variant]")
-            platforms.append(Platform.parse(text))
-        except ValueError as exc:
-            raise CatalogError(f"{where}.platforms[{i}]: {exc}") from None
-    if len({str(p) for p in platforms}) != len(platforms):
-        raise fields.error("platforms", "lists a platform twice")
+            raise CatalogError(f"{where}.revision: drafts (final: false) have no revision")
+        if "raw_version" not in data:
+            raise CatalogError(f"{where}.raw_version: is required")
+        raw_version = data["raw_version"]
+        if not re.fullmatch(rf"{re.escape(semver)}-[0-9]+", raw_version):
+            message = f"{raw_version!r} is not '{semver}-<timestamp>'"
+            raise CatalogError(f"{where}.raw_version: {message}")
     return Release(
         commit=commit,
         semver=semver,
         revision=revision,
         is_final=is_final,
         raw_version=raw_version,
-        status=status,
-        repository_hash=repository_hash or derive_repository_hash(app_slug, commit),
-        platforms=tuple(platforms),
-        big_layer_mib=fields.integer("big_layer_mib", default=0),
+        status=ReleaseStatus(data.get("status", ReleaseStatus.SUCCESS.value)),
+        images=_build_images(data, where, app_slug),
+        invalidated=data.get("invalidated", False),
     )
 
 
-def _parse_app(data: object, where: str, orgs: set[str]) -> App:
-    fields = _Fields(data, where, ("slug", "public", "pinned_release", "releases"))
-    slug = fields.string("slug", re.compile(r"^[a-z0-9_-]+/[a-z0-9_-]+$"), "an 'org/app' slug")
-    org, name = slug.split("/")
-    if org not in orgs:
-        raise fields.error("slug", f"organization {org!r} is not declared in orgs")
-    releases = tuple(
-        _parse_release(item, f"{where}.releases[{i}]", slug)
-        for i, item in enumerate(fields.items("releases", required=False))
-    )
-    finals = [(r.semver, r.revision) for r in releases if r.is_final]
-    if len(set(finals)) != len(finals):
-        raise fields.error("releases", "two final releases share a semver and revision")
-    drafts = [r.raw_version for r in releases if not r.is_final]
-    if len(set(drafts)) != len(drafts):
-        raise fields.error("releases", "two drafts share a raw_version")
-    pinned = fields.optional_string("pinned_release", _HEX32_RE, "a 32-character commit")
-    if pinned is not None:
-        target = next((r for r in releases if r.commit == pinned), None)
-        if target is None:
-            raise fields.error("pinned_release", f"{pinned} is not a release of {slug}")
-        if target.status is not ReleaseStatus.SUCCESS:
-            raise fields.error("pinned_release", f"{pinned} did not succeed ({target.status})")
-    return App(
-        org=org,
-        name=name,
-        public=fields.boolean("public", default=False),
-        pinned_commit=pinned,
-        releases=releases,
-    )
+_SINGLE_IMAGE_KEYS = ("hash", "platforms", "big_layer_mib")
 
 
-def catalog_from_data(data: object) -> Catalog:
-    """Validate already-parsed YAML/JSON data and build the :class:`Catalog`."""
-    fields = _Fields(data, "catalog", ("orgs", "users", "apps"))
-    handles = _string_list(fields, "orgs", _HANDLE_RE, "a lowercase org handle")
-    if len(set(handles)) != len(handles):
-        raise fields.error("orgs", "lists an organization twice")
-    users: list[User] = []
-    for i, item in enumerate(fields.items("users", required=False)):
-        user_fields = _Fields(item, f"catalog.users[{i}]", ("username", "api_key", "orgs"))
-        username = user_fields.string("username", _HANDLE_RE, "a lowercase username")
-        api_key = user_fields.string("api_key", re.compile(r"^\S{8,}$"), "8+ non-blank characters")
-        member_of = _string_list(user_fields, "orgs", _HANDLE_RE, "a lowercase org handle")
-        for org in member_of:
-            if org not in handles:
-                raise user_fields.error("orgs", f"organization {org!r} is not declared in orgs")
-        users.append(User(username=username, api_key=api_key, orgs=frozenset(member_of)))
-    if len({u.username for u in users}) != len(users):
-        raise fields.error("users", "two users share a username")
-    if len({u.api_key for u in users}) != len(users):
-        raise fields.error("users", "two users share an api_key")
-    apps = [
-        _parse_app(item, f"catalog.apps[{i}]", set(handles))
-        for i, item in enumerate(fields.items("apps", required=False))
-    ]
-    if len({a.slug for a in apps}) != len(apps):
-        raise fields.error("apps", "two apps share a slug")
-    releases = [r for a in apps for r in a.releases]
-    if len({r.commit for r in releases}) != len(releases):
-        raise fields.error("apps", "two releases share a commit")
-    if len({r.repository_hash for r in releases}) != len(releases):
-        raise fields.error("apps", "two releases share a repository hash")
-    return Catalog(
-        orgs=tuple(Organization(h) for h in handles),
-        users=tuple(users),
-        apps=tuple(apps),
+def _build_images(data: Mapping[str, Any], where: str, app_slug: str) -> tuple[ReleaseImage, ...]:
+    commit: str = data["commit"]
+    if "services" not in data:
+        return (
+            ReleaseImage(
+                service=DEFAULT_SERVICE_NAME,
+                repository_hash=data.get("hash") or derive_repository_hash(app_slug, commit),
+                platforms=tuple(Platform.parse(p) for p in data.get("platforms", [])),
+                big_layer_mib=data.get("big_layer_mib", 0),
+            ),
+        )
+    misplaced = [key for key in _SINGLE_IMAGE_KEYS if key in data]
+    if misplaced:
+        message = f"{', '.join(misplaced)} belong to each service when a release lists services"
+        raise CatalogError(f"{where}: {message}")
+    services = data["services"]
+    if _twice(s["name"] for s in services):
+        raise CatalogError(f"{where}.services: lists a service twice")
+    return tuple(
+        ReleaseImage(
+            service=s["name"],
+            repository_hash=s.get("hash")
+            or derive_repository_hash(app_slug, f"{commit}/{s['name']}"),
+            platforms=tuple(Platform.parse(p) for p in s.get("platforms", [])),
+        )
+        for s in services
     )

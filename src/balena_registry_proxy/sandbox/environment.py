@@ -1,4 +1,7 @@
-"""The whole sandbox in one context manager: signing key, token service, registry, seed data.
+"""The whole sandbox in one context manager: signing key, balena API stand-in, registry, seed.
+
+The API stand-in serves the token endpoint (``/auth/v1/token``) and the read side of ``/v7``
+on one port, as api.balena-cloud.com does.
 
 The registry keeps blobs on the local filesystem, or in an S3 bucket (``Sandbox.start(s3=...)``),
 where it answers blob requests with redirects to presigned URLs as balenaCloud's registry does.
@@ -15,10 +18,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .catalog import Catalog, ScopeRequest, default_catalog_path, load_catalog, resolve_scope
+from .api import add_api_routes
+from .catalog import (
+    Catalog,
+    ScopeRequest,
+    User,
+    can_read,
+    default_catalog_path,
+    load_catalog,
+    resolve_release,
+    resolve_scope,
+)
 from .keys import SigningKey, generate_signing_key
+from .model import build_database
 from .registry import AccessLogEntry, RegistryProcess, RegistrySettings, S3Storage, run_registry
-from .seed import SeededRelease, SeedResult, seed_registry
+from .seed import SeededImage, SeedResult, seed_registry
 from .token_service import (
     TOKEN_PATH,
     TOKEN_REQUESTS,
@@ -35,10 +49,11 @@ _LOCALHOST = "127.0.0.1"
 
 
 class Sandbox:
-    """A running stand-in for balenaCloud's registry and its token server.
+    """A running stand-in for balenaCloud's registry and its API.
 
     Obtain one with ``async with Sandbox.start() as sb``; the attributes are plain values that
-    are safe to read from any thread.
+    are safe to read from any thread. ``api_url`` is the API's root (``/v7/...`` below it),
+    ``token_url`` its token endpoint, the registry's token realm.
     """
 
     def __init__(
@@ -46,7 +61,7 @@ class Sandbox:
         *,
         catalog: Catalog,
         token_issuer: TokenIssuer,
-        token_url: str,
+        api_url: str,
         token_requests: list[TokenRequestRecord],
         registry: RegistryProcess,
         seed: SeedResult,
@@ -54,7 +69,8 @@ class Sandbox:
     ) -> None:
         self.catalog = catalog
         self.token_issuer = token_issuer
-        self.token_url = token_url
+        self.api_url = api_url
+        self.token_url = api_url + TOKEN_PATH
         self.token_requests = token_requests
         self.registry = registry
         self.seed = seed
@@ -90,20 +106,40 @@ class Sandbox:
         """The registry's access log: one Apache combined-format line per request."""
         return self.registry.access_log_path
 
-    def expected_release(self, name: str, username: str | None = None) -> SeededRelease | None:
+    def expected_release(self, name: str, username: str | None = None) -> SeededImage | None:
         """What pulling ``name`` (``org/app[/selector]``) should yield for ``username``.
 
         Applies the token service's resolution rules, so tests can compare what a client
         received with what was seeded; ``None`` when balena would not serve the name.
         """
-        user = None if username is None else self.catalog.user(username)
-        if username is not None and user is None:
-            raise KeyError(username)
+        user = self._user(username)
         entry = resolve_scope(self.catalog, ScopeRequest(name, ("pull",)), user)
         if entry is None or entry.alias is None:
             return None
-        found = self.catalog.release_by_hash(entry.name.removeprefix("v2/"))
-        return None if found is None else self.seed[found[1].commit]
+        return self.seed.images[entry.name]
+
+    def expected_images(self, name: str, username: str | None = None) -> dict[str, SeededImage]:
+        """The images, by service, of the release ``org/app[/selector]`` names for ``username``.
+
+        The selector rules are the token service's (pinned release for none or a keyword,
+        newest revision of a final version, a draft by raw version, a commit; successful
+        releases only), without its one-image rule: what a client that resolves releases
+        through ``/v7`` and pulls each service by repository should get. Empty when the app
+        is unknown, unreadable for ``username``, or has no such release.
+        """
+        user = self._user(username)
+        slug, _, selector = name.partition("/")[2].partition("/")
+        app = self.catalog.app(f"{name.split('/')[0]}/{slug}")
+        if app is None or not can_read(app, user):
+            return {}
+        release = resolve_release(app, selector or None, single_image=False)
+        return {} if release is None else self.seed.services(release.commit)
+
+    def _user(self, username: str | None) -> User | None:
+        user = None if username is None else self.catalog.user(username)
+        if username is not None and user is None:
+            raise KeyError(username)
+        return user
 
     def registry_requests(self) -> list[AccessLogEntry]:
         """Requests the registry has served so far (see :meth:`RegistryProcess.access_log`)."""
@@ -147,13 +183,16 @@ class Sandbox:
             )
             token_issuer = TokenIssuer(catalog, signing_key, issuer=issuer, service=service)
             token_app = create_token_app(token_issuer)
+            # Image locations name the registry by its service name, as REGISTRY2_HOST does.
+            database = await asyncio.to_thread(build_database, catalog, service)
+            add_api_routes(token_app, catalog, database)
             runner = web.AppRunner(token_app)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, _LOCALHOST, 0)
             await site.start()
-            token_port = runner.addresses[0][1]
-            token_url = f"http://{realm_host}:{token_port}{TOKEN_PATH}"
+            api_url = f"http://{realm_host}:{runner.addresses[0][1]}"
+            token_url = api_url + TOKEN_PATH
 
             settings = RegistrySettings(
                 realm=token_url,
@@ -166,12 +205,12 @@ class Sandbox:
                 run_registry(settings, directory / "registry", binary=registry_binary, s3=s3)
             )
 
-            repositories = [release.repository for _, release in catalog.all_releases()]
+            repositories = [image.repository for _, _, image in catalog.all_images()]
             seed = await seed_registry(registry.url, catalog, token_issuer.push_token(repositories))
             yield cls(
                 catalog=catalog,
                 token_issuer=token_issuer,
-                token_url=token_url,
+                api_url=api_url,
                 token_requests=token_app[TOKEN_REQUESTS],
                 registry=registry,
                 seed=seed,

@@ -15,15 +15,15 @@ import tarfile
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from .catalog import App, Catalog, Platform, Release
+from .catalog import DEFAULT_SERVICE_NAME, App, Catalog, Platform, Release, ReleaseImage
 
 __all__ = [
-    "DEFAULT_PLATFORM",
     "OCI_CONFIG",
     "OCI_INDEX",
     "OCI_LAYER_GZIP",
@@ -35,10 +35,11 @@ __all__ = [
     "PushedManifest",
     "SeedError",
     "SeedResult",
-    "SeededRelease",
+    "SeededImage",
     "build_image",
     "build_index",
     "deterministic_tar_gz",
+    "manifest_digest",
     "release_text",
     "seed_registry",
 ]
@@ -47,7 +48,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DEFAULT_PLATFORM = Platform(os="linux", architecture="amd64")
 
 _MIB = 1024 * 1024
 _TAR_BLOCK = 512
@@ -178,14 +178,15 @@ class PushedManifest:
 
 
 @dataclass(frozen=True)
-class SeededRelease:
-    """What was pushed for one release, at ``<repository>:latest``."""
+class SeededImage:
+    """What was pushed for the image of one service of a release, at ``<repository>:latest``."""
 
     commit: str
     repository: str
     manifest: PushedManifest
     # Child manifests by platform string ("linux/arm64"); empty unless ``manifest`` is an index.
     platform_manifests: Mapping[str, PushedManifest] = field(default_factory=dict)
+    service: str = DEFAULT_SERVICE_NAME
 
     @property
     def digest(self) -> str:
@@ -206,12 +207,25 @@ class SeededRelease:
 
 @dataclass(frozen=True)
 class SeedResult:
-    """Every seeded release, keyed by commit."""
+    """Every seeded image, keyed by repository (``v2/<hash>``)."""
 
-    releases: Mapping[str, SeededRelease]
+    images: Mapping[str, SeededImage]
 
-    def __getitem__(self, commit: str) -> SeededRelease:
+    @property
+    def releases(self) -> dict[str, SeededImage]:
+        """The image of every single-service release, keyed by commit."""
+        counts: dict[str, int] = {}
+        for image in self.images.values():
+            counts[image.commit] = counts.get(image.commit, 0) + 1
+        return {i.commit: i for i in self.images.values() if counts[i.commit] == 1}
+
+    def __getitem__(self, commit: str) -> SeededImage:
+        """The image of the single-service release ``commit``."""
         return self.releases[commit]
+
+    def services(self, commit: str) -> dict[str, SeededImage]:
+        """Every image of release ``commit``, keyed by service name."""
+        return {i.service: i for i in self.images.values() if i.commit == commit}
 
 
 # --------------------------------------------------------------------------- pure construction
@@ -246,9 +260,13 @@ def deterministic_tar_gz(files: Mapping[str, bytes]) -> tuple[bytes, bytes]:
     return tar, gzip.compress(tar, mtime=0)
 
 
-def release_text(app: App, release: Release, platform: Platform | None = None) -> str:
+def release_text(
+    app: App, release: Release, platform: Platform | None = None, service: str | None = None
+) -> str:
     """The ``release.txt`` contents identifying which image a client actually received."""
     text = f"{app.slug} commit={release.commit} version={release.version}"
+    if service is not None:
+        text = f"{text} service={service}"
     return text if platform is None else f"{text} platform={platform}"
 
 
@@ -257,26 +275,33 @@ def build_image(
     release: Release,
     platform: Platform | None = None,
     extra_layer: Layer | None = None,
+    *,
+    service: str | None = None,
 ) -> Image:
-    """Build the image of ``release`` (for one of its platforms, if it has several)."""
+    """Build the image of ``release`` (for one of its platforms, if it has several).
+
+    ``service`` names the service for releases of several; without ``platform`` the image is
+    for the platform of the app's device type.
+    """
     tar, tar_gz = deterministic_tar_gz(
-        {"release.txt": (release_text(app, release, platform) + "\n").encode()}
+        {"release.txt": (release_text(app, release, platform, service) + "\n").encode()}
     )
     layers = [Layer(Descriptor.of(OCI_LAYER_GZIP, tar_gz), _sha256(tar), tar_gz)]
     if extra_layer is not None:
         layers.append(extra_layer)
-    target = platform or DEFAULT_PLATFORM
+    target = platform or app.device_type.platform
+    labels = {
+        "io.balena.sandbox.app": app.slug,
+        "io.balena.sandbox.commit": release.commit,
+        "io.balena.sandbox.version": release.version,
+    }
+    if service is not None:
+        labels["io.balena.sandbox.service"] = service
     config = _canonical_json(
         {
             **_platform_json(target),
             "created": _CREATED,
-            "config": {
-                "Labels": {
-                    "io.balena.sandbox.app": app.slug,
-                    "io.balena.sandbox.commit": release.commit,
-                    "io.balena.sandbox.version": release.version,
-                },
-            },
+            "config": {"Labels": labels},
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         }
     )
@@ -377,52 +402,91 @@ async def _expect(response: aiohttp.ClientResponse, status: int, action: str) ->
         raise SeedError(f"{action}: HTTP {response.status}: {body}")
 
 
-async def _seed_release(pusher: _Pusher, app: App, release: Release) -> SeededRelease:
+def _service_label(release: Release, image: ReleaseImage) -> str | None:
+    # Images of single-service releases keep the bytes (and digests) they always had.
+    return image.service if len(release.images) > 1 else None
+
+
+def _images_of(
+    app: App, release: Release, image: ReleaseImage, extra_layer: Layer | None
+) -> list[Image]:
+    """The single-platform images that make up ``image`` (one per platform of an index)."""
+    service = _service_label(release, image)
+    if not image.platforms:
+        return [build_image(app, release, extra_layer=extra_layer, service=service)]
+    return [build_image(app, release, p, extra_layer, service=service) for p in image.platforms]
+
+
+@cache
+def _measured(layer: GeneratedLayer) -> Layer:
+    return layer.measure()
+
+
+def manifest_digest(app: App, release: Release, image: ReleaseImage) -> str:
+    """The digest of ``image`` at ``latest`` once seeded: balena's ``image.content_hash``.
+
+    Pure: the seeded bytes are a function of the catalog (a large layer is hashed once per
+    process, which takes a fraction of a second).
+    """
+    extra = None
+    if image.big_layer_mib:
+        extra = _measured(GeneratedLayer(seed=release.commit, size_mib=image.big_layer_mib))
+    images = _images_of(app, release, image, extra)
+    if not image.platforms:
+        return images[0].manifest_descriptor.digest
+    return _sha256(build_index(images))
+
+
+async def _seed_image(
+    pusher: _Pusher, app: App, release: Release, image: ReleaseImage
+) -> SeededImage:
     extra_layer = None
-    if release.big_layer_mib:
-        generated = GeneratedLayer(seed=release.commit, size_mib=release.big_layer_mib)
+    if image.big_layer_mib:
+        generated = GeneratedLayer(seed=release.commit, size_mib=image.big_layer_mib)
         extra_layer = await asyncio.to_thread(generated.measure)
     uploaded: set[str] = set()
-    repository = release.repository
-    if not release.platforms:
-        image = build_image(app, release, extra_layer=extra_layer)
-        manifest = await pusher.push_image(repository, image, "latest", uploaded)
-        return SeededRelease(release.commit, repository, manifest)
-    images = [build_image(app, release, p, extra_layer) for p in release.platforms]
+    repository = image.repository
+    images = _images_of(app, release, image, extra_layer)
+    if not image.platforms:
+        manifest = await pusher.push_image(repository, images[0], "latest", uploaded)
+        return SeededImage(release.commit, repository, manifest, service=image.service)
     children: dict[str, PushedManifest] = {}
-    for image in images:
+    for built in images:
         # Children go by digest: the registry checks that an index's manifests exist.
-        reference = image.manifest_descriptor.digest
-        children[str(image.platform)] = await pusher.push_image(
-            repository, image, reference, uploaded
+        reference = built.manifest_descriptor.digest
+        children[str(built.platform)] = await pusher.push_image(
+            repository, built, reference, uploaded
         )
     index = build_index(images)
     digest = await pusher.put_manifest(repository, "latest", OCI_INDEX, index)
-    return SeededRelease(
+    return SeededImage(
         release.commit,
         repository,
         PushedManifest(digest=digest, media_type=OCI_INDEX, size=len(index)),
         children,
+        image.service,
     )
 
 
 async def seed_registry(registry_url: str, catalog: Catalog, push_token: str) -> SeedResult:
-    """Push an image for every release of ``catalog``, failed ones included.
+    """Push every image of every release of ``catalog``, failed ones included.
 
-    ``push_token`` must grant push on every release repository.
+    ``push_token`` must grant push on every image repository.
     """
     limit = asyncio.Semaphore(_PUSH_CONCURRENCY)
 
-    async def bounded(pusher: _Pusher, app: App, release: Release) -> SeededRelease:
+    async def bounded(
+        pusher: _Pusher, app: App, release: Release, image: ReleaseImage
+    ) -> SeededImage:
         async with limit:
-            return await _seed_release(pusher, app, release)
+            return await _seed_image(pusher, app, release, image)
 
     async with aiohttp.ClientSession() as session:
         pusher = _Pusher(session, registry_url, push_token)
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(bounded(pusher, app, release))
-                for app, release in catalog.all_releases()
+                group.create_task(bounded(pusher, app, release, image))
+                for app, release, image in catalog.all_images()
             ]
     seeded = [task.result() for task in tasks]
-    return SeedResult({r.commit: r for r in seeded})
+    return SeedResult({image.repository: image for image in seeded})
