@@ -1,4 +1,5 @@
-"""Render the README's client matrix and conformance figures from the last test run's records.
+"""Render the README's settings table, and its client matrix and conformance figures from the
+last test run's records.
 
 ``python -m tests.readme_tables`` rewrites the README between its ``<!-- name:begin -->`` and
 ``<!-- name:end -->`` markers; ``--check`` only says whether the README is current (exit 1 if
@@ -14,6 +15,8 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from balena_registry_proxy.config import OPTIONS
 
 from .matrix import CLIENTS_JSON, REPORTS, ROOT
 
@@ -111,6 +114,18 @@ def render_conformance(summaries: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_settings() -> str:
+    """The settings table, from the options the proxy reads."""
+    lines = [_row(["variable", "flag", "default", "meaning"]), _row(["---"] * 4)]
+    for option in OPTIONS:
+        flag = f"`{option.flag}`"
+        if option.switch:
+            flag += f" (alone: on), `{option.negative_flag}`"
+        default = f"`{option.shown_default}`" if option.shown_default else ""
+        lines.append(_row([f"`{option.env}`", flag, default, option.help]))
+    return "\n".join(lines)
+
+
 def _run_label(run: Mapping[str, Any], *, short: bool = False) -> str:
     """``proxy → registry 2.8.2``, or ``registry 2.8.2 directly`` (short: just the version)."""
     version = run["upstream_version"]
@@ -137,8 +152,9 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def rendered_readme(readme: str, clients: Mapping[str, Any], summaries: Sequence[Any]) -> str:
-    """``readme`` with both generated sections brought up to date."""
-    text = replace_section(readme, "client-matrix", render_matrix(clients))
+    """``readme`` with every generated section brought up to date."""
+    text = replace_section(readme, "settings", render_settings())
+    text = replace_section(text, "client-matrix", render_matrix(clients))
     return replace_section(text, "conformance", render_conformance(summaries))
 
 

@@ -1,12 +1,15 @@
 """Settings: environment variables and command-line flags, validated before anything starts.
 
-Pure functions, no I/O. Every setting has an environment variable (the names the original proxy
-uses where it had one) and a flag; a flag wins over the environment. A bad value stops start-up
+Pure functions, no I/O. ``Settings`` is the one table: each field carries its environment
+variable (the names the original proxy uses where it had one), its flag, its parser, its help
+and how its default reads; the command line, the environment, the README's settings table and
+its check are all derived from it. A flag wins over the environment. A bad value stops start-up
 with one line that names the setting, instead of a traceback at the first request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,44 +26,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the proxy needs to know to run."""
-
-    port: int = 80
-    host: str = "0.0.0.0"  # noqa: S104 - a registry proxy serves the network by design
-    registry_url: str = f"https://{DEFAULT_REGISTRY2_HOST}"
-    trust_proxy: TrustProxy = field(default_factory=TrustProxy)
-    connect_timeout: float = 10.0
-    first_byte_timeout: float = 60.0
-    read_timeout: float = 300.0
-    shutdown_timeout: float = 30.0
-    log_level: str = "INFO"
-    log_format: str = "text"
-    token_public_key: str | None = None
-    token_audience: str | None = None
-    workers: int = 1
-    max_request_line: int = 8190
-    max_header_size: int = 8190
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    cache_dir: str | None = None
-    cache_max_size: int = 20 * 1024**3
-    follow_redirects: bool = False
-    proxy_auth: bool = False
-
-    @property
-    def follows_redirects(self) -> bool:
-        """Whether the proxy follows blob redirects itself: asked for, or needed by a cache or
-        by clients that reach only the proxy."""
-        return self.follow_redirects or self.cache_dir is not None or self.proxy_auth
-
-    @property
-    def upstream_host(self) -> str:
-        """The upstream's host name: the default audience of its tokens."""
-        return urlsplit(self.registry_url).hostname or ""
-
-
-@dataclass(frozen=True, slots=True)
 class Option:
     """One setting as the environment and the command line spell it."""
 
@@ -68,105 +33,16 @@ class Option:
     env: str
     flag: str
     help: str
+    parse: Callable[[str], Any]
+    shown_default: str
+    """The default as the README and ``--help`` show it ("" for none)."""
+    switch: bool = False
+    """An on/off setting: the flag alone means on, ``--no-<flag>`` off."""
 
-
-OPTIONS = (
-    Option("port", "PROXY_PORT", "--port", "port to listen on (default 80)"),
-    Option("host", "PROXY_HOST", "--host", "address to listen on (default 0.0.0.0)"),
-    Option("registry_url", "REGISTRY_URL", "--registry-url", "upstream registry URL"),
-    Option("dns_tld", "DNS_TLD", "--dns-tld", "upstream is https://registry2.<DNS_TLD>"),
-    Option(
-        "registry2_host",
-        "REGISTRY2_HOST",
-        "--registry2-host",
-        f"upstream is https://<REGISTRY2_HOST> (default {DEFAULT_REGISTRY2_HOST})",
-    ),
-    Option(
-        "trust_proxy",
-        "TRUST_PROXY",
-        "--trust-proxy",
-        "trust X-Forwarded-For: true, false, a hop count, or addresses/CIDRs (default false)",
-    ),
-    Option(
-        "connect_timeout",
-        "UPSTREAM_CONNECT_TIMEOUT",
-        "--connect-timeout",
-        "seconds to connect to upstream (default 10)",
-    ),
-    Option(
-        "first_byte_timeout",
-        "UPSTREAM_FIRST_BYTE_TIMEOUT",
-        "--first-byte-timeout",
-        "seconds to wait for upstream's response headers (default 60)",
-    ),
-    Option(
-        "read_timeout",
-        "UPSTREAM_READ_TIMEOUT",
-        "--read-timeout",
-        "seconds upstream may stay silent at any point of an answer (default 300)",
-    ),
-    Option(
-        "shutdown_timeout",
-        "SHUTDOWN_TIMEOUT",
-        "--shutdown-timeout",
-        "seconds to let in-flight requests finish on SIGTERM (default 30)",
-    ),
-    Option("log_level", "LOG_LEVEL", "--log-level", "debug, info, warning or error"),
-    Option("log_format", "LOG_FORMAT", "--log-format", "text or json (default text)"),
-    Option(
-        "token_public_key",
-        "TOKEN_PUBLIC_KEY",
-        "--token-public-key",
-        "PEM certificate or public key the registry trusts: verify tokens before using aliases",
-    ),
-    Option(
-        "token_audience",
-        "TOKEN_AUDIENCE",
-        "--token-audience",
-        "the tokens' aud when verifying (default: the upstream's host name)",
-    ),
-    Option(
-        "workers",
-        "WORKERS",
-        "--workers",
-        "proxy processes sharing the port, one per core (default 1)",
-    ),
-    Option(
-        "max_request_line",
-        "MAX_REQUEST_LINE",
-        "--max-request-line",
-        "longest request line accepted, in bytes (default 8190; longer: 414)",
-    ),
-    Option(
-        "max_header_size",
-        "MAX_HEADER_SIZE",
-        "--max-header-size",
-        "largest request header accepted, in bytes (default 8190; larger: 431)",
-    ),
-    Option("tls_cert", "TLS_CERT", "--tls-cert", "PEM certificate chain: serve HTTPS"),
-    Option("tls_key", "TLS_KEY", "--tls-key", "PEM private key of --tls-cert"),
-    Option("cache_dir", "CACHE_DIR", "--cache-dir", "cache blobs in this folder (default off)"),
-    Option(
-        "cache_max_size",
-        "CACHE_MAX_SIZE",
-        "--cache-max-size",
-        "cache size limit, e.g. 20GiB or 500MB (default 20GiB)",
-    ),
-    Option(
-        "follow_redirects",
-        "FOLLOW_REDIRECTS",
-        "--follow-redirects",
-        "follow blob redirects to storage instead of passing them on: true or false (default "
-        "false; always on with a cache)",
-    ),
-    Option(
-        "proxy_auth",
-        "PROXY_AUTH",
-        "--proxy-auth",
-        "edge mode: name the proxy as the token realm and pass token requests on, and follow "
-        "blob redirects, so clients need to reach only the proxy: true or false (default false)",
-    ),
-)
+    @property
+    def negative_flag(self) -> str:
+        """``--no-<flag>``, for switches."""
+        return "--no-" + self.flag.removeprefix("--")
 
 
 def _port(text: str) -> int:
@@ -221,10 +97,13 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _workers(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 256:
-        raise ValueError("must be a number of processes from 1 to 256")
-    return int(text)
+def _count(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"must be a number of {what} from {low} to {high}")
+        return int(text)
+
+    return parse
 
 
 _UNITS = {
@@ -265,12 +144,6 @@ def _boolean(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _size(text: str) -> int:
-    if not text.isdigit() or not 256 <= int(text) <= 1 << 20:
-        raise ValueError("must be a number of bytes from 256 to 1048576")
-    return int(text)
-
-
 def _path(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a file path")
@@ -289,31 +162,261 @@ def _host(text: str) -> str:
     return text
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "port": _port,
-    "host": _host,
-    "registry_url": _url,
-    "dns_tld": _hostname,
-    "registry2_host": _hostname,
-    "trust_proxy": parse_trust_proxy,
-    "connect_timeout": _seconds,
-    "first_byte_timeout": _seconds,
-    "read_timeout": _seconds,
-    "shutdown_timeout": _seconds,
-    "log_level": _log_level,
-    "log_format": _log_format,
-    "token_public_key": _path,
-    "token_audience": _host,
-    "workers": _workers,
-    "max_request_line": _size,
-    "max_header_size": _size,
-    "tls_cert": _path,
-    "tls_key": _path,
-    "cache_dir": _path,
-    "cache_max_size": parse_size,
-    "follow_redirects": _boolean,
-    "proxy_auth": _boolean,
-}
+def _setting(
+    default: Any,
+    env: str,
+    flag: str,
+    parse: Callable[[str], Any],
+    help: str,
+    shown: str | None = None,
+    *,
+    switch: bool = False,
+) -> Any:
+    """A ``Settings`` field with its option's facts in the field's metadata."""
+    option = {"env": env, "flag": flag, "parse": parse, "help": help, "switch": switch}
+    option["shown_default"] = shown if shown is not None else _shown_default(default)
+    if isinstance(default, TrustProxy):
+        return field(default_factory=TrustProxy, metadata=option)
+    return field(default=default, metadata=option)
+
+
+def _shown_default(default: Any) -> str:
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy needs to know to run, each field one setting."""
+
+    port: int = _setting(80, "PROXY_PORT", "--port", _port, "port to listen on")
+    host: str = _setting(
+        "0.0.0.0",  # noqa: S104 - a registry proxy serves the network by design
+        "PROXY_HOST",
+        "--host",
+        _host,
+        "address to listen on",
+    )
+    registry_url: str = _setting(
+        f"https://{DEFAULT_REGISTRY2_HOST}",
+        "REGISTRY_URL",
+        "--registry-url",
+        _url,
+        "upstream registry URL (`http(s)://host[:port]`, no path or credentials); wins over "
+        "the next two",
+        "",
+    )
+    dns_tld: str | None = _setting(
+        None,
+        "DNS_TLD",
+        "--dns-tld",
+        _hostname,
+        "upstream is `https://registry2.<DNS_TLD>` (openBalena)",
+    )
+    registry2_host: str | None = _setting(
+        None,
+        "REGISTRY2_HOST",
+        "--registry2-host",
+        _hostname,
+        "upstream is `https://<REGISTRY2_HOST>`",
+        DEFAULT_REGISTRY2_HOST,
+    )
+    trust_proxy: TrustProxy = _setting(
+        TrustProxy(),
+        "TRUST_PROXY",
+        "--trust-proxy",
+        parse_trust_proxy,
+        "whom to believe in `X-Forwarded-For`/`-Proto`/`-Host`: `true` (everyone), `false`, "
+        "a hop count, or addresses/CIDRs (`loopback`, `uniquelocal`, `10.0.0.0/8, ::1`)",
+        "false",
+    )
+    connect_timeout: float = _setting(
+        10.0,
+        "UPSTREAM_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        _seconds,
+        "seconds to connect upstream (then `502`)",
+    )
+    first_byte_timeout: float = _setting(
+        60.0,
+        "UPSTREAM_FIRST_BYTE_TIMEOUT",
+        "--first-byte-timeout",
+        _seconds,
+        "seconds to wait for upstream's response headers (then `504`)",
+    )
+    read_timeout: float = _setting(
+        300.0,
+        "UPSTREAM_READ_TIMEOUT",
+        "--read-timeout",
+        _seconds,
+        "seconds upstream may stay silent at any point (before the answer: `504`; mid-body: "
+        "the client's connection is cut). There is no total timeout: multi-GiB layers take "
+        "what they take",
+    )
+    shutdown_timeout: float = _setting(
+        30.0,
+        "SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
+        _seconds,
+        "on SIGTERM, seconds to let in-flight requests finish before exiting `0`",
+    )
+    request_head_timeout: float = _setting(
+        10.0,
+        "REQUEST_HEAD_TIMEOUT",
+        "--request-head-timeout",
+        _seconds,
+        "seconds a client may take to send a request's line and headers once it started; "
+        "then the connection is closed",
+    )
+    keepalive_timeout: float = _setting(
+        60.0,
+        "KEEPALIVE_TIMEOUT",
+        "--keepalive-timeout",
+        _seconds,
+        "seconds an idle client connection is kept open for its next request",
+    )
+    max_connections: int = _setting(
+        1024,
+        "MAX_CONNECTIONS",
+        "--max-connections",
+        _count(1, 1_000_000, "connections"),
+        "client connections served at once; beyond it a new connection is answered `503` "
+        "and closed. Each costs up to about 64 KiB of memory (see "
+        "[Operation](#operation)), and three open files",
+    )
+    log_level: str = _setting(
+        "INFO",
+        "LOG_LEVEL",
+        "--log-level",
+        _log_level,
+        "`debug`, `info`, `warning`, `error`",
+        "info",
+    )
+    log_format: str = _setting(
+        "text",
+        "LOG_FORMAT",
+        "--log-format",
+        _log_format,
+        "`text`, or `json` (one object per line) for log aggregators",
+    )
+    token_public_key: str | None = _setting(
+        None,
+        "TOKEN_PUBLIC_KEY",
+        "--token-public-key",
+        _path,
+        "PEM certificate or public key the registry trusts: the proxy then verifies each "
+        "token's signature, `exp`, `nbf` and `aud` before using its aliases, and a token that "
+        "fails is not sent upstream (the client gets the registry's challenge and fetches a "
+        "new one). Off by default: the registry verifies every token anyway",
+    )
+    token_audience: str | None = _setting(
+        None,
+        "TOKEN_AUDIENCE",
+        "--token-audience",
+        _host,
+        "the `aud` a verified token must carry; by default `REGISTRY2_HOST` when set, else the "
+        "`service` the registry names in its challenge (what its tokens are issued for)",
+    )
+    workers: int = _setting(
+        1,
+        "WORKERS",
+        "--workers",
+        _count(1, 256, "processes"),
+        "proxy processes sharing the port (one core each). Each has its own `/metrics`, and "
+        "a scrape through the shared port reaches any one of them: scrape single-worker "
+        "processes where counters matter. Not with `CACHE_DIR`",
+    )
+    max_request_line: int = _setting(
+        8190,
+        "MAX_REQUEST_LINE",
+        "--max-request-line",
+        _count(256, 1 << 20, "bytes"),
+        "longest request line accepted, in bytes; beyond it `414` (`/v2/` request targets "
+        "are limited to 4096 characters regardless)",
+    )
+    max_header_size: int = _setting(
+        8190,
+        "MAX_HEADER_SIZE",
+        "--max-header-size",
+        _count(256, 1 << 20, "bytes"),
+        "largest request header accepted, in bytes; beyond it `431`",
+    )
+    tls_cert: str | None = _setting(
+        None,
+        "TLS_CERT",
+        "--tls-cert",
+        _path,
+        "PEM certificate chain: serve HTTPS directly instead of plain HTTP (with `TLS_KEY`)",
+    )
+    tls_key: str | None = _setting(
+        None, "TLS_KEY", "--tls-key", _path, "PEM private key of `TLS_CERT`"
+    )
+    cache_dir: str | None = _setting(
+        None,
+        "CACHE_DIR",
+        "--cache-dir",
+        _path,
+        "keep blobs in this folder and serve repeat pulls from it (see "
+        "[Edge mode](#edge-mode-a-blob-cache)); off by default",
+    )
+    cache_max_size: int = _setting(
+        20 * 1024**3,
+        "CACHE_MAX_SIZE",
+        "--cache-max-size",
+        parse_size,
+        "the cache's size limit (`500MB`, `20GiB`, bytes); least recently used blobs go first",
+        "20GiB",
+    )
+    follow_redirects: bool = _setting(
+        False,
+        "FOLLOW_REDIRECTS",
+        "--follow-redirects",
+        _boolean,
+        "follow blob redirects to storage (S3, CloudFront) in the proxy, without the "
+        "client's credentials, instead of passing them on; always on with a cache",
+        switch=True,
+    )
+    proxy_auth: bool = _setting(
+        False,
+        "PROXY_AUTH",
+        "--proxy-auth",
+        _boolean,
+        "edge mode for clients that can reach only the proxy: it names itself "
+        "(`<scheme>://<host>/auth/v1/token`, from `X-Forwarded-Proto`/`-Host` of trusted "
+        "peers) as the token realm, passes token requests on to the real one (credentials "
+        "passed through, never logged or stored), and follows blob redirects",
+        switch=True,
+    )
+
+    @property
+    def follows_redirects(self) -> bool:
+        """Whether the proxy follows blob redirects itself: asked for, or needed by a cache or
+        by clients that reach only the proxy."""
+        return self.follow_redirects or self.cache_dir is not None or self.proxy_auth
+
+    @property
+    def upstream_host(self) -> str:
+        """The upstream's host name, as the proxy reaches it."""
+        return urlsplit(self.registry_url).hostname or ""
+
+
+OPTIONS = tuple(
+    Option(
+        field=item.name,
+        env=item.metadata["env"],
+        flag=item.metadata["flag"],
+        help=item.metadata["help"],
+        parse=item.metadata["parse"],
+        shown_default=item.metadata["shown_default"],
+        switch=item.metadata["switch"],
+    )
+    for item in dataclasses.fields(Settings)
+)
 
 
 def _shown(raw: str) -> str:
@@ -334,13 +437,16 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
         if raw is None or (raw == "" and option.field != "trust_proxy"):
             continue
         try:
-            values[option.field] = _PARSERS[option.field](raw)
+            values[option.field] = option.parse(raw)
         except ValueError as error:
             raise ConfigError(f"{option.env} ({option.flag}) {_shown(raw)!r}: {error}") from None
-    dns_tld = values.pop("dns_tld", None)
-    registry2_host = values.pop("registry2_host", DEFAULT_REGISTRY2_HOST)
     if "registry_url" not in values:
-        upstream_host = f"registry2.{dns_tld}" if dns_tld else registry2_host
+        dns_tld = values.get("dns_tld")
+        upstream_host = (
+            f"registry2.{dns_tld}"
+            if dns_tld
+            else values.get("registry2_host", DEFAULT_REGISTRY2_HOST)
+        )
         values["registry_url"] = f"https://{upstream_host}"
     if values.get("workers", 1) > 1 and values.get("cache_dir"):
         # Each worker would index, clean and fill the same folder on its own.

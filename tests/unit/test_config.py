@@ -94,3 +94,41 @@ def test_redirects_are_followed_when_asked_or_needed() -> None:
     assert settings({"FOLLOW_REDIRECTS": "true"}).follows_redirects
     assert settings({"CACHE_DIR": "/tmp/cache"}).follows_redirects
     assert settings({"PROXY_AUTH": "yes"}).follows_redirects
+
+
+@pytest.mark.parametrize("field", ["proxy_auth", "follow_redirects"])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--{}"], True),
+        (["--{}=true"], True),
+        (["--{}", "yes"], True),
+        (["--{}=false"], False),
+        (["--{}", "off"], False),
+        (["--no-{}"], False),
+    ],
+)
+def test_switches_work_bare_and_with_a_value(field: str, argv: list[str], expected: bool) -> None:
+    flag = field.replace("_", "-")
+    env = {field.upper(): "false" if expected else "true"}  # the flag wins either way
+    assert getattr(settings(env, *(a.format(flag) for a in argv)), field) is expected
+
+
+def test_switches_from_the_environment_keep_their_values() -> None:
+    assert settings({"PROXY_AUTH": "true"}).proxy_auth is True
+    assert settings({"FOLLOW_REDIRECTS": "0"}).follow_redirects is False
+    with pytest.raises(ConfigError, match=r"PROXY_AUTH \(--proxy-auth\) 'maybe': must be true"):
+        settings({"PROXY_AUTH": "maybe"})
+
+
+def test_connection_settings() -> None:
+    loaded = settings(
+        {"MAX_CONNECTIONS": "50", "KEEPALIVE_TIMEOUT": "5"}, "--request-head-timeout", "2.5"
+    )
+    assert (loaded.max_connections, loaded.keepalive_timeout) == (50, 5)
+    assert loaded.request_head_timeout == 2.5
+    defaults = Settings()
+    assert (defaults.max_connections, defaults.request_head_timeout) == (1024, 10)
+    assert defaults.keepalive_timeout == 60
+    with pytest.raises(ConfigError, match="MAX_CONNECTIONS"):
+        settings({"MAX_CONNECTIONS": "0"})

@@ -6,10 +6,13 @@ from typing import Any
 
 import pytest
 
+from balena_registry_proxy.config import OPTIONS
+from tests.matrix import ROOT
 from tests.readme_tables import (
     IncompleteRecordsError,
     render_conformance,
     render_matrix,
+    render_settings,
     replace_section,
 )
 
@@ -88,3 +91,18 @@ def test_sections_are_replaced_between_their_markers_only() -> None:
         replace_section(text + text, "t", "new")
     with pytest.raises(ValueError, match="exactly one"):
         replace_section("no markers", "t", "new")
+
+
+def test_the_readme_settings_table_is_the_options_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert replace_section(readme, "settings", render_settings()) == readme, (
+        "the README's settings differ from config.py: make readme"
+    )
+
+
+def test_the_settings_table_has_every_option_once() -> None:
+    rows = render_settings().splitlines()[2:]
+    assert [row.split(" | ")[0].removeprefix("| ").strip("`") for row in rows] == [
+        option.env for option in OPTIONS
+    ]
+    assert "`--proxy-auth` (alone: on), `--no-proxy-auth`" in render_settings()
