@@ -8,14 +8,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from .accesslog import AccessRecord, redact_target
+from .admission import refusal
 from .blobs import CachedBlobs
 from .cache import BlobCache
 from .config import ConfigError, Settings
@@ -24,12 +25,15 @@ from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, status_class
-from .proxy import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET, Proxy
+from .proxy import Proxy
 from .realm import TOKEN_PATH
+from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, STARTED, UPSTREAM_TARGET
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
-from .server import SERVER_NAME, parser_limits
+from .resources import connections_for
+from .server import QUIET, SERVER_NAME, ConnectionLimits
 from .upstream import Upstream
+from .upstream_errors import UpstreamError
 from .verification import TokenVerifier, load_public_key
 
 log = logging.getLogger("balena_registry_proxy")
@@ -58,17 +62,22 @@ def error_response(error: RegistryError) -> web.Response:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request its id, and count it in the metrics once it is answered."""
+    request[STARTED] = started = time.perf_counter()
     request[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID_HEADER))
     request[ROUTE] = _OWN_ROUTES.get(request.path, "other")
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
-    started = time.monotonic()
     try:
-        response = await handler(request)
+        refused = refusal(request.version, request.headers.items())
+        if refused is not None:
+            response: web.StreamResponse = error_response(refused)
+            response.force_close()
+        else:
+            response = await handler(request)
     except asyncio.CancelledError:
         # The client left and aiohttp cancelled the handler: no access line would be written.
         _count(request, CLIENT_GONE, request.get(BODY_BYTES, 0))
-        elapsed = time.monotonic() - started
+        elapsed = time.perf_counter() - started
         line, fields = _access_line(request, request.app[TRUST], CLIENT_GONE, elapsed)
         ACCESS_LOGGER.info(line, extra={"fields": fields})
         raise
@@ -123,7 +132,7 @@ async def ready(request: web.Request) -> web.Response:
                 ) as probe:
                     # 401 is the usual answer of a registry with token auth: it is up.
                     answered = probe.status < 500
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             pass
         if not answered:
             error = RegistryError(503, "UNAVAILABLE", "the upstream registry does not answer")
@@ -140,8 +149,8 @@ async def metrics_page(request: web.Request) -> web.Response:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS:
         response.headers.setdefault(name, value)
-    # aiohttp would announce its own and Python's versions; say only what answered.
-    response.headers.setdefault("Server", SERVER_NAME)
+    # aiohttp announces its own and Python's versions, storage hosts theirs: one name for all.
+    response.headers["Server"] = SERVER_NAME
     if REQUEST_ID in request:
         response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
@@ -156,10 +165,17 @@ class AccessLogger(AbstractAccessLogger):
     trust_proxy = TrustProxy()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """Write the access-log line for ``request``."""
+        """Write the access-log line for ``request``.
+
+        ``time`` is aiohttp's measure, from the event loop's clock (whole milliseconds on
+        uvloop); a request that reached the application is timed by its own clock instead.
+        """
         size = _body_size(request, response)
-        line, fields = _access_line(request, self.trust_proxy, response.status, time, size)
-        self.logger.info(line, extra={"fields": fields})
+        started = request.get(STARTED)
+        elapsed = time if started is None else perf_counter() - started
+        line, fields = _access_line(request, self.trust_proxy, response.status, elapsed, size)
+        level = logging.DEBUG if response.get(QUIET) else logging.INFO
+        self.logger.log(level, line, extra={"fields": fields})
 
     @property
     def enabled(self) -> bool:
@@ -215,8 +231,31 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         "access_log_class": ConfiguredAccessLogger,
         "access_log": ACCESS_LOGGER,
         "shutdown_timeout": settings.shutdown_timeout,
-        **parser_limits(settings.max_request_line, settings.max_header_size),
+        "keepalive_timeout": settings.keepalive_timeout,
     }
+
+
+def connection_limits(settings: Settings, open_files: int | None = None) -> ConnectionLimits:
+    """What each client connection may take, from ``settings``.
+
+    With ``open_files`` (the descriptors the process may open) the connection limit is
+    lowered to what they can serve, so that accepting never fails for lack of them.
+    """
+    max_connections = settings.max_connections
+    if open_files is not None and connections_for(open_files) < max_connections:
+        max_connections = connections_for(open_files)
+        log.warning(
+            "MAX_CONNECTIONS lowered from %d to %d: the open-file limit is %d",
+            settings.max_connections,
+            max_connections,
+            open_files,
+        )
+    return ConnectionLimits(
+        max_connections=max_connections,
+        head_timeout=settings.request_head_timeout,
+        max_request_line=settings.max_request_line,
+        max_header_size=settings.max_header_size,
+    )
 
 
 def _verifier(settings: Settings) -> TokenVerifier | None:

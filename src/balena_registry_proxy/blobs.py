@@ -21,7 +21,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import urljoin
 
-import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
@@ -30,6 +29,7 @@ from .errors import RegistryError
 from .headers import REDIRECT_STATUSES, accepts, redirect_request_headers
 from .metrics import Metrics
 from .upstream import Response, Upstream
+from .upstream_errors import UpstreamError
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -231,7 +231,7 @@ class CachedBlobs:
             target = f"/v2/{repository}/{kind}/{digest}"
             async with self.upstream.request("HEAD", target, headers) as response:
                 allowed = response.status == 200 or response.status in REDIRECT_STATUSES
-        except (aiohttp.ClientError, TimeoutError):
+        except UpstreamError:
             if self.confirmations.ever(key):
                 return True  # upstream is down; this client was allowed this blob before
             if verified_pull and self.confirmations.linked(repository, digest):
@@ -300,8 +300,10 @@ class CachedBlobs:
             # The disk, not the upstream: this download's readers are cut once, and the next
             # requests are relayed uncached until the disk has had time to recover.
             self.cache.refused(error)
-        except (aiohttp.ClientError, TimeoutError, DownloadFailed) as error:
-            log.warning("download of %s failed: %s", download.digest, type(error).__name__)
+        except UpstreamError as error:
+            log.warning("download of %s failed: %s", download.digest, error.cause)
+        except DownloadFailed as error:
+            log.warning("download of %s failed: %s", download.digest, error)
         finally:
             await stack.aclose()
             await self.cache.end(download, ok)

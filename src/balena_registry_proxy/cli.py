@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import errno
 import gc
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -19,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, logs
-from .app import create_app, runner_options
+from .app import connection_limits, create_app, runner_options
 from .config import OPTIONS, ConfigError, Settings, load_settings
+from .resources import raise_open_file_limit
 from .server import ProxyRunner
 
 log = logging.getLogger("balena_registry_proxy")
@@ -37,8 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     for option in OPTIONS:
-        parser.add_argument(option.flag, dest=option.field, help=f"{option.help} [{option.env}]")
+        default = f", default {option.shown_default}" if option.shown_default else ""
+        text = f"{_plain(option.help)} [{option.env}{default}]"
+        if option.switch:
+            # Alone it means on; "--flag=false" and "--no-flag" mean off.
+            parser.add_argument(
+                option.flag, dest=option.field, nargs="?", const="true", metavar="BOOL", help=text
+            )
+            parser.add_argument(
+                option.negative_flag,
+                dest=option.field,
+                action="store_const",
+                const="false",
+                help=argparse.SUPPRESS,
+            )
+        else:
+            parser.add_argument(option.flag, dest=option.field, help=text)
     return parser
+
+
+def _plain(markdown: str) -> str:
+    """Help text without the README's markup: code spans and links read as plain text."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", markdown).replace("`", "")
+    # argparse formats help with %-style placeholders.
+    return text.replace("%", "%%")
 
 
 async def serve(
@@ -50,7 +76,8 @@ async def serve(
     a signal cancels it if it is still running.
     """
     ssl_context = tls_context(settings)
-    runner = ProxyRunner(create_app(settings), **runner_options(settings))
+    limits = connection_limits(settings, raise_open_file_limit())
+    runner = ProxyRunner(create_app(settings), limits=limits, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -65,11 +92,7 @@ async def serve(
         await site.start()
     except OSError as error:
         await runner.cleanup()
-        raise ConfigError(
-            f"PROXY_PORT (--port) {settings.port}: cannot listen on "
-            f"{settings.host}:{settings.port}: "
-            f"{os.strerror(error.errno) if error.errno else error}"
-        ) from None
+        raise ConfigError(bind_error(settings, error)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -88,6 +111,17 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+
+
+def bind_error(settings: Settings, error: OSError) -> str:
+    """The start-up line for a failed listen, naming the setting that is to blame."""
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        # The address is no name that resolves, or none of this machine's.
+        reason = error.strerror or str(error)
+        return f"PROXY_HOST (--host) {settings.host!r}: cannot listen on {where}: {reason}"
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return f"PROXY_PORT (--port) {settings.port}: cannot listen on {where}: {reason}"
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -159,10 +193,13 @@ def supervise(settings: Settings) -> int:
     tls_context(settings)
     create_app(settings)
     context = multiprocessing.get_context("fork")
+    # Each worker says on its pipe when it listens: only then has the proxy started.
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings,), name=f"worker-{n}", daemon=False)
-        for n in range(settings.workers)
+        context.Process(target=_worker, args=(settings, sender), name=f"worker-{n}", daemon=False)
+        for n, (_, sender) in enumerate(pipes)
     ]
+    listening = {receiver: worker for (receiver, _), worker in zip(pipes, workers, strict=True)}
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -181,13 +218,23 @@ def supervise(settings: Settings) -> int:
         signal.signal(signal.SIGINT, stop)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    log.info("started %d workers on port %d", len(workers), settings.port)
+    for _, sender in pipes:
+        sender.close()
     running = {worker.sentinel: worker for worker in workers}
     codes = []
     while running:
-        for sentinel in connection.wait(list(running)):
-            assert isinstance(sentinel, int)
-            worker = running.pop(sentinel)
+        for ready in connection.wait([*running, *listening]):
+            if isinstance(ready, connection.Connection):
+                listening.pop(ready)
+                try:
+                    ready.recv()
+                except EOFError:
+                    continue  # it died before listening: its exit is handled below
+                if not listening:
+                    log.info("started %d workers on port %d", len(workers), settings.port)
+                continue
+            assert isinstance(ready, int)
+            worker = running.pop(ready)
             worker.join()
             codes.append(worker.exitcode)
             if worker.exitcode != 0 and not stopping:
@@ -203,10 +250,15 @@ def supervise(settings: Settings) -> int:
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, listening: connection.Connection) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
-    sys.exit(run(serve(settings)))
+
+    async def report(port: int) -> None:
+        listening.send(port)
+        listening.close()
+
+    sys.exit(run(serve(settings, ready=report)))
 
 
 def _die_with_parent() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .upstream_errors import Unreachable, UpstreamError, UpstreamTimeout
+
 CONTENT_TYPE = "application/json"
 
 
@@ -82,11 +84,19 @@ def internal_error() -> RegistryError:
     return RegistryError(500, "UNKNOWN", "internal error in the registry proxy")
 
 
-def upstream_unreachable() -> RegistryError:
-    """The 502 when the upstream registry cannot be reached or broke the exchange."""
-    return RegistryError(502, "UNAVAILABLE", "the upstream registry could not be reached")
+def upstream_failure(error: UpstreamError, what: str, *, cached: bool = False) -> RegistryError:
+    """The answer when the upstream (``what``: "upstream registry", "token server") failed.
 
-
-def upstream_timeout() -> RegistryError:
-    """The 504 when the upstream registry did not answer in time."""
-    return RegistryError(504, "UNAVAILABLE", "the upstream registry did not answer in time")
+    504 for a timeout, 502 otherwise; 503 where a cache stands in front of the upstream and
+    could not serve this request without it (``cached``): the proxy itself is unavailable for
+    it, not merely a gateway to a broken host.
+    """
+    if isinstance(error, UpstreamTimeout):
+        return RegistryError(504, "UNAVAILABLE", f"the {what} did not answer in time")
+    if cached and isinstance(error, Unreachable):
+        return RegistryError(
+            503,
+            "UNAVAILABLE",
+            f"the {what} cannot be reached ({error.cause}), and the cache does not hold this",
+        )
+    return RegistryError(502, "UNAVAILABLE", f"the {what} failed: {error.cause}")

@@ -85,13 +85,21 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trust: TrustP
     anything that is not an IP address: a hop that claims such a thing is not believed, and
     nothing but an address ever reaches a log line from here.
     """
+    return forwarded_chain(peer, forwarded_for, trust)[0]
+
+
+def forwarded_chain(peer: str | None, forwarded_for: Sequence[str], trust: TrustProxy) -> list[str]:
+    """The believed addresses from the client to the peer, as ``X-Forwarded-For`` lists them.
+
+    What an untrusted hop claims is not part of it: the proxy passes on only what it believes.
+    """
     chain = [peer or "-"]
     addresses = [a.strip() for line in forwarded_for for a in line.split(",") if a.strip()]
     for hop, address in enumerate(reversed(addresses)):
         if not _is_ip(address) or not trust.trusts(chain[-1], hop):
             break
         chain.append(address)
-    return chain[-1]
+    return chain[::-1]
 
 
 def _is_ip(text: str) -> bool:
@@ -116,13 +124,36 @@ def effective_origin(
     plain HTTP while clients speak HTTPS to another name.
     """
     if peer is None or not trust.trusts(peer, 0):
-        return own_scheme, own_host
+        return own_scheme, own_host if is_host(own_host) else "-"
     scheme = (forwarded_proto or "").split(",")[0].strip().lower()
     host = (forwarded_host or "").split(",")[0].strip()
-    return (
-        scheme if scheme in ("http", "https") else own_scheme,
-        host if HOST_RE.fullmatch(host) else own_host,
-    )
+    if not is_host(host):
+        host = own_host if is_host(own_host) else "-"
+    return scheme if scheme in ("http", "https") else own_scheme, host
 
 
 HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+
+
+def is_host(text: str) -> bool:
+    """Whether ``text`` is a host (name, IPv4 or bracketed IPv6) with an optional port."""
+    return HOST_RE.fullmatch(text) is not None
+
+
+def forwarding_headers(
+    peer: str | None,
+    forwarded_for: Sequence[str],
+    scheme: str,
+    host: str,
+    trust: TrustProxy,
+) -> list[tuple[str, str]]:
+    """The ``X-Forwarded-*`` headers the proxy sends upstream: only what it believes.
+
+    ``scheme`` and ``host`` are the ones ``effective_origin`` found. Whatever an untrusted
+    client claimed in its own ``X-Forwarded-*`` or ``Forwarded`` headers is not passed on.
+    """
+    return [
+        ("X-Forwarded-For", ", ".join(forwarded_chain(peer, forwarded_for, trust))),
+        ("X-Forwarded-Proto", scheme),
+        ("X-Forwarded-Host", host),
+    ]

@@ -28,6 +28,19 @@ HOP_BY_HOP = frozenset(
 # Framing and routing belong to each hop: the proxy sets its own Host, never sends a request
 # body upstream, and frames response bodies itself.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", REQUEST_ID.lower()}
+# Who the client is and how it reached the proxy: the proxy says it itself (see
+# ``forwarded.forwarding_headers``); a client's own claims do not cross.
+FORWARDING = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+    }
+)
+_REQUEST_DROP |= FORWARDING
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 # Headers that describe a body; they go when the proxy replaces the body with its own.
@@ -66,15 +79,20 @@ def _filter(headers: Headers, drop: frozenset[str]) -> list[tuple[str, str]]:
 
 
 def upstream_request_headers(
-    headers: Headers, request_id: str, *, drop_authorization: bool = False
+    headers: Headers,
+    request_id: str,
+    forwarding: Headers = (),
+    *,
+    drop_authorization: bool = False,
 ) -> list[tuple[str, str]]:
-    """The client's headers to send upstream, in order, duplicates kept, with our request id.
+    """The client's headers to send upstream, in order, duplicates kept, with our request id
+    and the proxy's own ``forwarding`` headers in place of any the client sent.
 
     ``drop_authorization`` leaves out a token the proxy refused, so that upstream answers with
     the challenge that sends the client for a new one.
     """
     drop = _REQUEST_DROP | {"authorization"} if drop_authorization else _REQUEST_DROP
-    return [*_filter(headers, drop), (REQUEST_ID, request_id)]
+    return [*_filter(headers, drop), *forwarding, (REQUEST_ID, request_id)]
 
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:

@@ -6,10 +6,12 @@ cookie and redirect handling, timers) cost more CPU than everything else the pro
 HTTP server included. This client does only what the proxy needs: GET and HEAD without a
 body, over keep-alive connections pooled per origin. Responses are parsed by httptools
 (llhttp, the parser of Node.js and aiohttp), never by hand. Bodies are streamed with flow
-control: a connection stops reading once it holds ``2 * read_buffer`` unread bytes, so a slow
-client of a multi-GiB layer costs at most that much memory.
+control: every read takes at most ``read_buffer`` bytes, and a connection stops reading once it
+holds that much unread or its reader says it is busy (``hold``), so a stalled client of a
+multi-GiB layer costs at most one read of memory here.
 
-Errors are aiohttp's client exception types, so callers handle one family whatever answered.
+Errors are the project's own ``UpstreamError`` family (``upstream_errors.py``), each naming
+its cause, whatever answered.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import copy
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 
-import aiohttp
 import httptools
 from multidict import CIMultiDict
 
+from .upstream_errors import BrokenAnswer, Unreachable, UpstreamTimeout, connect_failure
+
 __all__ = ["Body", "ConnectionPool", "Response"]
+
+
+class _ClosedBeforeAnswer(BrokenAnswer):
+    """The connection closed before any answer: on a pooled one, the request may be retried."""
 
 # An idle connection is closed after this long, and at most this many are kept per host: a
 # burst of requests must not leave hundreds of connections open (the registry never closes
@@ -39,18 +46,22 @@ _HEADER_CHARSET = ("utf-8", "surrogateescape")
 
 
 class Body:
-    """A response body as it arrives: a bounded buffer between a connection and its reader."""
+    """A response body as it arrives: a bounded buffer between a connection and its reader.
+
+    Read it with ``readany`` (chunk by chunk, for bodies the proxy looks at or keeps), or
+    ``pipe`` it into a sink (for bodies relayed as they are): piped bytes go from the
+    connection's callback straight to the sink, without waking a task for every chunk.
+    """
 
     def __init__(self, transport: asyncio.Transport, read_buffer: int, read_timeout: float):
-        """Buffer what ``transport`` delivers, pausing it above ``2 * read_buffer`` bytes.
+        """Buffer what ``transport`` delivers, pausing it at ``read_buffer`` unread bytes.
 
-        A reader waiting longer than ``read_timeout`` for the next bytes gets ``TimeoutError``;
+        A reader waiting longer than ``read_timeout`` for the next bytes gets ``UpstreamTimeout``;
         time during which the connection is paused because the reader is behind is not
         silence.
         """
         self._transport = transport
-        self._low = read_buffer
-        self._high = 2 * read_buffer
+        self._high = read_buffer
         self._read_timeout = read_timeout
         self._loop = asyncio.get_running_loop()
         self._chunks: deque[bytes] = deque()
@@ -59,6 +70,8 @@ class Body:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sink_full = False
         self._last_data = self._loop.time()
         # One timer per body, re-armed when it fires, instead of one per wait: a GiB arrives in
         # some ten thousand chunks, and arming and cancelling a timer for each showed up.
@@ -66,18 +79,36 @@ class Body:
 
     @property
     def received(self) -> bool:
-        """Whether the whole body arrived (read or not) and the connection reads again."""
-        return self._done and self._error is None and not self._paused
+        """Whether the whole body arrived (read or not)."""
+        return self._done and self._error is None
 
     def feed(self, chunk: bytes) -> None:
         """Called by the connection with the next bytes of the body."""
+        self._last_data = self._loop.time()
+        if self._sink is not None:
+            if not self._sink(chunk):
+                self._sink_full = True
+                self._hold()
+                self._wake()
+            return
         self._chunks.append(chunk)
         self._size += len(chunk)
-        self._last_data = self._loop.time()
-        if self._size > self._high and not self._paused:
+        if self._size >= self._high and (self._waiter is None or self._waiter.done()):
+            # A full read that nobody is waiting for yet: the next waits in the kernel.
+            self._hold()
+        self._wake()
+
+    def _hold(self) -> None:
+        """Stop reading until the reader comes back for more and finds nothing buffered."""
+        if not self._paused and not self._done:
             self._paused = True
             self._transport.pause_reading()
-        self._wake()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._last_data = self._loop.time()
+            self._transport.resume_reading()
 
     def finish(self, error: BaseException | None = None) -> None:
         """Called by the connection when the body ended, well or (with ``error``) badly."""
@@ -87,13 +118,16 @@ class Body:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if error is None:
+                # The answer is complete: the connection reads again, for the next one.
+                self._resume()
             self._wake()
 
     def discard(self) -> None:
         """Drop what is buffered: nobody will read it (the connection is being closed)."""
         self._chunks.clear()
         self._size = 0
-        self.finish(aiohttp.ClientPayloadError("the body was abandoned"))
+        self.finish(BrokenAnswer("the body was abandoned"))
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -106,45 +140,72 @@ class Body:
             self._timer = self._loop.call_later(wait, self._check_silence)
             return
         self._timer = None
-        self.finish(TimeoutError(f"upstream silent for {self._read_timeout:g} s mid-body"))
+        self.finish(UpstreamTimeout(f"silent for {self._read_timeout:g} s mid-body"))
+
+    async def _wait(self) -> None:
+        """Wait for the next event: bytes, the end, or a full sink. Reading resumes first."""
+        self._resume()
+        if self._timer is None:
+            wait = self._read_timeout - (self._loop.time() - self._last_data)
+            self._timer = self._loop.call_later(max(0.0, wait), self._check_silence)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            # A copy: raising the stored one would tie its traceback (and the frames' buffers)
+            # to this body in a cycle.
+            raise copy.copy(self._error)
 
     async def readany(self) -> bytes:
-        """The next bytes available (waiting for some if none are), or ``b""`` at the end."""
+        """The next bytes available (waiting for some if none are), or ``b""`` at the end.
+
+        At most one read's worth: whoever relays it holds no more than that at a time.
+        """
         while not self._chunks:
             if self._done:
-                if self._error is not None:
-                    # A copy: raising the stored one would tie its traceback (and the frames'
-                    # buffers) to this body in a cycle.
-                    raise copy.copy(self._error)
+                self._raise_if_failed()
                 return b""
-            if self._timer is None:
-                wait = self._read_timeout - (self._loop.time() - self._last_data)
-                self._timer = self._loop.call_later(max(0.0, wait), self._check_silence)
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if len(self._chunks) == 1:
-            chunk = self._chunks.popleft()
-        else:
-            # Several chunks waiting: one write to the client instead of several.
-            chunk = b"".join(self._chunks)
-            self._chunks.clear()
+            await self._wait()
+        chunk = self._chunks.popleft()
         self._size -= len(chunk)
-        if self._paused and self._size <= self._low:
-            self._paused = False
-            self._last_data = self._loop.time()
-            self._transport.resume_reading()
         return chunk
 
+    async def pipe(
+        self, sink: Callable[[bytes], bool], drained: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hand the rest of the body to ``sink`` as it arrives, until it ends.
+
+        ``sink`` takes each chunk and says whether it can take more at once; when it cannot,
+        reading stops until ``drained()`` returns, so a sink that takes nothing makes this
+        process hold nothing but what the sink itself buffered.
+        """
+        while self._chunks:
+            self._size -= len(self._chunks[0])
+            # Not bound to a name: this frame lives as long as the body, the chunk need not.
+            if not sink(self._chunks.popleft()):
+                await drained()
+        self._sink = sink
+        try:
+            while not self._done:
+                await self._wait()
+                if self._sink_full:
+                    self._sink_full = False
+                    await drained()
+        finally:
+            self._sink = None
+        self._raise_if_failed()
+
     async def readexactly(self, count: int) -> bytes:
-        """Exactly ``count`` bytes; ``aiohttp.ClientPayloadError`` if the body ends first."""
+        """Exactly ``count`` bytes; ``BrokenAnswer`` if the body ends first."""
         parts = bytearray()
         while len(parts) < count:
             chunk = await self.readany()
             if not chunk:
-                raise aiohttp.ClientPayloadError(f"the body ended after {len(parts)} bytes")
+                raise BrokenAnswer(f"the body ended after {len(parts)} of {count} bytes")
             wanted = count - len(parts)
             if len(chunk) > wanted:
                 self._chunks.appendleft(chunk[wanted:])
@@ -178,6 +239,8 @@ class Response:
         self.content = content
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.from_registry = False
+        """Whether the registry itself answered (not a host one of its redirects named)."""
 
     def release(self) -> None:
         """Back to the pool if the whole body arrived, else close the connection.
@@ -187,8 +250,14 @@ class Response:
         self._connection.release(self.content.received)
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one request at a time."""
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection; one request at a time.
+
+    A buffered protocol, so that each read takes at most the pool's ``read_buffer`` bytes
+    (the event loop's own reads take up to 256 KiB at a time): that bounds what one stalled
+    client of a blob can make this process hold. The buffer is the pool's, shared by all its
+    connections: every read is parsed or copied out before the next one starts.
+    """
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
@@ -237,10 +306,18 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return self._answer
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the event loop puts the next bytes read."""
+        return self._pool.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` arrived in the shared buffer: parse or take them before returning."""
+        self.data_received(self._pool.read_view[:nbytes])
+
+    def data_received(self, data: memoryview) -> None:
         """Parse what arrived; a malformed answer fails the request and the connection."""
         if self._parser is None or self._complete:
-            self._fail(aiohttp.ClientPayloadError("upstream sent bytes nobody asked for"))
+            self._fail(BrokenAnswer("bytes nobody asked for"))
             return
         self.answering = True
         if self._remaining:
@@ -250,16 +327,16 @@ class _Connection(asyncio.Protocol):
             # Still in the head. Counted here as well as per header: httptools gathers a
             # header line whole before handing it over, however long it grows.
             if self._head_bytes > _MAX_HEAD_BYTES:
-                self._fail(aiohttp.ClientPayloadError("the upstream's answer head is too large"))
+                self._fail(BrokenAnswer("the answer's head is too large"))
                 return
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
             # An upgrade (101) was never asked for: as malformed as any other surprise.
-            self._fail(aiohttp.ClientPayloadError(f"malformed upstream answer: {error}"))
+            self._fail(BrokenAnswer(f"malformed answer: {error}"))
 
-    def _take_body(self, data: bytes) -> None:
+    def _take_body(self, data: memoryview) -> None:
         """Body bytes framed by Content-Length, handed over as they are.
 
         Once the headers are parsed, a body of known length needs no parser: skipping it saves
@@ -269,9 +346,9 @@ class _Connection(asyncio.Protocol):
         remaining = self._remaining
         if len(data) < remaining:
             self._remaining -= len(data)
-            self._body.feed(data)
+            self._body.feed(bytes(data))
             return
-        self._body.feed(data if len(data) == remaining else data[:remaining])
+        self._body.feed(bytes(data[:remaining]))
         self._remaining = 0
         self._complete = True
         self._reusable = self._keep_alive and len(data) == remaining
@@ -288,13 +365,13 @@ class _Connection(asyncio.Protocol):
         # connection's buffers alive until the next garbage collection.
         self._answer = self._body = self._parser = None
         if answer is not None and not answer.done():
-            answer.set_exception(aiohttp.ServerDisconnectedError("upstream closed the connection"))
+            answer.set_exception(_ClosedBeforeAnswer("closed the connection before answering"))
         elif body is not None and not self._complete:
             if self._until_close():
                 self._complete = True
                 body.finish()
             else:
-                body.finish(aiohttp.ClientPayloadError("upstream closed mid-body"))
+                body.finish(BrokenAnswer("closed the connection mid-body"))
 
     def _until_close(self) -> bool:
         """Whether the body has neither a length nor chunks, so it ends when the stream does.
@@ -325,7 +402,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         """A new answer starts: only one was asked for."""
         if self._complete:
-            raise aiohttp.ClientPayloadError("upstream sent an answer nobody asked for")
+            raise BrokenAnswer("an answer nobody asked for")
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase of the status line."""
@@ -335,7 +412,7 @@ class _Connection(asyncio.Protocol):
         """One header line; the lines of one answer together stay under the limit too."""
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEAD_BYTES:
-            raise aiohttp.ClientPayloadError("the upstream's answer head is too large")
+            raise BrokenAnswer("the answer's head is too large")
         self._headers.append((name.decode(*_HEADER_CHARSET), value.decode(*_HEADER_CHARSET)))
 
     def on_headers_complete(self) -> None:
@@ -417,7 +494,7 @@ class ConnectionPool:
         """Connections to ``scheme://host:port`` (TLS for https, with ``ssl_context``).
 
         ``answer_timeout`` bounds the wait for an answer's headers once connected (then
-        ``TimeoutError``), ``read_timeout`` any silence while a body is read.
+        ``UpstreamTimeout``), ``read_timeout`` any silence while a body is read.
         """
         self._host = host
         self._port = port
@@ -432,6 +509,7 @@ class ConnectionPool:
             authority = f"[{host}]" if port == default_port else f"[{host}]:{port}"
         self._host_line = f"Host: {authority}\r\n".encode()
         self.read_buffer = read_buffer
+        self.read_view = memoryview(bytearray(read_buffer))
         self.read_timeout = read_timeout
         # Insertion-ordered: the most recently used is reused first, the oldest swept first.
         self._idle: dict[_Connection, None] = {}
@@ -453,7 +531,7 @@ class ConnectionPool:
         if connection is not None:
             try:
                 return await self._send(connection, request, head)
-            except aiohttp.ServerDisconnectedError:
+            except _ClosedBeforeAnswer:
                 if connection.answering:
                     raise  # it was answering: the request may have been acted on
         return await self._send(await self._connect(), request, head)
@@ -462,6 +540,9 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._answer_timeout):
                 return await connection.send(request, head)
+        except TimeoutError:
+            connection.release(read_to_end=False)
+            raise UpstreamTimeout(f"no answer within {self._answer_timeout:g} s") from None
         except BaseException:
             # Cancelled or failed before the answer: the connection's state is unknown.
             connection.release(read_to_end=False)
@@ -487,13 +568,9 @@ class ConnectionPool:
                     server_hostname=self._host if self._ssl else None,
                 )
         except TimeoutError:
-            raise aiohttp.ConnectionTimeoutError("connecting to the upstream timed out") from None
-        except ssl.SSLError as error:
-            raise aiohttp.ClientConnectionError(f"TLS with the upstream failed: {error}") from None
+            raise Unreachable(f"no connection within {self._connect_timeout:g} s") from None
         except OSError as error:
-            raise aiohttp.ClientConnectionError(
-                f"cannot connect to the upstream: {error.strerror or error}"
-            ) from None
+            raise connect_failure(error) from None
         # uvloop may call connection_made only after create_connection has returned.
         connection.transport = transport
         return connection

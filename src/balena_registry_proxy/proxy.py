@@ -11,7 +11,6 @@ import logging
 import time
 from contextlib import AsyncExitStack
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -25,10 +24,9 @@ from .errors import (
     bad_request,
     first_error_code,
     unsupported_method,
-    upstream_timeout,
-    upstream_unreachable,
+    upstream_failure,
 )
-from .forwarded import HOST_RE, TrustProxy, effective_origin
+from .forwarded import TrustProxy, effective_origin, forwarding_headers
 from .headers import (
     client_response_headers,
     redirect_request_headers,
@@ -37,17 +35,15 @@ from .headers import (
 )
 from .metrics import Metrics
 from .realm import challenge_realm, own_realm, replace_realm, token_request_url
+from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .upstream import Response, Upstream
+from .upstream_errors import UpstreamError
 from .verification import TokenVerifier
 
 log = logging.getLogger("balena_registry_proxy")
 
-UPSTREAM_TARGET = web.RequestKey("upstream_target", str)
-BODY_BYTES = web.RequestKey("body_bytes", int)
-REQUEST_ID = web.RequestKey("request_id", str)
-ROUTE = web.RequestKey("route", str)
 # Route kinds as metric labels: few values, so few series.
 _ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"}
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -104,8 +100,12 @@ class Proxy:
         self.metrics.rewrites.labels("refused" if refused else _outcome(plan)).inc()
         if plan.names is not None:
             request[UPSTREAM_TARGET] = plan.target
+        scheme, host = self._origin(request)
+        forwarding = forwarding_headers(
+            request.remote, request.headers.getall("X-Forwarded-For", []), scheme, host, self.trust
+        )
         headers = upstream_request_headers(
-            request.headers.items(), request[REQUEST_ID], drop_authorization=refused
+            request.headers.items(), request[REQUEST_ID], forwarding, drop_authorization=refused
         )
         try:
             if self.blobs is not None and _cacheable(route):
@@ -124,17 +124,36 @@ class Proxy:
                         self.upstream.request(request.method, plan.target, headers)
                     )
                 self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
-                return await self._relay(request, route, plan, upstream, headers)
-        except aiohttp.ConnectionTimeoutError:
-            # Nothing answered at all: as unreachable as a refused connection.
-            self.metrics.upstream_errors.labels("unreachable").inc()
-            raise upstream_unreachable() from None
-        except TimeoutError:
-            self.metrics.upstream_errors.labels("timeout").inc()
-            raise upstream_timeout() from None
-        except aiohttp.ClientError:
-            self.metrics.upstream_errors.labels("unreachable").inc()
-            raise upstream_unreachable() from None
+                return await self._relay(request, route, plan, upstream, headers, host)
+        except UpstreamError as error:
+            cached = self.blobs is not None and _cacheable(route)
+            raise self._failed(request, error, "upstream registry", cached=cached) from None
+
+    def _failed(
+        self, request: web.Request, error: UpstreamError, what: str, *, cached: bool = False
+    ) -> RegistryError:
+        """Count and log an upstream failure; the answer the client gets for it."""
+        self.metrics.upstream_errors.labels(error.kind).inc()
+        log.warning(
+            "%s failed for %s %s: %s rid=%s",
+            what,
+            request.method,
+            redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
+            error.cause,
+            request[REQUEST_ID],
+        )
+        return upstream_failure(error, what, cached=cached)
+
+    def _origin(self, request: web.Request) -> tuple[str, str]:
+        """The scheme and host the client used to reach the proxy."""
+        return effective_origin(
+            request.remote,
+            request.scheme,
+            request.headers.get("Host", ""),
+            request.headers.get("X-Forwarded-Proto"),
+            request.headers.get("X-Forwarded-Host"),
+            self.trust,
+        )
 
     async def _from_cache(
         self,
@@ -167,15 +186,12 @@ class Proxy:
     def _own_realm(
         self, request: web.Request, headers: list[tuple[str, str]]
     ) -> list[tuple[str, str]]:
-        """Name the proxy as the token realm, remembering the real one to pass requests to."""
-        scheme, host = effective_origin(
-            request.remote,
-            request.scheme,
-            request.host,
-            request.headers.get("X-Forwarded-Proto"),
-            request.headers.get("X-Forwarded-Host"),
-            self.trust,
-        )
+        """Name the proxy as the token realm, remembering the real one to pass requests to.
+
+        Only for the registry's own answers: a storage host a redirect led to is no authority
+        on where clients get their tokens.
+        """
+        scheme, host = self._origin(request)
         mapped = []
         for name, value in headers:
             if name.lower() == "www-authenticate" and (real := challenge_realm(value)):
@@ -206,10 +222,8 @@ class Proxy:
                 return web.Response(
                     status=answer.status, body=body, headers={"Content-Type": content_type}
                 )
-        except (aiohttp.ClientError, TimeoutError):
-            raise RegistryError(
-                502, "UNAVAILABLE", "the token server could not be reached"
-            ) from None
+        except UpstreamError as error:
+            raise self._failed(request, error, "token server") from None
 
     async def _learn_realm(self, request: web.Request) -> None:
         try:
@@ -217,8 +231,8 @@ class Proxy:
                 "GET", "/v2/", [("X-Request-Id", request[REQUEST_ID])]
             ) as probe:
                 self.realm = challenge_realm(probe.headers.get("WWW-Authenticate", ""))
-        except (aiohttp.ClientError, TimeoutError):
-            raise upstream_unreachable() from None
+        except UpstreamError as error:
+            raise self._failed(request, error, "upstream registry") from None
 
     def _accepts(self, token: str) -> bool:
         return self.verifier is None or self.verifier.is_valid(token)
@@ -230,18 +244,20 @@ class Proxy:
         plan: Plan,
         upstream: Response,
         sent: list[tuple[str, str]],
+        host: str,
     ) -> web.StreamResponse:
-        """Answer the client from ``upstream``, the answer to a request with ``sent`` headers."""
+        """Answer the client from ``upstream``, the answer to a request with ``sent`` headers;
+        ``host`` is the proxy's name as the client used it."""
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
-        if self.proxy_auth:
+        if self.proxy_auth and upstream.from_registry:
             headers = self._own_realm(request, headers)
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
         if plan.unresolved is not None and upstream.status in plan.explain_on:
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
             denial, _ = await _read_small(upstream) if has_body else (b"", True)
-            body = explain(plan.unresolved, first_error_code(denial), _proxy_host(request))
+            body = explain(plan.unresolved, first_error_code(denial), host)
             return _buffered(upstream.status, without_body_headers(headers), body)
         if (
             plan.names is not None
@@ -306,20 +322,42 @@ class Proxy:
             if prefix:
                 await response.write(prefix)
                 sent += len(prefix)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            transport = request.transport
+            if transport is None:
+                return response
+
+            def send(chunk: bytes) -> bool:
+                # Headers are out, and the body needs no framing of its own (a length, or
+                # HTTP/1.0's end at close): straight into the client's connection.
+                nonlocal sent
+                if transport.is_closing():
+                    return False
+                transport.write(chunk)
                 sent += len(chunk)
+                return not transport.get_write_buffer_size()
+
+            async def drained() -> None:
+                if transport.is_closing():
+                    raise ConnectionResetError("the client left")
+                await request.writer.drain()
+
+            if length is not None or request.version < (1, 1):
+                await upstream.content.pipe(send, drained)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    sent += len(chunk)
         except ConnectionResetError:
             # The client went away; leaving the upstream context closes that connection too.
             return response
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except UpstreamError as error:
             # Headers are out, so no error response is possible: cut the connection so the
             # client sees a short body (and retries with Range) instead of waiting or trusting.
             self.metrics.upstream_errors.labels("cut").inc()
             log.warning(
                 "upstream failed mid-response for %s: %s rid=%s",
                 redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
-                type(error).__name__,
+                error.cause,
                 request[REQUEST_ID],
             )
             if request.transport is not None:
@@ -359,12 +397,6 @@ def _bearer(request: web.Request) -> str | None:
     if len(authorizations) > 1:
         raise bad_request("UNSUPPORTED", "more than one Authorization header")
     return bearer_token(authorizations[0] if authorizations else None)
-
-
-def _proxy_host(request: web.Request) -> str:
-    """The proxy's name as the client addressed it, for messages; never echo odd input."""
-    host = request.headers.get("Host", "")
-    return host if HOST_RE.fullmatch(host) else "<proxy>"
 
 
 def _buffered(

@@ -1,30 +1,61 @@
-"""The HTTP server around the application: requests the HTTP parser refuses get OCI answers.
+"""The HTTP server around the application: connections, their limits, and parser refusals.
 
 aiohttp answers malformed HTTP (smuggling shapes such as Content-Length with
 Transfer-Encoding, oversized request lines and headers, bytes that are not HTTP) before any
 application code runs, in plain text and with an ERROR log line and a traceback. This module
 gives those answers the registry's JSON error format, the right status (414 for a request line
 over the limit, 431 for headers), the security headers, and a quiet log line.
+
+It also bounds what clients can make the proxy hold: at most ``max_connections`` connections
+(more are answered 503 and closed), a request head must arrive within ``head_timeout`` once it
+started, and nothing a client does not read waits in the proxy's send buffers (see
+``Proxy._stream``).
+
+aiohttp builds its ``Server`` itself; ``ProxyRunner`` swaps in a subclass. That is aiohttp's
+private API, so the runner checks at start-up that the hook is still where it was.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from . import __version__
 from .errors import CONTENT_TYPE, error_body
 from .headers import SECURITY_HEADERS
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
+from .resources import MemoryTrim
 
-SERVER_NAME = "balena-registry-proxy"
+SERVER_NAME = f"balena-registry-proxy/{__version__}"
+QUIET = "quiet"
+"""A response key: its access line is written at debug level (noise such as TLS on HTTP)."""
+# At most one "connection limit reached" warning this often.
+_LIMIT_WARNING_SECONDS = 10.0
+# A refused connection's request is read (so the client sees the 503, not a reset) for at
+# most this long and this much.
+_REFUSAL_READ_SECONDS = 5.0
+_REFUSAL_READ_BYTES = 16 * 1024
 
 log = logging.getLogger("balena_registry_proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may take of the server."""
+
+    max_connections: int = 1024
+    head_timeout: float = 10.0
+    max_request_line: int = 8190
+    max_header_size: int = 8190
 
 
 def parser_refusal(
@@ -49,11 +80,79 @@ def parser_refusal(
         return 431, "UNSUPPORTED", "request header too large"
     if "too many headers" in text.lower():
         return 431, "UNSUPPORTED", "too many request headers"
+    if is_tls_hello(exc):
+        return status, "UNSUPPORTED", "this port speaks plain HTTP, not HTTPS"
     return status, "UNSUPPORTED", "malformed HTTP request"
 
 
+def is_tls_hello(exc: BaseException | None) -> bool:
+    """Whether a parser refusal was of a TLS handshake: a client trying HTTPS on this port.
+
+    Clients such as skopeo try HTTPS first; the record starts with 0x16 (handshake) and a
+    protocol version 3.x, which aiohttp's parser shows in its message.
+    """
+    return isinstance(exc, BadHttpMethod) and "\\x16\\x03" in str(exc)
+
+
+def refusal_response(status: int, code: str, message: str) -> web.Response:
+    """An answer to a request that never reached the application; the connection closes."""
+    response = web.Response(
+        status=status,
+        body=error_body(code, message),
+        content_type=CONTENT_TYPE,
+        headers={
+            **dict(SECURITY_HEADERS),
+            "Server": SERVER_NAME,
+            REQUEST_ID_HEADER: request_id(None),
+        },
+    )
+    response.force_close()
+    return response
+
+
 class _OCIRequestHandler(RequestHandler):
-    limits = (8190, 8190)
+    server: _OCIServer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Pause writers as soon as anything waits in the send buffer.
+
+        A relay waits for the client before it reads on (see ``Proxy._stream``); with the
+        default high-water mark of 64 KiB a client that reads nothing would hold that much
+        more of this process's memory.
+        """
+        super().connection_made(transport)
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=0)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        """Parse, and give a request head that started ``head_timeout`` to arrive whole."""
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and data and not self._request_in_progress:
+            timeout = self.server.limits.head_timeout
+            self._head_timer = self._loop.call_later(timeout, self._head_too_slow, count)
+
+    def _head_too_slow(self, count: int) -> None:
+        self._head_timer = None
+        if self._request_count == count and not self._request_in_progress:
+            log.debug("closing a connection from %s: request head too slow", self._peer())
+            self.force_close()
+
+    def _peer(self) -> str:
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else "-"
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the head timer with the connection."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -62,45 +161,112 @@ class _OCIRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        """Answer a request the parser refused in the OCI format, and quietly."""
         if status >= 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        status, code, text = parser_refusal(exc, status, *self.limits)
-        rid = request_id(None)
-        log.debug(
-            "refused malformed request from %s: %s rid=%s", request.remote, type(exc).__name__, rid
+        limits = self.server.limits
+        status, code, text = parser_refusal(
+            exc, status, limits.max_request_line, limits.max_header_size
         )
-        response = web.Response(
-            status=status,
-            body=error_body(code, text),
-            content_type=CONTENT_TYPE,
-            headers={**dict(SECURITY_HEADERS), "Server": SERVER_NAME, REQUEST_ID_HEADER: rid},
-        )
-        response.force_close()
+        log.debug("refused malformed request from %s: %s", request.remote, type(exc).__name__)
+        response = refusal_response(status, code, text)
+        if is_tls_hello(exc):
+            response[QUIET] = True
         return response
 
 
+class _Refusal(asyncio.Protocol):
+    """A connection over the limit: its request head is read, then answered 503 and closed."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._received = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(_REFUSAL_READ_SECONDS, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += data
+        if b"\r\n\r\n" in self._received or len(self._received) > _REFUSAL_READ_BYTES:
+            self._answer()
+
+    def _answer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport, self._transport = self._transport, None
+        if transport is None or transport.is_closing():
+            return
+        body = error_body("UNAVAILABLE", "too many connections: try again shortly")
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\n"
+            f"Server: {SERVER_NAME}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport.write(head.encode("ascii") + body)
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+
+
 class _OCIServer(web.Server):
-    limits = (8190, 8190)
+    limits = ConnectionLimits()
+    trim: MemoryTrim
+    last_limit_warning = 0.0
 
     def __call__(self) -> RequestHandler:
+        if len(self._connections) >= self.limits.max_connections:
+            now = time.monotonic()
+            if now - self.last_limit_warning >= _LIMIT_WARNING_SECONDS:
+                self.last_limit_warning = now
+                log.warning(
+                    "%d connections open, the limit (MAX_CONNECTIONS): answering new ones 503",
+                    len(self._connections),
+                )
+            # aiohttp's factory type says RequestHandler; the loop needs only a protocol.
+            return cast(RequestHandler, _Refusal())
         handler = _OCIRequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.limits = self.limits
+        handler.server = self
         return handler
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        """Forget the connection; after many have closed, give their memory back."""
+        super().connection_lost(handler, exc)
+        self.trim.closed()
 
 
 class ProxyRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections answer parser refusals in the OCI format."""
+    """An ``AppRunner`` whose connections are limited, and refused in the OCI format."""
+
+    def __init__(self, app: web.Application, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        """Serve ``app`` within ``limits``; ``kwargs`` go to ``web.AppRunner``."""
+        super().__init__(
+            app,
+            max_line_size=limits.max_request_line,
+            max_field_size=limits.max_header_size,
+            **kwargs,
+        )
+        self._limits = limits
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        # aiohttp builds its Server internally; only its per-connection factory differs here.
+        if type(server) is not web.Server or not hasattr(server, "_connections"):
+            raise RuntimeError(
+                f"aiohttp {web.__name__} changed its Server: this proxy's connection handling "
+                "needs the aiohttp versions pyproject.toml allows"
+            )
         server.__class__ = _OCIServer
         assert isinstance(server, _OCIServer)
-        kwargs = server._kwargs
-        server.limits = (kwargs.get("max_line_size", 8190), kwargs.get("max_field_size", 8190))
+        server.limits = self._limits
+        server.trim = MemoryTrim(asyncio.get_running_loop().call_later)
         return server
-
-
-def parser_limits(max_request_line: int, max_header_size: int) -> dict[str, Any]:
-    """aiohttp's parser limits, as runner keyword arguments."""
-    return {"max_line_size": max_request_line, "max_field_size": max_header_size}

@@ -16,17 +16,17 @@ from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from . import __version__
 from .httpclient import ConnectionPool, Response
+from .upstream_errors import BrokenAnswer
 
 __all__ = ["READ_BUFFER", "USER_AGENT", "Response", "Upstream"]
 
 USER_AGENT = f"balena-registry-proxy/{__version__}"
-# A connection stops reading once it holds twice this unread: small enough for many slow
-# clients on a small device, large enough for few wake-ups.
-READ_BUFFER = 64 * 1024
+# The most one read of an upstream answer takes, and so what one client that reads nothing
+# makes the proxy hold (see httpclient.Body): 32 KiB keeps 1,000 stalled clients within
+# 64 MiB, and relayed more cheaply than 16 or 64 KiB in the measurements of docs/benchmark.
+READ_BUFFER = 32 * 1024
 # Hosts besides the upstream (storage and token hosts that redirects name) kept connected.
 _OTHER_ORIGINS = 16
 
@@ -163,7 +163,8 @@ class _Exchange(AbstractAsyncContextManager[Response]):
         try:
             response = await self._pool.request(self._method, self._target, self._headers)
         except ValueError:
-            raise aiohttp.InvalidURL(self._target) from None
+            raise BrokenAnswer("a target the proxy cannot send (a line break)") from None
+        response.from_registry = self._registry
         if self._registry and response.status < 500:
             self._upstream.last_answer = time.monotonic()
         self._response = response
@@ -176,12 +177,13 @@ class _Exchange(AbstractAsyncContextManager[Response]):
 
 
 def _origin(url: str) -> Origin:
-    """``(scheme, host, port)`` of an http(s) URL; ``aiohttp.InvalidURL`` for anything else."""
+    """``(scheme, host, port)`` of an http(s) URL; ``BrokenAnswer`` for anything else (a
+    redirect the upstream answered with)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise aiohttp.InvalidURL(url) from None
+        raise BrokenAnswer("a redirect to a URL with an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise aiohttp.InvalidURL(url)
+        raise BrokenAnswer("a redirect to a URL that is not http(s)")
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)

@@ -7,10 +7,7 @@ of an in-process upstream that misbehaves on purpose.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,9 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from balena_registry_proxy.sandbox.ports import free_port
-
-from ..conftest import register_log, until_serving
+from ..conftest import until_serving
+from .processes import ProxyProcess, start_proxy
 
 MIB = 1024 * 1024
 BLOB = "sha256:" + "b" * 64
@@ -92,24 +88,6 @@ class Faults:
         return response
 
 
-@dataclass
-class ProxyProcess:
-    """The proxy under test, as its own process."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-
 @pytest.fixture
 def faults() -> Faults:
     return Faults()
@@ -123,40 +101,14 @@ async def upstream(aiohttp_server: object, faults: Faults) -> AsyncIterator[Test
     await server.close()
 
 
-def start_proxy(upstream_url: str, log: Path) -> ProxyProcess:
-    port = free_port()
-    with register_log(log).open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-            env={
-                **os.environ,
-                "PROXY_PORT": str(port),
-                "REGISTRY_URL": upstream_url,
-                "UPSTREAM_READ_TIMEOUT": "1",
-                "UPSTREAM_CONNECT_TIMEOUT": "1",
-                "LOG_LEVEL": "warning",
-            },
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    return ProxyProcess(process, f"http://127.0.0.1:{port}", log)
-
-
 @pytest.fixture
 def proxy_process(upstream: TestServer, tmp_path: Path) -> Iterator[ProxyProcess]:
     proxy = start_proxy(str(upstream.make_url("")).rstrip("/"), tmp_path / "proxy.log")
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))):
-                    break
-            except OSError:
-                time.sleep(0.1)
+        proxy.wait_listening()
         yield proxy
     finally:
-        proxy.process.terminate()
-        proxy.process.wait(30)
+        proxy.stop()
 
 
 async def outcome(session: aiohttp.ClientSession, url: str) -> str:

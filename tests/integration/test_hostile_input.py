@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balena_registry_proxy.app import create_app, runner_options
+from balena_registry_proxy import __version__
+from balena_registry_proxy.app import connection_limits, create_app, runner_options
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.routes import NAME_RE
 from balena_registry_proxy.sandbox.ports import free_port
@@ -66,7 +67,9 @@ async def wire() -> AsyncIterator[Wire]:
         max_request_line=2048,
         max_header_size=1024,
     )
-    runner = ProxyRunner(create_app(settings), **runner_options(settings))
+    runner = ProxyRunner(
+        create_app(settings), limits=connection_limits(settings), **runner_options(settings)
+    )
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -79,7 +82,7 @@ def assert_oci(status: int, headers: dict[str, str], body: bytes, expected: int)
     assert status == expected
     assert headers["Content-Type"].startswith("application/json")
     assert headers["X-Content-Type-Options"] == "nosniff"
-    assert headers["Server"] == "balena-registry-proxy"
+    assert headers["Server"] == f"balena-registry-proxy/{__version__}"
     assert len(headers["X-Request-Id"]) == 32
     error = json.loads(body)["errors"][0]
     assert set(error) == {"code", "message", "detail"}

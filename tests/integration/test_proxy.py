@@ -500,14 +500,37 @@ async def test_denial_of_an_encoded_html_body_becomes_plain_json(proxy: Client) 
     assert "release '9.9.8' of app 'gh_acme/web'" in body["errors"][0]["message"]
 
 
-async def test_odd_host_header_is_not_echoed(proxy: Client) -> None:
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Host", "evil.example<script>"),
+        ("Host", 'evil", error="x'),
+        ("Host", "a b"),
+        ("X-Forwarded-Host", 'proxy.example, evil", error="x'),
+    ],
+)
+async def test_a_host_that_is_no_host_is_refused_not_echoed(
+    proxy: Client, registry: FakeRegistry, header: tuple[str, str]
+) -> None:
     name = "gh_acme/web/9.9.9"
     token = make_token({"type": "repository", "name": name, "actions": []})
-    headers = {**bearer(token), "Host": "evil.example<script>"}
+    response = await proxy.get(
+        f"/v2/{name}/manifests/latest", headers={**bearer(token), header[0]: header[1]}
+    )
+    assert response.status == 400
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert "evil" not in error["message"]
+    assert "host" in error["message"].lower()
+    assert registry.seen == []
+
+
+async def test_the_host_named_in_messages_is_the_one_the_client_used(proxy: Client) -> None:
+    name = "gh_acme/web/9.9.9"
+    token = make_token({"type": "repository", "name": name, "actions": []})
+    headers = {**bearer(token), "Host": "proxy.example:8443"}
     response = await proxy.get(f"/v2/{name}/manifests/latest", headers=headers)
-    message = (await response.json())["errors"][0]["message"]
-    assert "docker login <proxy>" in message
-    assert "<script>" not in message
+    assert "docker login proxy.example:8443" in (await response.json())["errors"][0]["message"]
 
 
 async def test_no_accept_encoding_is_invented_upstream(

@@ -1,0 +1,85 @@
+"""What the process asks of the operating system: open files, and memory given back.
+
+Thin wrappers over ``resource`` and glibc, each a no-op where the platform lacks it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import resource
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("balena_registry_proxy")
+
+# Memory is handed back after this many connections closed, at most this often: a burst of
+# clients leaves freed buffers scattered over the heap, which glibc keeps until told.
+TRIM_AFTER_CLOSED = 64
+TRIM_INTERVAL_SECONDS = 10.0
+TRIM_DELAY_SECONDS = 1.0
+# Descriptors kept for what is not a client connection: upstream pools, cache files, logs.
+RESERVED_FILES = 256
+FILES_PER_CONNECTION = 3
+"""A client connection's own socket, its upstream connection, and a cache file it reads."""
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft
+    return hard
+
+
+def connections_for(open_files: int) -> int:
+    """How many client connections ``open_files`` descriptors can serve."""
+    return max(1, (open_files - RESERVED_FILES) // FILES_PER_CONNECTION)
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    return lambda: trim(0)
+
+
+class MemoryTrim:
+    """Gives freed heap memory back to the system after connections closed in numbers.
+
+    The trim runs a moment after the count is reached, so that the rest of a burst of
+    departing clients has freed its memory too.
+    """
+
+    def __init__(self, schedule: Callable[[float, Callable[[], None]], object]) -> None:
+        """Trim through ``schedule(delay, callback)`` (the event loop's ``call_later``)."""
+        self._trim = _malloc_trim()
+        self._schedule = schedule
+        self._closed = 0
+        self._pending = False
+        self._last = time.monotonic()
+        self.trims = 0
+
+    def closed(self) -> None:
+        """A connection closed: trim soon if enough did, and not too recently."""
+        self._closed += 1
+        if self._closed < TRIM_AFTER_CLOSED or self._pending:
+            return
+        self._pending = True
+        wait = max(TRIM_DELAY_SECONDS, self._last + TRIM_INTERVAL_SECONDS - time.monotonic())
+        self._schedule(wait, self._run)
+
+    def _run(self) -> None:
+        self._pending = False
+        self._closed = 0
+        self._last = time.monotonic()
+        self.trims += 1
+        if self._trim is not None:
+            started = time.perf_counter()
+            self._trim()
+            log.debug("freed memory returned in %.1f ms", (time.perf_counter() - started) * 1000)
