@@ -25,7 +25,7 @@ from . import __version__, logs
 from .app import connection_limits, create_app, runner_options
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .resources import raise_open_file_limit
-from .server import ProxyRunner
+from .server import LoopErrors, ProxyRunner
 
 log = logging.getLogger("balena_registry_proxy")
 GC_THRESHOLD = 50_000
@@ -76,6 +76,7 @@ async def serve(
     a signal cancels it if it is still running.
     """
     ssl_context = tls_context(settings)
+    asyncio.get_running_loop().set_exception_handler(LoopErrors())
     limits = connection_limits(settings, raise_open_file_limit())
     runner = ProxyRunner(create_app(settings), limits=limits, **runner_options(settings))
     await runner.setup()

@@ -35,6 +35,7 @@ __all__ = ["Body", "ConnectionPool", "Response"]
 class _ClosedBeforeAnswer(BrokenAnswer):
     """The connection closed before any answer: on a pooled one, the request may be retried."""
 
+
 # An idle connection is closed after this long, and at most this many are kept per host: a
 # burst of requests must not leave hundreds of connections open (the registry never closes
 # idle ones itself).

@@ -88,10 +88,12 @@ def parser_refusal(
 def is_tls_hello(exc: BaseException | None) -> bool:
     """Whether a parser refusal was of a TLS handshake: a client trying HTTPS on this port.
 
-    Clients such as skopeo try HTTPS first; the record starts with 0x16 (handshake) and a
-    protocol version 3.x, which aiohttp's parser shows in its message.
+    Clients such as skopeo try HTTPS first. The handshake record starts with 0x16 and a
+    protocol version 3.x; aiohttp's C parser says it recognised it, its Python parser shows
+    the bytes.
     """
-    return isinstance(exc, BadHttpMethod) and "\\x16\\x03" in str(exc)
+    text = str(exc)
+    return isinstance(exc, BadHttpMethod) and ("HTTPS traffic" in text or "\\x16\\x03" in text)
 
 
 def refusal_response(status: int, code: str, message: str) -> web.Response:
@@ -108,6 +110,34 @@ def refusal_response(status: int, code: str, message: str) -> web.Response:
     )
     response.force_close()
     return response
+
+
+class LoopErrors:
+    """The event loop's exception handler: accepting without descriptors is a warning.
+
+    asyncio reports a failed ``accept()`` (no descriptors left) as an error with a traceback,
+    every second while it lasts; an operator needs one line saying what to change. (uvloop
+    drops such connections without a word; the connection limit keeps them from happening.)
+    """
+
+    def __init__(self) -> None:
+        """No warning given yet."""
+        self._last_warning = -_LIMIT_WARNING_SECONDS
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Handle one error ``context`` of ``loop``."""
+        error = context.get("exception")
+        if isinstance(error, OSError) and "accept" in str(context.get("message", "")):
+            now = time.monotonic()
+            if now - self._last_warning >= _LIMIT_WARNING_SECONDS:
+                self._last_warning = now
+                log.warning(
+                    "cannot accept connections: %s; raise the open-file limit or lower "
+                    "MAX_CONNECTIONS",
+                    error.strerror or error,
+                )
+            return
+        loop.default_exception_handler(context)
 
 
 class _OCIRequestHandler(RequestHandler):

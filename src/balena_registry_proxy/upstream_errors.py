@@ -43,9 +43,10 @@ class BrokenAnswer(UpstreamError):
 def connect_failure(error: OSError) -> Unreachable:
     """The ``Unreachable`` for an error of opening a connection, naming its cause."""
     if isinstance(error, ssl.SSLCertVerificationError):
-        return Unreachable(f"TLS verification failed: {error.verify_message or error.reason}")
+        detail = getattr(error, "verify_message", None) or error.strerror or error
+        return Unreachable(f"TLS verification failed: {detail}")
     if isinstance(error, ssl.SSLError):
-        return Unreachable(f"TLS failed: {error.reason or error}")
+        return Unreachable(f"TLS failed: {getattr(error, 'reason', None) or error}")
     if isinstance(error, socket.gaierror):
         return Unreachable(f"name resolution failed: {error.strerror or error}")
     if isinstance(error, ConnectionRefusedError):

@@ -73,8 +73,31 @@ async def test_port_in_use_is_one_clear_line() -> None:
         process = await run_cli("--host", "127.0.0.1", "--port", str(port))
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
+    assert stderr.decode().startswith(f"balena-registry-proxy: PROXY_PORT (--port) {port}: ")
     assert "cannot listen on 127.0.0.1" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid", "192.0.2.1"])
+async def test_a_host_that_cannot_be_listened_on_is_blamed(host: str) -> None:
+    process = await run_cli("--host", host, "--port", str(free_port()))
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"balena-registry-proxy: PROXY_HOST (--host) '{host}': ")
+
+
+async def test_workers_on_a_busy_port_fail_without_claiming_to_have_started() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = await run_cli("--host", "127.0.0.1", "--port", str(port), "--workers", "2")
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "PROXY_PORT (--port)" in stderr.decode()
+    assert "started 2 workers" not in stderr.decode()
 
 
 @pytest.fixture
@@ -130,6 +153,10 @@ async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestSe
             await until_serving(f"http://127.0.0.1:{port}")
             children = children_of(process.pid)
             assert len(children) == 2
+            assert process.stderr is not None
+            # Said once both listen; what a worker logs first is its own "listening" line.
+            started = await asyncio.wait_for(process.stderr.readuntil(b"workers on port"), 10)
+            assert started.count(b"listening on") == 2
             in_flight = [
                 asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/")) for _ in range(4)
             ]

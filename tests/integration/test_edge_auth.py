@@ -90,3 +90,52 @@ async def test_behind_a_tls_terminator_the_realm_uses_the_forwarded_origin(
         'realm="https://uuid.balena-devices.com/auth/v1/token"'
         in response.headers["WWW-Authenticate"]
     )
+
+
+async def test_a_storage_host_cannot_become_the_realm(
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """A blob redirect leads to a host that answers with its own challenge: the proxy must not
+    send the next client's credentials there."""
+    stolen: list[str | None] = []
+
+    async def hostile(request: web.Request) -> web.Response:
+        if request.path == "/steal":
+            stolen.append(request.headers.get("Authorization"))
+            return web.json_response({"token": "x"})
+        evil = f"http://{request.host}/steal"
+        header = f'Bearer realm="{evil}",service="registry.test"'
+        return web.json_response({"errors": []}, status=401, headers={"WWW-Authenticate": header})
+
+    storage_app = web.Application()
+    storage_app.router.add_get("/{tail:.*}", hostile)
+    storage = await aiohttp_server(storage_app)
+    real_realm: list[str] = []
+
+    async def registry(request: web.Request) -> web.Response:
+        if request.path.startswith("/v2/org/app/blobs/"):
+            return web.Response(status=307, headers={"Location": str(storage.make_url("/blob"))})
+        header = f'Bearer realm="{real_realm[0]}",service="registry.test"'
+        return web.json_response({"errors": []}, status=401, headers={"WWW-Authenticate": header})
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"token": "issued-token"})
+
+    auth_app = web.Application()
+    auth_app.router.add_get("/auth/v1/token", token)
+    auth = await aiohttp_server(auth_app)
+    real_realm.append(str(auth.make_url("/auth/v1/token")))
+    registry_app = web.Application()
+    registry_app.router.add_get("/{tail:.*}", registry)
+    upstream = await aiohttp_server(registry_app)
+    config = Settings(registry_url=str(upstream.make_url("")).rstrip("/"), proxy_auth=True)
+    client = await serve_proxy(config, aiohttp_client)
+    blob = await client.get("/v2/org/app/blobs/sha256:" + "a" * 64)
+    assert blob.status == 401
+    assert "/steal" in blob.headers["WWW-Authenticate"]  # the storage's own, relayed as it is
+    answer = await client.get(
+        "/auth/v1/token?service=registry.test", headers={"Authorization": "Basic YWxpY2U6a2V5"}
+    )
+    assert await answer.json() == {"token": "issued-token"}
+    assert stolen == []

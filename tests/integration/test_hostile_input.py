@@ -186,3 +186,42 @@ async def test_fuzzed_requests_are_4xx_or_forwarded_in_grammar(
                 else name_path.removesuffix("/tags/list")
             )
             assert NAME_RE.fullmatch(repository), forwarded
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # HTTP/0.9: no version, and an answer without a status line would follow.
+        b"GET /ping\r\n\r\n",
+        # HTTP/1.0 framing by Transfer-Encoding is faulty (RFC 9112, 6.1), keep-alive or not.
+        b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"GET /ping HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_http_without_a_version_or_with_bad_framing_gets_400_and_a_close(
+    wire: Wire, raw: bytes
+) -> None:
+    # Wire.send reads until the proxy closes the connection.
+    status, headers, body = await wire.send(raw)
+    assert_oci(status, headers, body, 400)
+
+
+async def test_every_answer_names_the_proxy_alone_as_server(wire: Wire) -> None:
+    close = b"Host: x\r\nConnection: close\r\n\r\n"
+    for raw in (b"GET /ping HTTP/1.1\r\n" + close, b"GET /v2/a/b/tags/list HTTP/1.1\r\n" + close):
+        _, headers, _ = await wire.send(raw)
+        assert headers["Server"] == f"balena-registry-proxy/{__version__}"
+    assert wire.seen == ["/v2/a/b/tags/list"]  # its upstream named itself aiohttp
+
+
+async def test_tls_on_the_plain_port_is_told_so_and_logged_at_debug(
+    wire: Wire, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
+    status, headers, body = await wire.send(hello)
+    assert_oci(status, headers, body, 400)
+    assert "plain HTTP, not HTTPS" in json.loads(body)["errors"][0]["message"]
+    access = [r for r in caplog.records if r.name == "balena_registry_proxy.access"]
+    assert [r.levelno for r in access] == [logging.DEBUG]

@@ -161,6 +161,11 @@ async def test_json_logs_carry_access_fields_and_no_secrets() -> None:
     assert access[0]["path"] == f"/v2/{ALIAS}/manifests/latest?token=***"
     assert access[0]["upstream_path"] == f"/v2/{REAL}/manifests/latest?token=***"
     assert all(record["level"] in {"info", "warning"} for record in records)
+    for record in records:
+        # RFC 3339, UTC, milliseconds.
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
+    # The access line's duration is measured, not the event loop's whole milliseconds.
+    assert access[0]["ms"] > 0
     assert "hunter2" not in stderr.decode()
     assert TOKEN not in stderr.decode()
 

@@ -620,3 +620,65 @@ async def test_connect_timeout_gives_502(
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+FORGED = {
+    "X-Forwarded-For": "198.51.100.66",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "forged.example",
+    "Forwarded": "for=198.51.100.66;host=forged.example",
+    "X-Real-IP": "198.51.100.66",
+}
+
+
+async def test_an_untrusted_client_cannot_tell_upstream_who_it_is(
+    proxy: Client, registry: FakeRegistry
+) -> None:
+    response = await proxy.get(
+        f"/v2/{ALIAS}/manifests/latest", headers={**bearer(TOKEN), **FORGED, "Host": "p.test"}
+    )
+    assert response.status == 200
+    seen = registry.seen[-1].headers
+    assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.getall("X-Forwarded-Proto") == ["http"]
+    assert seen.getall("X-Forwarded-Host") == ["p.test"]
+    assert "Forwarded" not in seen
+    assert "X-Real-IP" not in seen
+
+
+async def test_a_trusted_front_proxy_is_believed_and_appended_to(
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    registry: FakeRegistry,
+) -> None:
+    upstream = await aiohttp_server(registry.app())
+    settings = Settings(
+        registry_url=str(upstream.make_url("")).rstrip("/"), trust_proxy=parse_trust_proxy("1")
+    )
+    client = await serve_proxy(settings, aiohttp_client)
+    await client.get(f"/v2/{ALIAS}/manifests/latest", headers={**bearer(TOKEN), **FORGED})
+    seen = registry.seen[-1].headers
+    assert seen.getall("X-Forwarded-For") == ["198.51.100.66, 127.0.0.1"]
+    assert seen.getall("X-Forwarded-Proto") == ["https"]
+    assert seen.getall("X-Forwarded-Host") == ["forged.example"]
+    assert "Forwarded" not in seen
+
+
+async def test_an_upstream_failure_is_logged_with_its_cause(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    unused_tcp_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await serve_proxy(
+        Settings(registry_url=f"http://127.0.0.1:{unused_tcp_port}"), aiohttp_client
+    )
+    response = await client.get(f"/v2/{ALIAS}/manifests/latest?token=hunter2")
+    assert response.status == 502
+    assert "connection refused" in (await response.json())["errors"][0]["message"]
+    failures = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(failures) == 1
+    line = failures[0].getMessage()
+    assert "upstream registry failed" in line
+    assert "connection refused" in line
+    assert f"GET /v2/{ALIAS}/manifests/latest?token=***" in line
+    assert "rid=" in line

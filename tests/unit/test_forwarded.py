@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from balena_registry_proxy.forwarded import TrustProxy, client_address, parse_trust_proxy
+from balena_registry_proxy.forwarded import (
+    TrustProxy,
+    client_address,
+    effective_origin,
+    forwarding_headers,
+    is_host,
+    parse_trust_proxy,
+)
 
 XFF = "203.0.113.9, 10.0.0.2, 10.0.0.1"
 
@@ -48,3 +55,52 @@ def test_unknown_peer() -> None:
 def test_bad_settings_are_refused_with_the_offending_part(setting: str) -> None:
     with pytest.raises(ValueError, match="is not true, false"):
         parse_trust_proxy(setting)
+
+
+def test_only_believed_addresses_are_forwarded() -> None:
+    untrusted = forwarding_headers("10.0.0.1", [XFF], "http", "p.test", parse_trust_proxy("false"))
+    assert untrusted == [
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "p.test"),
+    ]
+    one_hop = forwarding_headers("10.0.0.5", [XFF], "https", "h", parse_trust_proxy("1"))
+    assert one_hop[0] == ("X-Forwarded-For", "10.0.0.1, 10.0.0.5")
+    everyone = forwarding_headers("10.0.0.1", [XFF], "https", "h", parse_trust_proxy("true"))
+    assert everyone[0] == ("X-Forwarded-For", "203.0.113.9, 10.0.0.2, 10.0.0.1, 10.0.0.1")
+    forged = forwarding_headers("10.0.0.1", ["1.2.3.4, x"], "http", "h", parse_trust_proxy("true"))
+    assert forged[0] == ("X-Forwarded-For", "10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("peer", "proto", "host", "expected"),
+    [
+        ("127.0.0.1", "https", "uuid.example", ("https", "uuid.example")),
+        ("127.0.0.1", "ftp", "bad host", ("http", "own.example")),
+        ("10.9.9.9", "https", "uuid.example", ("http", "own.example")),
+        (None, "https", "uuid.example", ("http", "own.example")),
+    ],
+)
+def test_effective_origin_believes_only_trusted_peers(
+    peer: str | None, proto: str, host: str, expected: tuple[str, str]
+) -> None:
+    trust = parse_trust_proxy("loopback")
+    assert effective_origin(peer, "http", "own.example", proto, host, trust) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("a.example", True),
+        ("a.example:8080", True),
+        ("[2001:db8::1]:443", True),
+        ("10.0.0.1", True),
+        ('a", realm="x', False),
+        ("a b", False),
+        ("", False),
+        ("a.example:123456", False),
+        ("user@a.example", False),
+    ],
+)
+def test_host_grammar(text: str, valid: bool) -> None:
+    assert is_host(text) is valid

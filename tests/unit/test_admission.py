@@ -1,0 +1,51 @@
+"""Requests refused before routing: HTTP versions, framing, hosts."""
+
+from __future__ import annotations
+
+import pytest
+
+from balena_registry_proxy.admission import refusal
+
+HOST = [("Host", "proxy.example:8080")]
+
+
+@pytest.mark.parametrize(
+    ("version", "headers"),
+    [
+        ((1, 1), HOST),
+        ((1, 1), [("Host", "[::1]:80")]),
+        ((1, 1), [("Host", "10.0.0.1")]),
+        ((1, 0), []),
+        ((1, 0), [("Content-Length", "0")]),
+        ((1, 1), [*HOST, ("Transfer-Encoding", "chunked")]),
+        ((1, 1), [*HOST, ("X-Forwarded-Host", "a.example, b.example:443")]),
+    ],
+)
+def test_ordinary_requests_pass(version: tuple[int, int], headers: list[tuple[str, str]]) -> None:
+    assert refusal(version, headers) is None
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "message"),
+    [
+        ((0, 9), [], "HTTP/0.9"),
+        ((1, 0), [("transfer-encoding", "chunked")], "Transfer-Encoding"),
+        ((1, 0), [*HOST, ("Transfer-Encoding", "identity")], "Transfer-Encoding"),
+        ((1, 1), [], "needs a Host"),
+        ((1, 1), [*HOST, ("host", "other.example")], "more than one Host"),
+        ((1, 1), [("Host", 'evil", error="x')], "not a host name"),
+        ((1, 1), [("Host", "")], "not a host name"),
+        ((1, 1), [("Host", "a b")], "not a host name"),
+        ((1, 1), [("Host", "a.example/path")], "not a host name"),
+        ((1, 1), [*HOST, ("X-Forwarded-Host", "ok.example, <script>")], "X-Forwarded-Host"),
+        ((1, 0), [("X-Forwarded-Host", "")], "X-Forwarded-Host"),
+    ],
+)
+def test_refused_requests_get_a_400_that_says_why(
+    version: tuple[int, int], headers: list[tuple[str, str]], message: str
+) -> None:
+    error = refusal(version, headers)
+    assert error is not None
+    assert error.status == 400
+    assert error.code == "UNSUPPORTED"
+    assert message in error.message

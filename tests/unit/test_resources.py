@@ -1,0 +1,98 @@
+"""Memory given back after bursts of connections, and open files."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+from collections.abc import Callable
+
+import pytest
+
+from balena_registry_proxy import resources
+from balena_registry_proxy.resources import (
+    TRIM_AFTER_CLOSED,
+    TRIM_DELAY_SECONDS,
+    MemoryTrim,
+    connections_for,
+    raise_open_file_limit,
+)
+from balena_registry_proxy.server import LoopErrors
+
+
+class Later:
+    """A stand-in for ``loop.call_later`` that runs nothing until told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> None:
+        self.calls.append((delay, callback))
+
+    def run(self) -> None:
+        calls, self.calls = self.calls, []
+        for _, callback in calls:
+            callback()
+
+
+def test_memory_is_trimmed_once_after_a_burst_of_closes() -> None:
+    later = Later()
+    trim = MemoryTrim(later)
+    for _ in range(TRIM_AFTER_CLOSED - 1):
+        trim.closed()
+    assert later.calls == []
+    for _ in range(500):
+        trim.closed()
+    assert len(later.calls) == 1
+    assert later.calls[0][0] >= TRIM_DELAY_SECONDS
+    later.run()
+    assert trim.trims == 1
+    for _ in range(TRIM_AFTER_CLOSED):
+        trim.closed()
+    # Not more often than every interval: the next waits out the rest of it.
+    assert later.calls[0][0] > TRIM_DELAY_SECONDS
+    later.run()
+    assert trim.trims == 2
+
+
+def test_connections_fit_the_open_files() -> None:
+    assert connections_for(1024) == (1024 - resources.RESERVED_FILES) // 3
+    assert connections_for(10) == 1
+    assert connections_for(1_000_000) > 300_000
+
+
+def test_the_soft_limit_goes_up_to_the_hard_one() -> None:
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, before[1]), before[1]))
+        assert raise_open_file_limit() == before[1]
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == before[1]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.defaults: list[dict[str, object]] = []
+
+    def default_exception_handler(self, context: dict[str, object]) -> None:
+        self.defaults.append(context)
+
+
+def test_accepting_without_descriptors_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    handler = LoopErrors()
+    loop = FakeLoop()
+    failure = {
+        "message": "socket.accept() out of system resource",
+        "exception": OSError(errno.EMFILE, "Too many open files"),
+    }
+    for _ in range(5):
+        handler(loop, failure)  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "cannot accept connections: Too many open files; raise the open-file limit or lower "
+        "MAX_CONNECTIONS"
+    ]
+    other = {"message": "something else", "exception": ValueError("x")}
+    handler(loop, other)  # type: ignore[arg-type]
+    assert loop.defaults == [other]
