@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -58,6 +59,19 @@ def test_redact_target() -> None:
         "/v2/x?n=10&token=***&X-Amz-Signature=***&password=***&api_key=***&last=b"
     )
     assert redact_target("/v2/x") == "/v2/x"
+
+
+@pytest.mark.parametrize(
+    "name", ["jwt", "bearer", "pw", "Policy", "hdnts", "hmac", "st", "Expires", "anything"]
+)
+def test_every_query_value_is_masked_unless_known_harmless(name: str) -> None:
+    assert redact_target(f"/v2/x?{name}=s3cr3t&n=5") == f"/v2/x?{name}=***&n=5"
+
+
+def test_harmless_query_values_are_shown() -> None:
+    target = "/auth/v1/token?service=reg&scope=repository:o/a:pull&account=bob&ns=docker.io"
+    assert redact_target(target) == target
+    assert redact_target("/v2/x?N=5&LAST=a") == "/v2/x?N=5&LAST=a"
 
 
 @given(st.text(max_size=50), st.text(max_size=50))
