@@ -453,8 +453,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._keep_alive = self._parser.should_keep_alive()
 
     def on_body(self, chunk: bytes) -> None:
-        """The next bytes of the body."""
-        if self._body is not None and not self._complete:
+        """The next bytes of the body; after a HEAD answer, bytes nobody asked for."""
+        if self._complete:
+            # The parser read them as the body the HEAD answer's length announced: the
+            # stream is out of step, so the connection must not carry another request.
+            self._reusable = False
+        elif self._body is not None:
             if self._remaining:
                 self._remaining -= len(chunk)
             self._body.feed(chunk)

@@ -543,3 +543,38 @@ async def test_a_failed_read_leaves_no_cycle_holding_its_buffers() -> None:
         finally:
             tracemalloc.stop()
             gc.enable()
+
+
+FORGED_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /x\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("later", [False, True])
+async def test_bytes_after_a_head_answer_close_the_connection(head: bytes, later: bool) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server.connections == 1:
+            await read_request(reader, server)
+            writer.write(head if later else head + FORGED_ANSWER)
+            if later:
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(FORGED_ANSWER)
+            await writer.drain()
+        while True:
+            await read_request(reader, server)
+            writer.write(OK)
+            await writer.drain()
+
+    async with scripted(handle) as server:
+        pool = pool_for(server)
+        assert await body_of(await pool.request("HEAD", "/", [])) == b""
+        await asyncio.sleep(0.1)
+        assert await body_of(await pool.request("GET", "/", [])) == b"hello"
+    assert server.connections == 2
