@@ -100,9 +100,15 @@ def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     return _filter(headers, _RESPONSE_DROP)
 
 
-def without_body_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers for a JSON body the proxy wrote itself in place of upstream's."""
-    kept = [(k, v) for k, v in headers if k.lower() not in _BODY_DESCRIPTION]
+def without_body_headers(
+    headers: list[tuple[str, str]], keep: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """Headers for a JSON body the proxy wrote itself in place of upstream's.
+
+    ``keep`` names (lower case) body headers that still hold, such as a 416's Content-Range.
+    """
+    drop = _BODY_DESCRIPTION.difference(keep)
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
     return [*kept, ("Content-Type", JSON_CONTENT_TYPE)]
 
 

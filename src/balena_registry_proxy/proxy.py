@@ -22,6 +22,7 @@ from .denial import explain
 from .errors import (
     RegistryError,
     bad_request,
+    error_body,
     first_error_code,
     unsupported_method,
     upstream_failure,
@@ -254,6 +255,13 @@ class Proxy:
         if self.proxy_auth and upstream.from_registry:
             headers = self._own_realm(request, headers)
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
+        if upstream.status == 416:
+            # Distribution 2.8 announces the blob's length and sends a short text instead: a
+            # client framing by that length would wait for ever. The client needs the status
+            # and Content-Range (the size); its body is ours, and that connection is dropped
+            # unread, never reused.
+            body = error_body("RANGE_INVALID", "the requested range is not within the blob")
+            return _buffered(416, without_body_headers(headers, keep=("content-range",)), body)
         if plan.unresolved is not None and upstream.status in plan.explain_on:
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
             denial, _ = await _read_small(upstream) if has_body else (b"", True)

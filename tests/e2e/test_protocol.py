@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -146,3 +147,26 @@ async def test_unknown_app_or_version_is_a_4xx_with_the_helpful_message(
         error = (await response.json())["errors"][0]
         assert shown in error["message"]
         assert error["detail"]["name"] == name
+
+
+@pytest.mark.parametrize("wanted", ["bytes=5000000-10000000", "bytes=500-0"])
+async def test_a_range_outside_the_blob_gets_a_well_framed_416(
+    sandbox: Sandbox, proxy: RunningProxy, wanted: str
+) -> None:
+    name = "gh_acme/web/1.2.3"
+    auth = {"Authorization": f"Bearer {await token_for(sandbox, name)}"}
+    layer = sandbox.seed[REV2].layer_digests[0]
+    url = f"http://{proxy.host}/v2/{name}/blobs/{layer}"
+    async with aiohttp.ClientSession() as session:
+        async with session.head(url, headers=auth) as response:
+            size = int(response.headers["Content-Length"])
+        for _ in range(2):  # the second on whatever connection the proxy kept
+            async with session.get(url, headers={**auth, "Range": wanted}) as response:
+                assert response.status == 416
+                assert response.headers["Content-Range"] == f"bytes */{size}"
+                body = await asyncio.wait_for(response.read(), 10)
+                assert len(body) == int(response.headers["Content-Length"])
+                assert (await response.json())["errors"][0]["code"] == "RANGE_INVALID"
+        async with session.get(url, headers={**auth, "Range": "bytes=0-9"}) as response:
+            assert response.status == 206
+            assert len(await response.read()) == 10

@@ -12,6 +12,7 @@ from balena_registry_proxy.headers import (
     client_response_headers,
     rewrite_location,
     upstream_request_headers,
+    without_body_headers,
 )
 
 
@@ -143,3 +144,22 @@ def test_accepts_exactly_when_some_line_lists_the_type(
     text = [",".join(f"{pad}{kind}{params}{pad}" for kind, params, pad in line) for line in lines]
     listed = any(kind == SCHEMA2 for line in lines for kind, _, _ in line)
     assert accepts(text, SCHEMA2) is listed
+
+
+def test_a_body_of_the_proxys_own_drops_what_described_the_upstreams() -> None:
+    upstream = [
+        ("Content-Type", "text/plain"),
+        ("Content-Range", "bytes */167"),
+        ("Docker-Content-Digest", "sha256:x"),
+        ("ETag", '"x"'),
+        ("Docker-Distribution-Api-Version", "registry/2.0"),
+    ]
+    assert without_body_headers(upstream) == [
+        ("Docker-Distribution-Api-Version", "registry/2.0"),
+        ("Content-Type", "application/json"),
+    ]
+    assert without_body_headers(upstream, keep=("content-range",)) == [
+        ("Content-Range", "bytes */167"),
+        ("Docker-Distribution-Api-Version", "registry/2.0"),
+        ("Content-Type", "application/json"),
+    ]
