@@ -7,7 +7,11 @@ caller without access) with an access entry that grants nothing; the registry th
 
 from __future__ import annotations
 
+import re
+
 from .errors import error_body
+
+_V_PREFIXED = re.compile(r"v(\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?)")
 
 
 def explain(name: str, upstream_code: str | None, proxy_host: str) -> bytes:
@@ -20,10 +24,19 @@ def explain(name: str, upstream_code: str | None, proxy_host: str) -> bytes:
             f"'{name}' names a service: images of one service of a release cannot be pulled "
             f"by name, only releases of single-service apps ({app}[/<version|commit>])."
         )
+    elif len(parts) == 3 and (unprefixed := _V_PREFIXED.fullmatch(parts[2])):
+        first = (
+            f"release '{parts[2]}' of app '{app}' was not found: versions are written "
+            f"without the 'v', did you mean {app}/{unprefixed[1]}?"
+        )
     elif len(parts) == 3:
         first = (
-            f"release '{parts[2]}' of app '{app}' was not found, or you are not allowed to pull it."
+            f"release '{parts[2]}' of app '{app}' was not found, or you are not allowed to "
+            "pull it, or it has several services (a release of several services cannot be "
+            "pulled by version or commit this way)."
         )
+    elif len(parts) == 1:
+        first = f"'{name}' names no app: write the org and the app ({name}/<app>)."
     else:
         first = f"app '{name}' was not found, or you are not allowed to pull it."
     hints = [

@@ -263,6 +263,12 @@ class Proxy:
             body = error_body("RANGE_INVALID", "the requested range is not within the blob")
             return _buffered(416, without_body_headers(headers, keep=("content-range",)), body)
         if plan.unresolved is not None and upstream.status in plan.explain_on:
+            if plan.challenge:
+                challenged = await self._challenge(request, plan, sent)
+                if challenged is not None:
+                    status, headers = challenged
+                    body = explain(plan.unresolved, "UNAUTHORIZED", host)
+                    return _buffered(status, without_body_headers(headers), body)
             # A HEAD answer announces a body it does not carry: waiting for it would hang.
             denial, _ = await _read_small(upstream) if has_body else (b"", True)
             body = explain(plan.unresolved, first_error_code(denial), host)
@@ -299,6 +305,20 @@ class Proxy:
             )
             return _buffered(upstream.status, headers, body)
         return await self._stream(request, upstream, headers)
+
+    async def _challenge(
+        self, request: web.Request, plan: Plan, sent: list[tuple[str, str]]
+    ) -> tuple[int, list[tuple[str, str]]] | None:
+        """The registry's 401 and its challenge for the request, asked for without credentials.
+
+        None if the registry does not challenge an anonymous request for it.
+        """
+        anonymous = [(name, value) for name, value in sent if name.lower() != "authorization"]
+        async with self.upstream.request("GET", plan.target, anonymous) as answer:
+            if answer.status != 401 or "WWW-Authenticate" not in answer.headers:
+                return None
+            headers = client_response_headers(answer.headers.items())
+        return 401, self._own_realm(request, headers) if self.proxy_auth else headers
 
     async def _stream(
         self,

@@ -42,6 +42,9 @@ class Plan:
     """The client's name, when the token server may have resolved it to nothing pullable."""
     explain_on: frozenset[int] = frozenset()
     """Upstream statuses that mean ``unresolved`` really was not found or not allowed."""
+    challenge: bool = False
+    """Answer an explained 404 with the registry's 401 challenge instead, so that clients
+    (skopeo, for one, listing tags) log in rather than give up: the name may be a private app's."""
 
 
 def plan_request(route: Route, match: Match | None) -> Plan:
@@ -56,7 +59,12 @@ def plan_request(route: Route, match: Match | None) -> Plan:
         return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)
     if match.verdict is Verdict.GRANTED:
         if _is_legacy_grant(route):
-            return Plan(route.target(), unresolved=route.repository, explain_on=NOT_FOUND)
+            return Plan(
+                route.target(),
+                unresolved=route.repository,
+                explain_on=NOT_FOUND,
+                challenge=route.kind is Kind.TAGS,
+            )
         return Plan(route.target())
     reference = route.reference
     if route.kind is Kind.MANIFEST and not route.by_digest:
@@ -66,19 +74,16 @@ def plan_request(route: Route, match: Match | None) -> Plan:
 
 
 def _is_legacy_grant(route: Route) -> bool:
-    """Whether a direct grant is the API's fallback for an app name it could not resolve.
+    """Whether a direct grant is the API's fallback for an app name it could not resolve
+    (asked for by tag or for its tags).
 
     For a bare ``<org>/<app>`` that resolves to no release (unknown app, or a private one the
     caller may not see), the balena API grants pull on the name itself, which no repository
     has; the registry then answers 404. Real repositories are opaque ``v2/<hash>`` names (an
     org whose slug is ``v2`` would miss the friendlier message, nothing else).
     """
-    return (
-        route.kind is Kind.MANIFEST
-        and not route.by_digest
-        and route.repository is not None
-        and not route.repository.startswith("v2/")
-    )
+    by_name = route.kind is Kind.TAGS or (route.kind is Kind.MANIFEST and not route.by_digest)
+    return by_name and route.repository is not None and not route.repository.startswith("v2/")
 
 
 def map_tags_body(body: bytes, real: str, alias: str) -> bytes | None:

@@ -120,12 +120,28 @@ def parse_target(target: str) -> Route:
     repository = "/".join(name_parts)
     if not is_valid_name(repository):
         raise bad_request(
-            "NAME_INVALID",
-            "invalid repository name",
-            {"name": repository[:MAX_NAME_LENGTH]},
+            "NAME_INVALID", _name_problem(repository), {"name": repository[:MAX_NAME_LENGTH]}
         )
     _check_reference(kind, reference)
     return Route(kind, repository, reference, query)
+
+
+_REVISION_RE = re.compile(r"(\d+\.\d+\.\d+)\+rev\d+")
+
+
+def _name_problem(repository: str) -> str:
+    """What is wrong with an invalid repository name, as a person would fix it."""
+    if len(repository) > MAX_NAME_LENGTH:
+        return f"invalid repository name: longer than {MAX_NAME_LENGTH} characters"
+    for part in repository.split("/"):
+        if revision := _REVISION_RE.fullmatch(part):
+            return (
+                f"invalid repository name: '+rev' cannot be written in an image name; "
+                f"{revision[1]} pulls its newest revision, a release's commit pulls that one"
+            )
+    if repository != repository.lower():
+        return "invalid repository name: image names are lower case"
+    return "invalid repository name"
 
 
 def _split_endpoint(segments: list[str]) -> tuple[Kind, list[str], str | None]:

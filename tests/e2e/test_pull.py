@@ -164,3 +164,17 @@ def _release_text(directory: Path) -> str:
                     assert extracted is not None
                     texts.append(extracted.read().decode())
     return "\n".join(texts)
+
+
+def test_listing_a_private_apps_tags_without_login_is_a_challenge_to_log_in(
+    client: Skopeo,
+) -> None:
+    name = "gh_acme/secret"
+    refused = client.run("list-tags", "--tls-verify=false", client.ref(name))
+    assert refused.returncode != 0
+    assert "invalid status code 404" not in refused.stderr
+    assert "unauthorized" in refused.stderr.lower()
+    assert "docker login" in refused.stderr
+    listed = client.run("list-tags", "--tls-verify=false", f"--creds={ALICE}", client.ref(name))
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["Tags"]

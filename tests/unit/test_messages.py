@@ -129,3 +129,20 @@ def test_request_id_keeps_plain_tokens_and_replaces_the_rest() -> None:
         generated = request_id(sent)
         assert generated != sent
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+
+def test_a_v_prefixed_version_suggests_the_plain_one() -> None:
+    message = json.loads(explain("gh_acme/web/v1.2.3", None, "p"))["errors"][0]["message"]
+    assert "did you mean gh_acme/web/1.2.3?" in message
+    draft = json.loads(explain("o/a/v1.2.3-1700000000000", None, "p"))["errors"][0]["message"]
+    assert "did you mean o/a/1.2.3-1700000000000?" in draft
+
+
+def test_a_release_that_did_not_resolve_may_have_several_services() -> None:
+    message = json.loads(explain("gh_acme/stack/1.0.0", None, "p"))["errors"][0]["message"]
+    assert "a release of several services cannot be pulled by version" in message
+
+
+def test_an_org_alone_is_told_an_app_is_missing() -> None:
+    message = json.loads(explain("gh_acme", None, "p"))["errors"][0]["message"]
+    assert message.startswith("'gh_acme' names no app: write the org and the app (gh_acme/<app>)")

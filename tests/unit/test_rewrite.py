@@ -147,3 +147,17 @@ def test_response_headers_mapping() -> None:
 def test_response_headers_of_unrewritten_requests_keep_names() -> None:
     headers = [("WWW-Authenticate", 'Bearer scope="repository:org/app:pull"')]
     assert map_response_headers(headers, Plan("/v2/"), "https://registry.test") == headers
+
+
+def test_a_legacy_grant_asked_for_its_tags_answers_with_the_challenge() -> None:
+    route = parse_target("/v2/org/secret/tags/list")
+    plan = plan_request(route, Match(Verdict.GRANTED, "org/secret"))
+    assert plan == Plan(
+        route.target(), unresolved="org/secret", explain_on=NOT_FOUND, challenge=True
+    )
+    by_digest = parse_target(f"/v2/org/secret/manifests/sha256:{'a' * 64}")
+    assert plan_request(by_digest, Match(Verdict.GRANTED, "org/secret")) == Plan(
+        by_digest.target()
+    )
+    real = parse_target("/v2/v2/abc/tags/list")
+    assert plan_request(real, Match(Verdict.GRANTED, "v2/abc")) == Plan(real.target())

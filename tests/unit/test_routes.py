@@ -176,3 +176,22 @@ def test_any_target_is_refused_cleanly_or_forwarded_exactly(target: str) -> None
         return
     # A lone '?' with nothing after it carries no query and is not forwarded.
     assert route.target() == (target.removesuffix("?") if target.endswith("?") else target)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "gh_acme/web/1.2.3+rev1",
+            "'+rev' cannot be written in an image name; 1.2.3 pulls its newest revision",
+        ),
+        ("gh_acme/Web", "image names are lower case"),
+        ("a/" * 200 + "b", "longer than 255 characters"),
+        ("gh_acme/web-", "invalid repository name"),
+    ],
+)
+def test_invalid_names_say_what_to_write_instead(name: str, message: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_target(f"/v2/{name}/manifests/latest")
+    assert caught.value.code == "NAME_INVALID"
+    assert message in caught.value.message

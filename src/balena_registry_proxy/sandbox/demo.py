@@ -152,6 +152,6 @@ async def _inspect(sandbox: Sandbox, proxy_host: str, probe: Probe, skopeo: str)
     if process.returncode == 0:
         return describe_digest(sandbox, json.loads(stdout)["Digest"])
     message = stderr.decode(errors="replace")
-    if "was not found, or you are not allowed" in message:
+    if "was not found" in message:
         return "refused: not found or not allowed (see the proxy's message)"
     return "failed: " + message.strip().splitlines()[-1][-120:]
