@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from . import __version__
 from .accesslog import AccessRecord, redact_target
 from .admission import refusal
 from .blobs import CachedBlobs
@@ -43,7 +44,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 TRUST = web.AppKey("trust_proxy", TrustProxy)
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_GONE = 499
-_OWN_ROUTES = {"/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
+_OWN_ROUTES = {"/": "home", "/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
 # Readiness trusts an upstream answer this recent without asking again.
 READY_FRESH_SECONDS = 30.0
 READY_PROBE_TIMEOUT = 5.0
@@ -112,6 +113,19 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         # A fault of the proxy's own: the details go to the log, the client gets the format.
         log.exception("unexpected error handling %s", redact_target(request.raw_path))
         return error_response(internal_error())
+
+
+async def home(request: web.Request) -> web.Response:
+    """What this is and how to pull through it, for a person who opened it in a browser."""
+    host = request.headers.get("Host", "<proxy>")
+    text = (
+        f"balena-registry-proxy {__version__}: a read-only Docker registry that serves "
+        "balenaCloud release images by name.\n\n"
+        f"  docker pull {host}/<org>/<app>[/<version|commit>]\n\n"
+        "<org>/<app> is the app (fleet) slug; without a version you get the pinned release.\n"
+        f"Private apps: docker login {host} with your balena username and an API key.\n"
+    )
+    return web.Response(text=text)
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -269,7 +283,8 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
             f"TOKEN_PUBLIC_KEY (--token-public-key) {settings.token_public_key!r}: "
             f"{getattr(error, 'strerror', None) or error}"
         ) from None
-    return TokenVerifier(key, settings.token_audience or settings.upstream_host)
+    # Unset, the audience is learned from the registry's challenge (see Proxy._audience).
+    return TokenVerifier(key, settings.token_audience or settings.registry2_host)
 
 
 def _cached_blobs(settings: Settings, upstream: Upstream, metrics: Metrics) -> CachedBlobs | None:
@@ -310,6 +325,7 @@ def create_app(settings: Settings) -> web.Application:
         proxy_auth=settings.proxy_auth,
         trust=settings.trust_proxy,
     )
+    app.router.add_get("/", home)
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)

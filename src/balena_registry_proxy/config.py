@@ -399,11 +399,6 @@ class Settings:
         by clients that reach only the proxy."""
         return self.follow_redirects or self.cache_dir is not None or self.proxy_auth
 
-    @property
-    def upstream_host(self) -> str:
-        """The upstream's host name, as the proxy reaches it."""
-        return urlsplit(self.registry_url).hostname or ""
-
 
 OPTIONS = tuple(
     Option(

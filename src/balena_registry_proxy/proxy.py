@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -35,7 +36,7 @@ from .headers import (
     without_body_headers,
 )
 from .metrics import Metrics
-from .realm import challenge_realm, own_realm, replace_realm, token_request_url
+from .realm import challenge_realm, challenge_service, own_realm, replace_realm, token_request_url
 from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
@@ -93,6 +94,8 @@ class Proxy:
         label = _ROUTE_LABELS.get(route.kind, "other")
         request[ROUTE] = label
         token = _bearer(request)
+        if token is not None and self.verifier is not None and self.verifier.audience is None:
+            await self._learn_audience(request)
         refused = token is not None and not self._accepts(token)
         match = None
         if token is not None and not refused and route.repository is not None:
@@ -234,6 +237,23 @@ class Proxy:
                 self.realm = challenge_realm(probe.headers.get("WWW-Authenticate", ""))
         except UpstreamError as error:
             raise self._failed(request, error, "upstream registry") from None
+
+    async def _learn_audience(self, request: web.Request) -> None:
+        """Take the tokens' audience from the registry's challenge: the ``service`` it names.
+
+        Its tokens are issued for that name (balenaCloud's API uses its REGISTRY2_HOST), which
+        need not be the host the proxy reaches the registry under.
+        """
+        assert self.verifier is not None
+        try:
+            async with self.upstream.request(
+                "GET", "/v2/", [("X-Request-Id", request[REQUEST_ID])]
+            ) as probe:
+                service = challenge_service(probe.headers.get("WWW-Authenticate", ""))
+        except UpstreamError as error:
+            raise self._failed(request, error, "upstream registry") from None
+        self.verifier.audience = service or urlsplit(self.upstream.base_url).hostname or ""
+        log.info("verifying tokens issued for %s", self.verifier.audience)
 
     def _accepts(self, token: str) -> bool:
         return self.verifier is None or self.verifier.is_valid(token)

@@ -11,6 +11,7 @@ import re
 
 TOKEN_PATH = "/auth/v1/token"  # noqa: S105 - a path, the balena API's, not a secret
 _REALM_RE = re.compile(r'(\brealm=")([^"]*)(")', re.IGNORECASE)
+_SERVICE_RE = re.compile(r'\bservice="([^"]*)"', re.IGNORECASE)
 
 
 def challenge_realm(challenge: str) -> str | None:
@@ -19,6 +20,12 @@ def challenge_realm(challenge: str) -> str | None:
     if match is None or not match.group(2).startswith(("https://", "http://")):
         return None
     return match.group(2)
+
+
+def challenge_service(challenge: str) -> str | None:
+    """The ``service`` of a Bearer challenge: what the registry's tokens are issued for."""
+    match = _SERVICE_RE.search(challenge)
+    return match.group(1) if match is not None and match.group(1) else None
 
 
 def replace_realm(challenge: str, realm: str) -> str:

@@ -60,15 +60,19 @@ class TokenVerifier:
     def __init__(
         self,
         key: PublicKeyTypes,
-        audience: str,
+        audience: str | None,
         *,
         leeway: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Verify against ``key``, accepting only tokens issued for ``audience``."""
+        """Verify against ``key``, accepting only tokens issued for ``audience``.
+
+        With ``audience`` None it must be set (``audience = ...``) before the first check:
+        the registry names it in its challenges (``service``).
+        """
         self._key = key
         self._algorithms = algorithms_for(key)
-        self._audience = audience
+        self.audience = audience
         self._leeway = leeway
         self._clock = clock
         # SHA-256 of a token -> expiry of a verified token, or None for one that failed:
@@ -78,6 +82,8 @@ class TokenVerifier:
 
     def is_valid(self, token: str) -> bool:
         """Whether ``token`` is signed by the key, for the audience, and valid now."""
+        if self.audience is None:
+            raise RuntimeError("the tokens' audience is not known yet")
         now = self._clock()
         key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         if key in self._seen:
@@ -100,7 +106,7 @@ class TokenVerifier:
             token,
             self._key,  # type: ignore[arg-type]
             algorithms=self._algorithms,
-            audience=self._audience,
+            audience=self.audience,
             leeway=self._leeway,
             options={"require": ["exp", "aud"]},
         )

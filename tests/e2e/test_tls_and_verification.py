@@ -33,7 +33,8 @@ def secure_proxy(
         "TLS_CERT": str(cert),
         "TLS_KEY": str(key),
         "TOKEN_PUBLIC_KEY": str(token_key),
-        "TOKEN_AUDIENCE": sandbox.service,
+        # No TOKEN_AUDIENCE: the proxy takes it from the registry's challenge, whose service
+        # is not the host the proxy reaches the registry under (127.0.0.1).
     }
     with proxy_process(env, directory / "proxy.log", cafile=trust / "ca.crt") as running:
         yield running, trust

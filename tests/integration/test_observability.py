@@ -218,3 +218,39 @@ async def test_unreadable_token_key_stops_start_up_with_one_line(tmp_path: Path)
         assert len(lines) == 1
         assert lines[0].startswith("balena-registry-proxy: TOKEN_PUBLIC_KEY (--token-public-key)")
         assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("registry2_host", "audience", "accepted"),
+    [
+        # Unset: what the registry names as its service in its challenge.
+        (None, "registry.test", True),
+        (None, "127.0.0.1", False),
+        # REGISTRY2_HOST set: the name balenaCloud's API issues tokens for.
+        ("registry2.example.com", "registry2.example.com", True),
+        ("registry2.example.com", "registry.test", False),
+    ],
+)
+async def test_the_audience_of_verified_tokens_is_the_registrys_own_name(
+    registry: FakeRegistry,
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    tmp_path: Path,
+    registry2_host: str | None,
+    audience: str,
+    accepted: bool,
+) -> None:
+    key = generate_signing_key()
+    (tmp_path / "cert.pem").write_bytes(key.certificate_pem)
+    upstream = await aiohttp_server(registry.app())
+    settings = Settings(
+        registry_url=str(upstream.make_url("")).rstrip("/"),
+        registry2_host=registry2_host,
+        token_public_key=str(tmp_path / "cert.pem"),
+    )
+    client = await serve_proxy(settings, aiohttp_client)
+    now = int(time.time())
+    claims = {"aud": audience, "exp": now + 600, "access": [alias_entry(ALIAS, REAL)]}
+    response = await client.get(f"/v2/{ALIAS}/manifests/latest", headers=bearer(key.sign(claims)))
+    assert (response.status == 200) is accepted
+    assert (registry.seen[-1].path_qs == f"/v2/{REAL}/manifests/latest") is accepted

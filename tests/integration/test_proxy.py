@@ -682,3 +682,12 @@ async def test_an_upstream_failure_is_logged_with_its_cause(
     assert "connection refused" in line
     assert f"GET /v2/{ALIAS}/manifests/latest?token=***" in line
     assert "rid=" in line
+
+
+async def test_the_root_says_what_this_is_and_how_to_pull(proxy: Client) -> None:
+    response = await proxy.get("/", headers={"Host": "proxy.example"})
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    text = await response.text()
+    assert "docker pull proxy.example/<org>/<app>[/<version|commit>]" in text
+    assert "docker login proxy.example" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from balena_registry_proxy.forwarded import effective_origin, parse_trust_proxy
 from balena_registry_proxy.realm import (
     challenge_realm,
+    challenge_service,
     own_realm,
     replace_realm,
     token_request_url,
@@ -48,3 +49,11 @@ def test_forwarded_origin_only_from_trusted_peers() -> None:
         "http",
         "h:80",
     )
+
+
+def test_the_service_of_a_challenge() -> None:
+    challenge = 'Bearer realm="https://api.example/auth/v1/token",service="registry2.example"'
+    assert challenge_service(challenge) == "registry2.example"
+    assert challenge_service('Bearer realm="x", Service="s2"') == "s2"
+    assert challenge_service('Bearer realm="x"') is None
+    assert challenge_service('Bearer service=""') is None

@@ -156,8 +156,6 @@ def test_a_legacy_grant_asked_for_its_tags_answers_with_the_challenge() -> None:
         route.target(), unresolved="org/secret", explain_on=NOT_FOUND, challenge=True
     )
     by_digest = parse_target(f"/v2/org/secret/manifests/sha256:{'a' * 64}")
-    assert plan_request(by_digest, Match(Verdict.GRANTED, "org/secret")) == Plan(
-        by_digest.target()
-    )
+    assert plan_request(by_digest, Match(Verdict.GRANTED, "org/secret")) == Plan(by_digest.target())
     real = parse_target("/v2/v2/abc/tags/list")
     assert plan_request(real, Match(Verdict.GRANTED, "v2/abc")) == Plan(real.target())
