@@ -18,9 +18,9 @@ from aiohttp.typedefs import Handler
 from . import __version__
 from .accesslog import AccessRecord, redact_target
 from .admission import refusal
-from .blobs import CachedBlobs
-from .cache import BlobCache
 from .config import ConfigError, Settings
+from .disk_store import DiskStore, StoreInUse
+from .edge_cache import EdgeCache
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
@@ -287,19 +287,21 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
     return TokenVerifier(key, settings.token_audience or settings.registry2_host)
 
 
-def _cached_blobs(settings: Settings, upstream: Upstream, metrics: Metrics) -> CachedBlobs | None:
-    """The blob cache for ``CACHE_DIR``, if set; ConfigError if the folder is unusable."""
+def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> EdgeCache | None:
+    """The edge cache for ``CACHE_DIR``, if set; ConfigError if the folder is unusable."""
     if settings.cache_dir is None:
         return None
-    cache = BlobCache(Path(settings.cache_dir), settings.cache_max_size)
+    store = DiskStore(Path(settings.cache_dir), settings.cache_max_size)
     try:
-        cache.open()
+        store.open()
+    except StoreInUse as error:
+        raise ConfigError(f"CACHE_DIR (--cache-dir) {settings.cache_dir!r}: {error}") from None
     except OSError as error:
         raise ConfigError(
             f"CACHE_DIR (--cache-dir) {settings.cache_dir!r}: {error.strerror or error}"
         ) from None
-    metrics.watch_cache(lambda: cache.size, lambda: cache.evictions)
-    return CachedBlobs(upstream, cache, metrics)
+    metrics.watch_cache(lambda: store.size, lambda: store.evictions)
+    return EdgeCache(upstream, store, metrics)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -315,7 +317,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
-    blobs = _cached_blobs(settings, upstream, metrics)
+    blobs = _edge_cache(settings, upstream, metrics)
     proxy = Proxy(
         upstream,
         metrics,

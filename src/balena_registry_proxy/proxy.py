@@ -17,9 +17,9 @@ from multidict import CIMultiDict
 
 from .access import bearer_token, find_access, grants_pull, token_entries
 from .accesslog import redact_target
-from .blobs import CachedBlobs, open_following
-from .cache import MAX_MANIFEST_BYTES, cacheable
 from .denial import explain
+from .disk_store import MAX_MANIFEST_BYTES, cacheable
+from .edge_cache import EdgeCache, Uncached
 from .errors import (
     RegistryError,
     bad_request,
@@ -65,7 +65,7 @@ class Proxy:
         metrics: Metrics,
         *,
         verifier: TokenVerifier | None = None,
-        blobs: CachedBlobs | None = None,
+        blobs: EdgeCache | None = None,
         follow_redirects: bool = False,
         proxy_auth: bool = False,
         trust: TrustProxy | None = None,
@@ -114,15 +114,18 @@ class Proxy:
         try:
             if self.blobs is not None and _cacheable(route):
                 answer = await self._from_cache(request, route, plan, token, refused, headers)
+                if isinstance(answer, Uncached):
+                    async with answer.stack:
+                        return await self._relay(
+                            request, route, plan, answer.response, headers, host
+                        )
                 if answer is not None:
                     return answer
             follow = self.follow_redirects and route.kind is Kind.BLOB and request.method == "GET"
             started = time.perf_counter()
             async with AsyncExitStack() as stack:
                 if follow:
-                    upstream = await open_following(
-                        self.upstream, stack, "GET", plan.target, headers
-                    )
+                    upstream = await self.upstream.get_following(stack, plan.target, headers)
                 else:
                     upstream = await stack.enter_async_context(
                         self.upstream.request(request.method, plan.target, headers)
@@ -167,8 +170,9 @@ class Proxy:
         token: str | None,
         refused: bool,
         headers: list[tuple[str, str]],
-    ) -> web.StreamResponse | None:
-        """The cache's answer to a blob or manifest request by digest, or None to relay it."""
+    ) -> web.StreamResponse | Uncached | None:
+        """The cache's answer to a blob or manifest request by digest, None to relay it, or
+        the upstream's answer the cache did not keep."""
         assert self.blobs is not None
         assert route.reference is not None
         repository = _real_repository(route, plan)
@@ -320,7 +324,7 @@ class Proxy:
                 return await self._stream(request, upstream, headers, prefix=body)
             content_type = upstream.headers.get("Content-Type", "")
             assert route.reference is not None
-            self.blobs.keep_manifest(
+            await self.blobs.keep_manifest(
                 sent, _real_repository(route, plan), route.reference, content_type, body
             )
             return _buffered(upstream.status, headers, body)

@@ -2,7 +2,7 @@
 
 This is the only module that talks to the upstream. It never decompresses (the bytes a client
 receives must hash to the digest it asked for), never follows redirects by itself (whether a
-blob redirect to storage is followed is the caller's decision, see ``blobs.py``) and has no
+blob redirect to storage is followed is the caller's decision: ``get_following``) and has no
 total timeout (a multi-GiB layer may take as long as it takes while bytes keep arriving).
 The HTTP work is done by ``httpclient.py``.
 """
@@ -13,10 +13,11 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from contextlib import AbstractAsyncContextManager
-from urllib.parse import urlsplit
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from urllib.parse import urljoin, urlsplit
 
 from . import __version__
+from .headers import REDIRECT_STATUSES, redirect_request_headers
 from .httpclient import ConnectionPool, Response
 from .upstream_errors import BrokenAnswer
 
@@ -82,6 +83,19 @@ class Upstream:
         the end, closed when it was not (a client that went away mid-blob).
         """
         return self._send(self._origin, method, target, headers, registry=True)
+
+    async def get_following(
+        self, stack: AsyncExitStack, target: str, headers: list[tuple[str, str]]
+    ) -> Response:
+        """GET ``target``; if the registry redirects (to blob storage), follow once without
+        the client's credentials. The answer stays open until ``stack`` closes."""
+        response = await stack.enter_async_context(self.request("GET", target, headers))
+        location = response.headers.get("Location")
+        if response.status in REDIRECT_STATUSES and location:
+            absolute = urljoin(self.base_url + target, location)
+            follow = self.fetch(absolute, redirect_request_headers(headers))
+            response = await stack.enter_async_context(follow)
+        return response
 
     def fetch(
         self, url: str, headers: Iterable[tuple[str, str]]

@@ -16,7 +16,7 @@ import pytest
 from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 
 from .conftest import RunningProxy, Skopeo, proxy_process, settled
-from .test_pull import ALICE, BIG, MULTI, PINNED, SECRET_PINNED
+from .test_pull import ALICE, BIG, MULTI, NEWEST, PINNED, SECRET_PINNED
 
 pytestmark = pytest.mark.e2e
 
@@ -193,13 +193,14 @@ def test_a_platform_manifest_fetched_by_digest_is_served_from_the_cache(
 def test_least_recently_used_layers_are_evicted_under_a_small_limit(
     client: Skopeo, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    web = sandbox.seed[PINNED]
-    big = sandbox.seed[BIG]
-    web_blobs = [*web.manifest.layer_digests, web.manifest.config_digest]
-    big_blobs = [*big.manifest.layer_digests, big.manifest.config_digest]
-    web_size = sum(stored_size(sandbox, d) for d in web_blobs if d is not None)
-    # Room for the big image and half of the small one: pulling both must evict.
-    limit = sum(stored_size(sandbox, d) for d in big_blobs if d is not None) + web_size // 2
+    old = sandbox.seed[PINNED]
+    new = sandbox.seed[NEWEST]
+    old_blobs = [d for d in (*old.manifest.layer_digests, old.manifest.config_digest) if d]
+    new_blobs = [d for d in (*new.manifest.layer_digests, new.manifest.config_digest) if d]
+    sizes = {d: stored_size(sandbox, d) for d in {*old_blobs, *new_blobs}}
+    # Room for the newer release and half of the older one: pulling both must evict.
+    limit = sum(sizes[d] for d in set(new_blobs)) + sum(sizes[d] for d in set(old_blobs)) // 2
+    assert max(sizes.values()) <= limit / 2  # each small enough to be kept at all
     cache = tmp_path / "cache"
     env = {
         "REGISTRY_URL": sandbox.registry_url,
@@ -207,23 +208,52 @@ def test_least_recently_used_layers_are_evicted_under_a_small_limit(
         "CACHE_MAX_SIZE": str(limit),
     }
     with proxy_process(env, tmp_path / "proxy.log") as proxy:
-        for name, attempt in (("gh_acme/web", "web"), ("gh_acme/big", "big")):
+        for name, attempt in (("gh_acme/web", "old"), (f"gh_acme/web/{NEWEST}", "new")):
             result = client.pull(name, tmp_path / attempt, host=proxy.host)
             assert result.returncode == 0, result.stderr
         settled(cache)
         kept = {path.name for path in (cache / "blobs" / "sha256").iterdir()}
-        assert {d.removeprefix("sha256:") for d in big.manifest.layer_digests} <= kept
-        assert not {d.removeprefix("sha256:") for d in web_blobs if d is not None} <= kept
+        assert {d.removeprefix("sha256:") for d in new_blobs} <= kept
+        assert not {d.removeprefix("sha256:") for d in old_blobs} <= kept
         assert sum(path.stat().st_size for path in (cache / "blobs" / "sha256").iterdir()) <= limit
         assert metric(proxy, "registry_proxy_cache_evictions") >= 1
         assert metric(proxy, "registry_proxy_cache_size_bytes") <= limit
         # The evicted layers come from upstream again; the kept ones do not.
-        before = blob_gets(sandbox, big.manifest.layer_digests)
-        again = client.pull("gh_acme/big", tmp_path / "big-again", host=proxy.host)
+        before = blob_gets(sandbox, new.manifest.layer_digests)
+        again = client.pull(f"gh_acme/web/{NEWEST}", tmp_path / "new-again", host=proxy.host)
         assert again.returncode == 0, again.stderr
-        assert blob_gets(sandbox, big.manifest.layer_digests) == before
-        web_again = client.pull("gh_acme/web", tmp_path / "web-again", host=proxy.host)
-        assert web_again.returncode == 0, web_again.stderr
+        assert blob_gets(sandbox, new.manifest.layer_digests) == before
+        old_again = client.pull("gh_acme/web", tmp_path / "old-again", host=proxy.host)
+        assert old_again.returncode == 0, old_again.stderr
+
+
+def test_a_layer_bigger_than_half_the_cache_is_relayed_and_evicts_nothing(
+    client: Skopeo, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    small = sandbox.seed[PINNED]
+    big_layer = max(sandbox.seed[BIG].manifest.layer_digests, key=lambda d: stored_size(sandbox, d))
+    limit = stored_size(sandbox, big_layer) * 3 // 2
+    cache = tmp_path / "cache"
+    env = {
+        "REGISTRY_URL": sandbox.registry_url,
+        "CACHE_DIR": str(cache),
+        "CACHE_MAX_SIZE": str(limit),
+    }
+    with proxy_process(env, tmp_path / "proxy.log") as proxy:
+        assert client.pull("gh_acme/web", tmp_path / "small", host=proxy.host).returncode == 0
+        settled(cache)
+        before = {path.name for path in (cache / "blobs" / "sha256").iterdir()}
+        assert {d.removeprefix("sha256:") for d in small.manifest.layer_digests} <= before
+        gets = blob_gets(sandbox, (big_layer,))
+        for attempt in ("big", "big-again"):
+            result = client.pull("gh_acme/big", tmp_path / attempt, host=proxy.host)
+            assert result.returncode == 0, result.stderr
+        settled(cache)
+        after = {path.name for path in (cache / "blobs" / "sha256").iterdir()}
+        assert big_layer.removeprefix("sha256:") not in after
+        assert before <= after
+        assert blob_gets(sandbox, (big_layer,)) == gets + 2
+        assert metric(proxy, "registry_proxy_cache_evictions") == 0
 
 
 def test_a_corrupted_upstream_layer_fails_the_pull_and_is_not_kept(

@@ -18,9 +18,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from balena_registry_proxy import cache as cache_module
-from balena_registry_proxy.cache import BlobCache, Download
+from balena_registry_proxy import disk_store
 from balena_registry_proxy.config import Settings
+from balena_registry_proxy.disk_store import DiskStore
+from balena_registry_proxy.download import Download
 from balena_registry_proxy.sandbox import generate_signing_key
 
 from .conftest import serve_proxy
@@ -29,8 +30,10 @@ from .test_observability import sample
 Client = TestClient[web.Request, web.Application]
 DATA = hashlib.sha256(b"layer").digest() * 40_000  # 1.28 MB
 OTHER = hashlib.sha256(b"other").digest() * 40_000
+THIRD = hashlib.sha256(b"third").digest() * 40_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 OTHER_DIGEST = "sha256:" + hashlib.sha256(OTHER).hexdigest()
+THIRD_DIGEST = "sha256:" + hashlib.sha256(THIRD).hexdigest()
 CORRUPT = "sha256:" + "c" * 64
 GOOD = "Bearer good-token"
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -47,6 +50,8 @@ class Registry:
     heads: list[str] = field(default_factory=list)
     storage_auth: list[str | None] = field(default_factory=list)
     manifest_requests: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)
+    """Blob GETs whose reader went away before the end."""
     slow: bool = False
     slow_heads: bool = False
     content_type: str = OCI
@@ -85,7 +90,12 @@ class Registry:
             raise web.HTTPTemporaryRedirect(f"{self.storage_url}/bucket/blob?X-Amz-Signature=s")
         if repo not in ("public/app", "private/app", "stored/app"):
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
-        body = {DIGEST: DATA, OTHER_DIGEST: OTHER, CORRUPT: b"x" * len(DATA)}.get(digest)
+        body = {
+            DIGEST: DATA,
+            OTHER_DIGEST: OTHER,
+            THIRD_DIGEST: THIRD,
+            CORRUPT: b"x" * len(DATA),
+        }.get(digest)
         if body is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         headers = {"Docker-Content-Digest": digest, "Content-Length": str(len(body))}
@@ -94,10 +104,14 @@ class Registry:
         if request.method == "HEAD":
             return response
         step = len(body) // 8
-        for start in range(0, len(body), step):
-            await response.write(body[start : start + step])
-            if self.slow:
-                await asyncio.sleep(0.05)
+        try:
+            for start in range(0, len(body), step):
+                await response.write(body[start : start + step])
+                if self.slow:
+                    await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            self.cut.append(f"{repo}@{digest}")
+            raise
         return response
 
     def storage(self) -> web.Application:
@@ -258,14 +272,31 @@ async def test_follow_redirects_without_a_cache(proxy_for: ProxyFor) -> None:
 
 
 async def test_least_recently_used_blobs_are_evicted(proxy_for: ProxyFor) -> None:
-    setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
-    await (await get(setup.client, "public/app", DIGEST)).read()
-    await settled(setup.cache_dir)
-    await (await get(setup.client, "public/app", OTHER_DIGEST)).read()
-    await settled(setup.cache_dir)
-    assert cached_files(setup.cache_dir) == [OTHER_DIGEST.removeprefix("sha256:")]
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 2.5))
+    for digest in (DIGEST, OTHER_DIGEST, THIRD_DIGEST):
+        await (await get(setup.client, "public/app", digest)).read()
+        await settled(setup.cache_dir)
+    assert cached_files(setup.cache_dir) == sorted(
+        d.removeprefix("sha256:") for d in (OTHER_DIGEST, THIRD_DIGEST)
+    )
     page = await (await setup.client.get("/metrics")).text()
     assert sample(page, "registry_proxy_cache_evictions") == 1
+
+
+async def test_a_blob_bigger_than_half_the_cache_is_relayed_and_evicts_nothing(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
+    assert await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read()
+    for _ in range(2):
+        response = await get(setup.client, "public/app", DIGEST)
+        assert await response.read() == DATA
+    await settled(setup.cache_dir)
+    assert cached_files(setup.cache_dir) == []
+    assert kept_manifests(setup.cache_dir) == [MANIFEST_DIGEST.removeprefix("sha256:")]
+    assert setup.registry.gets.count(f"public/app@{DIGEST}") >= 2
+    page = await (await setup.client.get("/metrics")).text()
+    assert sample(page, "registry_proxy_cache_evictions") == 0
 
 
 async def test_stale_temporaries_are_removed_at_start(proxy_for: ProxyFor, tmp_path: Path) -> None:
@@ -407,11 +438,14 @@ async def test_offline_a_cached_manifest_is_served_to_clients_seen_before(
 
 
 async def test_a_full_cache_disk_relays_the_manifest_and_keeps_nothing(
-    proxy_for: ProxyFor,
+    proxy_for: ProxyFor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await proxy_for()
-    hex_digest = MANIFEST_DIGEST.removeprefix("sha256:")
-    (setup.cache_dir / "tmp" / f"{hex_digest}.manifest").symlink_to("/dev/full")
+
+    def full(self: DiskStore, final: Path, content: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DiskStore, "_write_whole", full)
     response = await manifest(setup.client, "public/app", MANIFEST_DIGEST)
     assert response.status == 200
     assert await response.read() == MANIFEST
@@ -430,7 +464,7 @@ async def test_a_read_only_cache_disk_still_serves_and_relays(
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(os, "utime", read_only)
-    monkeypatch.setattr(BlobCache, "start", read_only)
+    monkeypatch.setattr(DiskStore, "begin", read_only)
     assert await (await manifest(setup.client, "public/app", MANIFEST_DIGEST)).read() == MANIFEST
     assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
     uncached = await get(setup.client, "public/app", OTHER_DIGEST)
@@ -441,7 +475,7 @@ async def test_a_read_only_cache_disk_still_serves_and_relays(
 async def test_a_blob_evicted_while_its_client_is_confirmed_is_relayed(
     proxy_for: ProxyFor,
 ) -> None:
-    setup = await proxy_for(cache_max_size=int(len(DATA) * 1.5))
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 2.5))
     await (await get(setup.client, "public/app", DIGEST)).read()
     await settled(setup.cache_dir)
     setup.registry.slow_heads = True
@@ -449,8 +483,10 @@ async def test_a_blob_evicted_while_its_client_is_confirmed_is_relayed(
         get(setup.client, "public/app", DIGEST, Authorization="Bearer n")
     )
     await settled(setup.cache_dir)
-    # Meanwhile another blob fills the cache and evicts the first.
-    await (await get(setup.client, "public/app", OTHER_DIGEST)).read()
+    # Meanwhile other blobs fill the cache and evict the first.
+    for digest in (OTHER_DIGEST, THIRD_DIGEST):
+        await (await get(setup.client, "public/app", digest)).read()
+        await settled(setup.cache_dir)
     response = await newcomer
     assert response.status == 200
     assert await response.read() == DATA
@@ -514,7 +550,7 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
     proxy_for: ProxyFor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup = await proxy_for()
-    monkeypatch.setattr(cache_module, "FILL_PAUSE_SECONDS", 0.5)
+    monkeypatch.setattr(disk_store, "FILL_PAUSE_SECONDS", 0.5)
     written = Download.write
 
     async def full(self: Download, chunk: bytes) -> None:
@@ -535,3 +571,74 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
     assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
     await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
+
+
+async def test_a_download_whose_only_client_left_early_stops(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    response = await get(setup.client, "public/app", DIGEST)
+    assert response.status == 200
+    response.close()  # gone with the headers: nothing of it arrived yet
+    for _ in range(40):
+        if setup.registry.cut:
+            break
+        await asyncio.sleep(0.05)
+    assert setup.registry.cut == [f"public/app@{DIGEST}"]
+    await settled(setup.cache_dir)
+    assert cached_files(setup.cache_dir) == []
+    assert list((setup.cache_dir / "tmp").iterdir()) == []
+
+
+async def test_a_download_mostly_there_when_its_client_left_is_kept(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    response = await get(setup.client, "public/app", DIGEST)
+    received = 0
+    while received < len(DATA) * 0.6:
+        received += len(await response.content.readany())
+    response.close()
+    for _ in range(40):
+        if cached_files(setup.cache_dir):
+            break
+        await asyncio.sleep(0.05)
+    assert cached_files(setup.cache_dir) == [DIGEST.removeprefix("sha256:")]
+    assert setup.registry.cut == []
+
+
+@pytest.mark.parametrize(
+    ("wanted", "status", "content_range", "part"),
+    [
+        ("bytes=100-1123", 206, f"bytes 100-1123/{len(DATA)}", DATA[100:1124]),
+        (
+            f"bytes={len(DATA) - 10}-",
+            206,
+            f"bytes {len(DATA) - 10}-{len(DATA) - 1}/{len(DATA)}",
+            DATA[-10:],
+        ),
+        ("bytes=-5", 206, f"bytes {len(DATA) - 5}-{len(DATA) - 1}/{len(DATA)}", DATA[-5:]),
+        (f"bytes={len(DATA)}-", 416, f"bytes */{len(DATA)}", b""),
+        ("bytes=500-0", 416, f"bytes */{len(DATA)}", b""),
+    ],
+)
+async def test_a_range_joining_a_download_gets_exactly_that_range(
+    proxy_for: ProxyFor, wanted: str, status: int, content_range: str, part: bytes
+) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    first = await get(setup.client, "public/app", DIGEST)
+    ranged = await get(setup.client, "public/app", DIGEST, Range=wanted)
+    assert ranged.status == status
+    assert ranged.headers["Content-Range"] == content_range
+    assert await ranged.read() == part
+    assert await first.read() == DATA
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+
+
+async def test_with_the_upstream_down_an_uncached_blob_is_503(proxy_for: ProxyFor) -> None:
+    setup = await proxy_for()
+    await setup.upstream.close()
+    response = await get(setup.client, "public/app", DIGEST)
+    assert response.status == 503
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "UNAVAILABLE"
+    assert "the cache does not hold this" in error["message"]

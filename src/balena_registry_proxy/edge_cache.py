@@ -1,113 +1,72 @@
-"""Content the proxy fetches itself: following storage redirects, and the local cache.
+"""The edge cache: confirms each client's access, fills the store once, serves from it.
 
-Without a cache, and without ``--follow-redirects``, blobs are relayed like everything else
-(``proxy.py``) and a redirect to storage goes to the client. With either, the proxy follows the
-redirect itself, without the client's credentials, so clients need no route to storage. With
-the cache, a blob is downloaded once (however many clients ask at the same time) and then
-served from disk, and so is a manifest fetched by digest, but only to a client the upstream
-confirms may read it: a HEAD of that digest, in that repository, with that client's own
-Authorization. A confirmation is remembered briefly per credentials, repository AND digest;
-never per credentials and repository alone, because the registry serves content only under a
-repository that links it.
+A blob is downloaded once however many clients ask at the same time, and served from disk
+after that, and so is a manifest fetched by digest; but only to a client the upstream confirms
+may read it: a HEAD of that digest, in that repository, with that client's own Authorization
+(remembered briefly, see ``confirmations.py``). Clients of a blob being downloaded read the
+growing file, from the start or from the offset of their Range, with the kernel's sendfile,
+so a client that reads nothing costs no memory here. The bytes live in the store
+(``disk_store.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections import OrderedDict
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .cache import BlobCache, Download, DownloadFailed
-from .errors import RegistryError
-from .headers import REDIRECT_STATUSES, accepts, redirect_request_headers
+from .confirmations import Confirmations, key
+from .disk_store import DiskStore
+from .download import Download, DownloadFailed
+from .headers import REDIRECT_STATUSES, accepts
 from .metrics import Metrics
-from .upstream import Response, Upstream
+from .ranges import UNSATISFIABLE, ByteRange, requested_range, unsatisfiable_content_range
+from .request_state import BODY_BYTES
+from .upstream import READ_BUFFER, Response, Upstream
 from .upstream_errors import UpstreamError
 
 log = logging.getLogger("balena_registry_proxy")
 
-CONFIRMATION_SECONDS = 60.0
 _CONDITIONAL = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since")
-_CONFIRMATIONS = 10_000
-Key = tuple[str, str, str]
 
 
-async def open_following(
-    upstream: Upstream,
-    stack: AsyncExitStack,
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]],
-) -> Response:
-    """Send a request upstream; if it answers with a redirect, follow it once, credentials off."""
-    response = await stack.enter_async_context(upstream.request(method, target, headers))
-    location = response.headers.get("Location")
-    if response.status in REDIRECT_STATUSES and location:
-        absolute = urljoin(upstream.base_url + target, location)
-        follow = upstream.fetch(absolute, redirect_request_headers(headers))
-        response = await stack.enter_async_context(follow)
-    return response
+@dataclass(frozen=True, slots=True)
+class Uncached:
+    """An upstream answer the cache asked for but does not keep (too big for it, or not a
+    blob): the caller relays it, then closes ``stack``."""
+
+    response: Response
+    stack: AsyncExitStack
 
 
-class Confirmations:
-    """Which (credentials, repository, digest) the upstream said may read a blob, and when."""
+class EdgeCache:
+    """Serves blob and manifest-by-digest GETs and HEADs from the store, filling it."""
 
-    def __init__(self) -> None:
-        """An empty memory."""
-        self._seen: OrderedDict[Key, float] = OrderedDict()
-        self._linked: OrderedDict[tuple[str, str], None] = OrderedDict()
-
-    def fresh(self, key: Key, now: float) -> bool:
-        """Whether ``key`` was confirmed within the last ``CONFIRMATION_SECONDS``."""
-        when = self._seen.get(key)
-        return when is not None and now - when <= CONFIRMATION_SECONDS
-
-    def ever(self, key: Key) -> bool:
-        """Whether ``key`` was ever confirmed (what offline serving relies on)."""
-        return key in self._seen
-
-    def linked(self, repository: str, digest: str) -> bool:
-        """Whether the upstream ever confirmed ``digest`` under ``repository``, for anyone."""
-        return (repository, digest) in self._linked
-
-    def remember(self, key: Key, now: float) -> None:
-        """Note a confirmation of ``key`` at ``now``."""
-        self._seen[key] = now
-        self._seen.move_to_end(key)
-        self._linked[key[1:]] = None
-        self._linked.move_to_end(key[1:])
-        if len(self._seen) > _CONFIRMATIONS:
-            self._seen.popitem(last=False)
-        if len(self._linked) > _CONFIRMATIONS:
-            self._linked.popitem(last=False)
-
-
-class CachedBlobs:
-    """Serves blob and manifest-by-digest GETs and HEADs from the cache, filling it."""
-
-    def __init__(self, upstream: Upstream, cache: BlobCache, metrics: Metrics) -> None:
-        """Serve from ``cache``, filled and confirmed through ``upstream``."""
+    def __init__(self, upstream: Upstream, store: DiskStore, metrics: Metrics) -> None:
+        """Serve from ``store``, filled and confirmed through ``upstream``."""
         self.upstream = upstream
-        self.cache = cache
+        self.store = store
         self.metrics = metrics
         self.confirmations = Confirmations()
-        self._fills: set[asyncio.Task[None]] = set()
+        self._fills: dict[Download, asyncio.Task[None]] = {}
         # Digests whose upstream GET is under way but not answered yet: the first client asks,
         # the others wait for its answer instead of asking too.
         self._asking: dict[str, asyncio.Future[Download | None]] = {}
 
     async def close(self) -> None:
-        """Stop downloads in progress (their temporaries are removed)."""
-        for task in list(self._fills):
+        """Stop downloads in progress (their temporaries are removed), let go of the store."""
+        tasks = list(self._fills.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._fills, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()
 
     async def serve(
         self,
@@ -116,15 +75,16 @@ class CachedBlobs:
         digest: str,
         headers: list[tuple[str, str]],
         verified_pull: bool = False,
-    ) -> web.StreamResponse | None:
-        """Answer from the cache, or None to let the request be relayed as usual.
+    ) -> web.StreamResponse | Uncached | None:
+        """Answer from the cache, or None to let the request be relayed as usual, or the
+        upstream's answer to relay (``Uncached``).
 
         ``verified_pull``: the client's token passed ``TOKEN_PUBLIC_KEY`` verification and grants
         pull on ``repository``; while upstream is down, that suffices for a digest the upstream
         confirmed under that repository before (clients fetch a new token on every pull).
         """
-        path = self.cache.lookup(digest)
-        download = self.cache.downloads.get(digest)
+        path = self.store.lookup(digest)
+        download = self.store.downloads.get(digest)
         asking = self._asking.get(digest)
         if path is None and download is None and asking is not None:
             download = await asyncio.shield(asking)
@@ -134,14 +94,14 @@ class CachedBlobs:
             )
             if not confirmed:
                 return None
-            if path is not None and self.cache.lookup(digest) is None:
+            if path is not None and self.store.lookup(digest) is None:
                 return None  # evicted while the upstream was asked: relayed instead
             self.metrics.cache_requests.labels("blob", "hit" if path else "joined").inc()
             if path is not None:
-                return _CachedFile(path, self.metrics, headers=_blob_headers(digest))
+                return _KeptFile(path, self.metrics, headers=_blob_headers(digest))
             assert download is not None
             return await self._follow(request, download, joined=True)
-        if request.method != "GET" or "Range" in request.headers or not self.cache.filling:
+        if request.method != "GET" or "Range" in request.headers or not self.store.filling:
             return None
         return await self._fill_and_follow(request, repository, digest, headers)
 
@@ -160,7 +120,7 @@ class CachedBlobs:
         """
         if any(name in request.headers for name in _CONDITIONAL):
             return None  # the upstream knows what a conditional request gets
-        kept = self.cache.manifest(digest)
+        kept = await self.store.manifest(digest)
         if kept is None or not accepts(request.headers.getall("Accept", []), kept[0]):
             return None
         confirmed = await self._confirmed(
@@ -171,7 +131,7 @@ class CachedBlobs:
         self.metrics.cache_requests.labels("manifest", "hit").inc()
         return self._manifest_response(request, digest, *kept)
 
-    def keep_manifest(
+    async def keep_manifest(
         self,
         headers: list[tuple[str, str]],
         repository: str,
@@ -184,16 +144,16 @@ class CachedBlobs:
         Kept only if it hashes to ``digest``, under its media type without parameters.
         """
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if self.cache.holds_manifest(digest):
+        if self.store.holds_manifest(digest):
             kept = True
-        elif self.cache.keep_manifest(digest, media_type, body):
+        elif await self.store.keep_manifest(digest, media_type, body):
             self.metrics.cache_requests.labels("manifest", "miss").inc()
             kept = True
         else:
             kept = False
         if kept:
             self.confirmations.remember(
-                (_credentials(headers), repository, digest), time.monotonic()
+                key(_credentials(headers), repository, digest), time.monotonic()
             )
 
     def _manifest_response(
@@ -223,117 +183,192 @@ class CachedBlobs:
 
         ``kind`` is the path segment, ``blobs`` or ``manifests``.
         """
-        key = (_credentials(headers), repository, digest)
+        confirmation = key(_credentials(headers), repository, digest)
         now = time.monotonic()
-        if self.confirmations.fresh(key, now):
+        if self.confirmations.fresh(confirmation, now):
             return True
         try:
             target = f"/v2/{repository}/{kind}/{digest}"
             async with self.upstream.request("HEAD", target, headers) as response:
                 allowed = response.status == 200 or response.status in REDIRECT_STATUSES
         except UpstreamError:
-            if self.confirmations.ever(key):
+            if self.confirmations.ever(confirmation):
                 return True  # upstream is down; this client was allowed this blob before
             if verified_pull and self.confirmations.linked(repository, digest):
                 return True  # a verified fresh token for a repository that links the blob
-            raise RegistryError(
-                503, "UNAVAILABLE", "the upstream registry cannot confirm access right now"
-            ) from None
+            raise
         if allowed:
-            self.confirmations.remember(key, now)
+            self.confirmations.remember(confirmation, now)
         return allowed
 
     async def _fill_and_follow(
         self, request: web.Request, repository: str, digest: str, headers: list[tuple[str, str]]
-    ) -> web.StreamResponse | None:
+    ) -> web.StreamResponse | Uncached | None:
         asking: asyncio.Future[Download | None] = asyncio.get_running_loop().create_future()
         self._asking[digest] = asking
-        download = None
+        download: Download | None = None
         try:
-            download = await self._start_fill(repository, digest, headers)
+            started = await self._start_fill(repository, digest, headers)
+            if isinstance(started, Download):
+                download = started
         finally:
             del self._asking[digest]
             asking.set_result(download)
         if download is None:
-            return None
+            assert isinstance(started, Uncached)
+            return started
         self.metrics.cache_requests.labels("blob", "miss").inc()
-        key = (_credentials(headers), repository, digest)
-        self.confirmations.remember(key, time.monotonic())
+        self.confirmations.remember(
+            key(_credentials(headers), repository, digest), time.monotonic()
+        )
         return await self._follow(request, download, joined=False)
 
     async def _start_fill(
         self, repository: str, digest: str, headers: list[tuple[str, str]]
-    ) -> Download | None:
-        """Ask upstream for the blob; if it answers with it, start filling the cache."""
+    ) -> Download | Uncached:
+        """Ask upstream for the blob; if it answers with one to keep, start filling the store,
+        else hand its answer back for relaying."""
         stack = AsyncExitStack()
         try:
-            response = await open_following(
-                self.upstream, stack, "GET", f"/v2/{repository}/blobs/{digest}", headers
+            response = await self.upstream.get_following(
+                stack, f"/v2/{repository}/blobs/{digest}", headers
             )
         except BaseException:
             await stack.aclose()
             raise
         size = response.content_length
-        if response.status != 200 or size is None:
-            await stack.aclose()
-            return None
-        try:
-            download = self.cache.start(digest, size)
-        except OSError as error:
-            # A full or read-only cache disk: the blob is relayed as without a cache.
-            self.cache.refused(error)
-            await stack.aclose()
-            return None
-        task = asyncio.create_task(self._fill(download, stack, response))
-        self._fills.add(task)
-        task.add_done_callback(self._fills.discard)
+        download = None
+        if response.status == 200 and size is not None:
+            try:
+                download = self.store.begin(digest, size, self._abandoned)
+            except OSError as error:
+                # A full or read-only cache disk: the blob is relayed as without a cache.
+                self.store.refused(error)
+        if download is None:
+            # Not a blob, not one to keep (too big for the cache), or nowhere to keep it.
+            return Uncached(response, stack)
+        self._fills[download] = asyncio.create_task(self._fill(download, stack, response))
         return download
 
     async def _fill(self, download: Download, stack: AsyncExitStack, response: Response) -> None:
-        ok = False
+        complete = False
         try:
             async for chunk in response.content.iter_any():
                 await download.write(chunk)
                 self.metrics.cache_bytes.inc(len(chunk))
-            ok = True
+            complete = True
         except OSError as error:
             # The disk, not the upstream: this download's readers are cut once, and the next
             # requests are relayed uncached until the disk has had time to recover.
-            self.cache.refused(error)
+            self.store.refused(error)
         except UpstreamError as error:
             log.warning("download of %s failed: %s", download.digest, error.cause)
         except DownloadFailed as error:
             log.warning("download of %s failed: %s", download.digest, error)
+        except asyncio.CancelledError:
+            log.info("download of %s stopped: every client of it left", download.digest)
         finally:
             await stack.aclose()
-            await self.cache.end(download, ok)
+            await self.store.end(download, complete)
+            self._fills.pop(download, None)
+
+    def _abandoned(self, download: Download) -> None:
+        """The last reader left a download that had far to go: stop fetching it."""
+        task = self._fills.get(download)
+        if task is not None:
+            task.cancel()
 
     async def _follow(
         self, request: web.Request, download: Download, joined: bool
     ) -> web.StreamResponse | None:
         """Stream ``download`` as it arrives; a ``joined`` client's bytes count as cached."""
         try:
-            reader = download.reader()
+            descriptor = download.open()
         except DownloadFailed:
             return None  # ended badly, or kept and evicted already: ask upstream as usual
-        response = web.StreamResponse(headers=_blob_headers(download.digest))
-        response.content_length = download.size
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
+        download.attach()
         try:
-            async for chunk in reader:
-                await response.write(chunk)
+            wanted = requested_range(request.headers.get("Range"), download.size)
+            response = web.StreamResponse(headers=_blob_headers(download.digest))
+            if wanted is UNSATISFIABLE:
+                response.set_status(416)
+                response.headers["Content-Range"] = unsatisfiable_content_range(download.size)
+                response.content_length = 0
+                await response.prepare(request)
+                return response
+            if isinstance(wanted, ByteRange):
+                response.set_status(206)
+                response.headers["Content-Range"] = wanted.content_range
+            whole = ByteRange(0, download.size - 1, download.size)
+            part = wanted if isinstance(wanted, ByteRange) else whole
+            response.content_length = part.length
+            await response.prepare(request)
+            if request.method == "HEAD" or part.length == 0:
+                return response
+            sent = 0
+            try:
+                sent = await _send_growing(request, download, descriptor, part)
+            except DownloadFailed:
+                # Headers are out: cut the connection, so the client never takes wrong bytes.
+                if request.transport is not None:
+                    request.transport.close()
+            finally:
+                request[BODY_BYTES] = sent
                 if joined:
-                    self.metrics.cache_served_bytes.inc(len(chunk))
-        except DownloadFailed:
-            # Headers are out: cut the connection, so the client never takes wrong bytes.
-            if request.transport is not None:
-                request.transport.close()
-        return response
+                    self.metrics.cache_served_bytes.inc(sent)
+            return response
+        finally:
+            os.close(descriptor)
+            download.detach()
 
 
-class _CachedFile(web.FileResponse):
+async def _send_growing(
+    request: web.Request, download: Download, descriptor: int, part: ByteRange
+) -> int:
+    """Send ``part`` of the blob from its file as the bytes arrive; the bytes sent.
+
+    With sendfile the kernel copies from the page cache to the socket; where the connection
+    cannot take it (TLS), pieces of one read buffer are written, the client draining each.
+    """
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client left")
+    loop = asyncio.get_running_loop()
+    position, end = part.first, part.last + 1
+    # A file object around the descriptor (no I/O): what loop.sendfile takes.
+    with open(descriptor, "rb", buffering=0, closefd=False) as file:  # noqa: ASYNC230
+        while position < end:
+            readable = min(await download.readable_beyond(position), end)
+            if transport.is_closing():
+                raise ConnectionResetError("the client left")
+            try:
+                count = readable - position
+                sent = await loop.sendfile(transport, file, position, count, fallback=False)
+            except (asyncio.SendfileNotAvailableError, NotImplementedError):
+                await _write_pieces(request, descriptor, position, readable)
+            else:
+                if sent < count:
+                    # The file ends before the bytes the download said it holds.
+                    raise DownloadFailed("the file is shorter than it should be")
+            position = readable
+    return position - part.first
+
+
+async def _write_pieces(request: web.Request, descriptor: int, start: int, end: int) -> None:
+    """Bytes ``start`` to ``end`` of a file, one read buffer at a time, the client draining."""
+    transport = request.transport
+    while start < end and transport is not None and not transport.is_closing():
+        piece = os.pread(descriptor, min(READ_BUFFER, end - start), start)
+        if not piece:
+            raise DownloadFailed("the file is shorter than it should be")
+        transport.write(piece)
+        start += len(piece)
+        await request.writer.drain()
+    if start < end:
+        raise ConnectionResetError("the client left")
+
+
+class _KeptFile(web.FileResponse):
     """A kept blob sent with sendfile, its bytes counted as served from the cache.
 
     They are counted here because the file goes out only after the handler has returned, when

@@ -1,0 +1,225 @@
+"""One blob on its way from upstream into the disk store, readable while it arrives.
+
+The event loop only hands chunks over: a thread of the download's own writes them to its
+temporary file, reads each back and hashes it, so what is verified is the file itself, and a
+slow disk (a device's SD card) never stalls the loop. Readers are told how far the file has
+grown and read it from disk themselves (with sendfile, where they can); the last byte stays
+unreadable until the file verified, so no reader completes a download of wrong bytes.
+
+Whoever reads a download says so (``attach``/``detach``); when the last reader leaves while
+less than ``KEEP_FILLING_FRACTION`` of the blob arrived, the download is abandoned, so a client
+that asks and hangs up cannot make the proxy fetch a whole layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("balena_registry_proxy")
+
+# A download whose last reader left keeps going once this much of it arrived: it is nearly
+# there, and a client that resumes (Docker does, with a Range) finds it kept.
+KEEP_FILLING_FRACTION = 0.5
+# Chunks the loop may hand over before the writer thread has taken them: above it, the fill
+# waits (and with it the upstream read).
+QUEUED_BYTES = 1 << 20
+# Readers hear of progress in steps at least this big (or at the end): each step wakes them.
+PROGRESS_STEP = 1 << 20
+
+
+class DownloadFailed(Exception):
+    """The upstream stream broke, its bytes did not hash to the digest, or it was abandoned."""
+
+
+class Download:
+    """A blob being written to ``temporary``; readers follow it as it grows."""
+
+    def __init__(
+        self,
+        digest: str,
+        size: int,
+        temporary: Path,
+        descriptor: int,
+        final: Path,
+        on_abandoned: Callable[[Download], None],
+    ) -> None:
+        """Receive ``size`` bytes of ``digest`` into ``temporary``, open for writing as
+        ``descriptor``, to be kept at ``final``; ``on_abandoned`` is called when the last
+        reader left early."""
+        self.digest = digest
+        self.size = size
+        self.temporary = temporary
+        self.final = final
+        """Where the blob lies once kept: readers that arrive later open it there."""
+        self.written = 0
+        """Bytes on disk and hashed: what readers may read (but the last byte)."""
+        self.outcome: bool | None = None
+        self.readers = 0
+        self._on_abandoned = on_abandoned
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._received = 0
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._closing = False
+        self._complete = False
+        self._lock = threading.Condition()
+        self._error: OSError | None = None
+        self._done: asyncio.Future[bool] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._write_and_hash, args=(descriptor,), name=f"fill {digest[7:19]}"
+        )
+        self._thread.start()
+
+    # The fill's side, on the event loop.
+
+    async def write(self, chunk: bytes) -> None:
+        """Hand ``chunk`` to the writer; waits while too much is waiting for the disk."""
+        if self._error is not None:
+            raise self._error
+        self._received += len(chunk)
+        if self._received > self.size:
+            raise DownloadFailed("upstream sent more bytes than it announced")
+        with self._lock:
+            self._queue.append(chunk)
+            self._queued += len(chunk)
+            if self._queued > QUEUED_BYTES:
+                self._room.clear()
+            self._lock.notify()
+        await self._room.wait()
+
+    async def close(self, complete: bool) -> bool:
+        """Wait for the writer; True if every byte arrived and the file hashes to the digest.
+
+        The file is flushed to disk before a True: kept blobs are not hashed again when read,
+        and after a power cut a file renamed before its bytes were on disk could be empty
+        under a digest it does not match. Disk errors are raised as ``OSError``.
+        """
+        with self._lock:
+            self._closing = True
+            self._complete = complete and self._received == self.size
+            self._lock.notify()
+        verified = await self._done
+        if self._error is not None:
+            raise self._error
+        return verified
+
+    def ended(self, kept: bool) -> None:
+        """Tell the readers how it ended: they get the last byte, or ``DownloadFailed``."""
+        self.outcome = kept
+        self._changed.set()
+
+    # The writer thread.
+
+    def _write_and_hash(self, descriptor: int) -> None:
+        digest = hashlib.sha256()
+        offset = reported = 0
+        verified = False
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._closing:
+                        self._lock.wait()
+                    chunks = list(self._queue)
+                    self._queue.clear()
+                    queued, self._queued = self._queued, 0
+                    closing = self._closing and not chunks
+                if queued:
+                    self._loop.call_soon_threadsafe(self._room.set)
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(descriptor, view) :]
+                    # Hash what the file holds, not what passed by: the file is what is kept.
+                    digest.update(os.pread(descriptor, len(chunk), offset))
+                    offset += len(chunk)
+                # Readers hear of every step, or of what arrived when the disk caught up with
+                # the network: a slow download still reaches them at once.
+                caught_up = not self._queue
+                if offset > reported and (offset - reported >= PROGRESS_STEP or caught_up):
+                    reported = offset
+                    self._loop.call_soon_threadsafe(self._progress, offset)
+                if closing:
+                    break
+            verified = (
+                self._complete
+                and os.fstat(descriptor).st_size == self.size == offset
+                and f"sha256:{digest.hexdigest()}" == self.digest
+            )
+            if verified:
+                os.fsync(descriptor)
+        except OSError as error:
+            self._error = error
+        finally:
+            os.close(descriptor)
+            self._loop.call_soon_threadsafe(self._finish, verified, offset)
+
+    def _progress(self, written: int) -> None:
+        self.written = written
+        self._changed.set()
+
+    def _finish(self, verified: bool, written: int) -> None:
+        self.written = written
+        self._room.set()
+        if not self._done.done():
+            self._done.set_result(verified)
+
+    # The readers' side.
+
+    def attach(self) -> None:
+        """A reader starts following the download."""
+        self.readers += 1
+
+    def detach(self) -> None:
+        """A reader stopped (done or gone); the last one leaving early abandons it."""
+        self.readers -= 1
+        if (
+            self.readers == 0
+            and self.outcome is None
+            and self._received < self.size * KEEP_FILLING_FRACTION
+        ):
+            self._on_abandoned(self)
+
+    def readable(self) -> int:
+        """How many bytes from the start may be read now."""
+        if self.outcome:
+            return self.size
+        return max(0, min(self.written, self.size - 1))
+
+    async def readable_beyond(self, offset: int) -> int:
+        """Wait until more than ``offset`` bytes may be read; how many may.
+
+        Raises ``DownloadFailed`` if the download ended without the blob.
+        """
+        while True:
+            readable = self.readable()
+            if readable > offset:
+                return readable
+            if self.outcome is False:
+                raise DownloadFailed(f"download of {self.digest} failed")
+            if self.outcome and offset >= self.size:
+                return self.size
+            self._changed.clear()
+            await self._changed.wait()
+
+    def open(self) -> int:
+        """A descriptor to read the blob from: the file as it grows, or once kept.
+
+        Opened at once: the download may end and its file be renamed into the store before
+        the first byte is asked for. Raises ``DownloadFailed`` if it is gone.
+        """
+        for path in (self.temporary, self.final):
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise DownloadFailed(f"download of {self.digest} is gone")
