@@ -36,8 +36,8 @@ from .requestid import request_id
 from .resources import MemoryTrim
 
 SERVER_NAME = f"balena-registry-proxy/{__version__}"
-QUIET = "quiet"
-"""A response key: its access line is written at debug level (noise such as TLS on HTTP)."""
+QUIET = web.ResponseKey("quiet", bool)
+"""Set on a response whose access line is written at debug level (noise: TLS on HTTP)."""
 # At most one "connection limit reached" warning this often.
 _LIMIT_WARNING_SECONDS = 10.0
 # A refused connection's request is read (so the client sees the 503, not a reset) for at

@@ -189,3 +189,23 @@ async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> Non
         assert process.returncode == 1
         assert b"exited with -9: stopping" in stderr
         assert not [child for child in children if is_running(child)]
+
+
+async def test_a_second_proxy_on_the_same_cache_folder_refuses_to_start(tmp_path: Path) -> None:
+    port = free_port()
+    cache = str(tmp_path / "cache")
+    async with cli_process(
+        "--host", "127.0.0.1", "--port", str(port), "--cache-dir", cache
+    ) as first:
+        await until_serving(f"http://127.0.0.1:{port}")
+        second = await run_cli(
+            "--host", "127.0.0.1", "--port", str(free_port()), "--cache-dir", cache
+        )
+        _, stderr = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 2
+        lines = stderr.decode().strip().splitlines()
+        assert lines == [
+            f"balena-registry-proxy: CACHE_DIR (--cache-dir) '{cache}': another process uses "
+            "this cache folder"
+        ]
+        assert first.returncode is None

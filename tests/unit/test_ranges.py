@@ -1,0 +1,61 @@
+"""The Range of a blob request, as the proxy answers it from its own copy."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balena_registry_proxy.ranges import (
+    UNSATISFIABLE,
+    ByteRange,
+    requested_range,
+    unsatisfiable_content_range,
+)
+
+SIZE = 1000
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-99", ByteRange(0, 99, SIZE)),
+        ("bytes=100-", ByteRange(100, 999, SIZE)),
+        ("bytes=990-5000", ByteRange(990, 999, SIZE)),
+        ("bytes=-10", ByteRange(990, 999, SIZE)),
+        ("bytes=-5000", ByteRange(0, 999, SIZE)),
+        ("bytes=999-999", ByteRange(999, 999, SIZE)),
+        (" bytes=5-6 ", ByteRange(5, 6, SIZE)),
+        ("bytes=0-1,5-6", None),
+        ("bytes=1000-", UNSATISFIABLE),
+        ("bytes=5000-10000", UNSATISFIABLE),
+        ("bytes=500-0", UNSATISFIABLE),
+        ("bytes=-0", UNSATISFIABLE),
+        ("bytes=-", UNSATISFIABLE),
+        ("bytes=a-b", UNSATISFIABLE),
+        ("items=0-1", UNSATISFIABLE),
+        ("", UNSATISFIABLE),
+    ],
+)
+def test_requested_range(header: str | None, expected: object) -> None:
+    assert requested_range(header, SIZE) == expected
+
+
+def test_the_content_ranges() -> None:
+    assert ByteRange(100, 1123, 2048).content_range == "bytes 100-1123/2048"
+    assert ByteRange(100, 1123, 2048).length == 1024
+    assert unsatisfiable_content_range(2048) == "bytes */2048"
+    assert requested_range("bytes=-1", 0) is UNSATISFIABLE
+
+
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 3000))
+def test_a_satisfiable_range_lies_within_the_blob(first: int, last: int, size: int) -> None:
+    found = requested_range(f"bytes={first}-{last}", size)
+    if isinstance(found, ByteRange):
+        assert 0 <= found.first <= found.last < size
+        assert found.first == first
+        assert found.last == min(last, size - 1)
+    else:
+        assert found is UNSATISFIABLE
+        assert first >= size or last < first
