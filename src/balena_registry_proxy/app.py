@@ -33,6 +33,7 @@ from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
 from .resources import connections_for
 from .server import QUIET, SERVER_NAME, ConnectionLimits
+from .token_relay import TokenRelay
 from .upstream import Upstream
 from .upstream_errors import UpstreamError
 from .verification import TokenVerifier, load_public_key
@@ -317,14 +318,14 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
-    blobs = _edge_cache(settings, upstream, metrics)
+    cache = _edge_cache(settings, upstream, metrics)
     proxy = Proxy(
         upstream,
         metrics,
         verifier=_verifier(settings),
-        blobs=blobs,
+        cache=cache,
         follow_redirects=settings.follows_redirects,
-        proxy_auth=settings.proxy_auth,
+        token_relay=TokenRelay(upstream) if settings.proxy_auth else None,
         trust=settings.trust_proxy,
     )
     app.router.add_get("/", home)
@@ -339,8 +340,8 @@ def create_app(settings: Settings) -> web.Application:
     async def upstream_pool(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         yield
-        if blobs is not None:
-            await blobs.close()
+        if cache is not None:
+            await cache.close()
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_pool)
