@@ -77,24 +77,39 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         else:
             response = await handler(request)
     except asyncio.CancelledError:
-        # The client left and aiohttp cancelled the handler: no access line would be written.
-        _count(request, CLIENT_GONE, request.get(BODY_BYTES, 0))
+        # The client left and aiohttp cancelled the handler: aiohttp writes no access line.
         elapsed = time.perf_counter() - started
-        line, fields = _access_line(request, request.app[TRUST], CLIENT_GONE, elapsed)
-        ACCESS_LOGGER.info(line, extra={"fields": fields})
+        finished(ACCESS_LOGGER, request, request.app[TRUST], CLIENT_GONE, elapsed)
         raise
     finally:
         metrics.in_flight.dec()
-    _count(request, response.status, _body_size(request, response))
     return response
 
 
-def _count(request: web.Request, status: int, size: int) -> None:
-    metrics = request.app[METRICS]
-    route = request[ROUTE]
-    method = request.method if request.method in ("GET", "HEAD") else "other"
-    metrics.requests.labels(method, route, status_class(status)).inc()
-    metrics.body_bytes.labels(route).inc(size)
+def finished(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    request: web.BaseRequest,
+    trust: TrustProxy,
+    status: int,
+    elapsed: float,
+    response: web.StreamResponse | None = None,
+) -> None:
+    """Count a finished request and write its access line: the one place that does both.
+
+    ``response`` is None for a request whose client left before it was answered.
+    """
+    size = _body_size(request, response)
+    if ROUTE in request:
+        # Requests the HTTP parser refused never reached the application or its metrics.
+        metrics = request.app[METRICS]
+        route = request[ROUTE]
+        method = request.method if request.method in ("GET", "HEAD") else "other"
+        metrics.requests.labels(method, route, status_class(status)).inc()
+        metrics.body_bytes.labels(route).inc(size)
+    level = logging.DEBUG if response is not None and response.get(QUIET) else logging.INFO
+    if logger.isEnabledFor(level):
+        line, fields = _access_line(request, trust, status, elapsed, size)
+        logger.log(level, line, extra={"fields": fields})
 
 
 @web.middleware
@@ -180,22 +195,19 @@ class AccessLogger(AbstractAccessLogger):
     trust_proxy = TrustProxy()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """Write the access-log line for ``request``.
+        """Count the request and write its access-log line, once its last byte is out.
 
         ``time`` is aiohttp's measure, from the event loop's clock (whole milliseconds on
         uvloop); a request that reached the application is timed by its own clock instead.
         """
-        size = _body_size(request, response)
         started = request.get(STARTED)
         elapsed = time if started is None else perf_counter() - started
-        line, fields = _access_line(request, self.trust_proxy, response.status, elapsed, size)
-        level = logging.DEBUG if response.get(QUIET) else logging.INFO
-        self.logger.log(level, line, extra={"fields": fields})
+        finished(self.logger, request, self.trust_proxy, response.status, elapsed, response)
 
     @property
     def enabled(self) -> bool:
-        """Whether lines would be written at all (skips the work when they would not)."""
-        return self.logger.isEnabledFor(logging.INFO)
+        """Always: the metrics are counted here, whatever the log level."""
+        return True
 
 
 def _access_line(
@@ -203,7 +215,7 @@ def _access_line(
     trust: TrustProxy,
     status: int,
     elapsed: float,
-    size: int | None = None,
+    size: int,
 ) -> tuple[str, dict[str, object]]:
     """The text line and the structured fields of one request's access-log entry."""
     record = AccessRecord.of(
@@ -212,7 +224,7 @@ def _access_line(
         target=request.raw_path,
         upstream_target=request.get(UPSTREAM_TARGET),
         status=status,
-        size=request.get(BODY_BYTES, 0) if size is None else size,
+        size=size,
         elapsed_ms=elapsed * 1000,
         request_id=request.get(REQUEST_ID),
     )
@@ -224,11 +236,11 @@ def _forwarded_for(request: web.BaseRequest) -> list[str]:
     return [v for k, v in request.headers.items() if k.lower() == "x-forwarded-for"]
 
 
-def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
-    """Body bytes sent: counted while streaming, else the length of a buffered body."""
+def _body_size(request: web.BaseRequest, response: web.StreamResponse | None) -> int:
+    """Body bytes sent: noted while streaming, else the length of a buffered body."""
     if BODY_BYTES in request:
         return int(request[BODY_BYTES])
-    if request.method == "HEAD":
+    if request.method == "HEAD" or response is None:
         return 0
     return response.content_length or 0
 

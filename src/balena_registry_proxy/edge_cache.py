@@ -371,8 +371,7 @@ async def _write_pieces(request: web.Request, descriptor: int, start: int, end: 
 class _KeptFile(web.FileResponse):
     """A kept blob sent with sendfile, its bytes counted as served from the cache.
 
-    They are counted here because the file goes out only after the handler has returned, when
-    the request metrics have already been counted without them.
+    The file goes out only after the handler has returned, so its size is noted here.
     """
 
     def __init__(self, path: Path, metrics: Metrics, headers: dict[str, str]) -> None:
@@ -382,9 +381,9 @@ class _KeptFile(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         # The file goes out inside prepare; its length is then known, Range applied.
         writer = await super().prepare(request)
-        if request.method == "GET" and self.status in (200, 206) and self.content_length:
-            self._metrics.cache_served_bytes.inc(self.content_length)
-            self._metrics.body_bytes.labels("blob").inc(self.content_length)
+        sent = (self.content_length or 0) if request.method == "GET" else 0
+        request[BODY_BYTES] = sent
+        self._metrics.cache_served_bytes.inc(sent)
         return writer
 
 
