@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -101,7 +101,7 @@ def finished(
     size = _body_size(request, response)
     if ROUTE in request:
         # Requests the HTTP parser refused never reached the application or its metrics.
-        metrics = request.app[METRICS]
+        metrics = cast(web.Request, request).app[METRICS]
         route = request[ROUTE]
         method = request.method if request.method in ("GET", "HEAD") else "other"
         metrics.requests.labels(method, route, status_class(status)).inc()
@@ -285,7 +285,7 @@ def connection_limits(settings: Settings, open_files: int | None = None) -> Conn
     )
 
 
-def _verifier(settings: Settings) -> TokenVerifier | None:
+def token_verifier(settings: Settings) -> TokenVerifier | None:
     """The token verifier for ``TOKEN_PUBLIC_KEY``, if set; ConfigError if it is unusable."""
     if settings.token_public_key is None:
         return None
@@ -334,7 +334,7 @@ def create_app(settings: Settings) -> web.Application:
     proxy = Proxy(
         upstream,
         metrics,
-        verifier=_verifier(settings),
+        verifier=token_verifier(settings),
         cache=cache,
         follow_redirects=settings.follows_redirects,
         token_relay=TokenRelay(upstream) if settings.proxy_auth else None,

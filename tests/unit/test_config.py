@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from balena_registry_proxy.cli import build_parser, wants_fast_loop
+from balena_registry_proxy.cli import build_parser
 from balena_registry_proxy.config import ConfigError, Settings, load_settings
 from balena_registry_proxy.forwarded import TrustProxy
+from balena_registry_proxy.runtime import wants_fast_loop
 
 
 def settings(env: dict[str, str], *argv: str) -> Settings:

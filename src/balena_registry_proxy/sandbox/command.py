@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import run, serve
 from ..config import Settings
+from ..runtime import run, serve
 from .demo import banner, pull_table
 from .environment import Sandbox
 from .ports import free_port
