@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .disk_store import cacheable
+from .digests import cacheable
 from .rewrite import Plan
 from .routes import Kind, Route
 

@@ -23,20 +23,17 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from .digests import MAX_MANIFEST_BYTES, SHA256_RE
 from .download import Download
 
 log = logging.getLogger("balena_registry_proxy")
 
-_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
-# The registry's own limit on a manifest's size; anything bigger is relayed, not kept.
-MAX_MANIFEST_BYTES = 4 << 20
 # A blob bigger than this share of the size limit is relayed, not kept: keeping it would evict
 # most of what the cache holds, for one blob.
 MAX_BLOB_FRACTION = 0.5
@@ -48,11 +45,6 @@ LOCK_FILE = "lock"
 
 class StoreInUse(Exception):
     """Another process holds the cache folder."""
-
-
-def cacheable(digest: str) -> bool:
-    """Whether content with this digest can be kept (sha256, the only algorithm verified)."""
-    return _DIGEST_RE.fullmatch(digest) is not None
 
 
 class DiskStore:
@@ -112,7 +104,7 @@ class DiskStore:
         found = []
         for folder in (self._blobs, self._manifests):
             for path in folder.iterdir():
-                if _DIGEST_RE.fullmatch(f"sha256:{path.name}"):
+                if SHA256_RE.fullmatch(f"sha256:{path.name}"):
                     status = path.stat()
                     found.append((status.st_mtime, path, status.st_size))
         for _, path, size in sorted(found):

@@ -22,7 +22,7 @@ from .access import bearer_token, find_access, grants_pull, token_entries
 from .accesslog import redact_target
 from .answers import READ_METHODS, Action, Fetch, decide, fetch_mode, has_body
 from .denial import explain
-from .disk_store import MAX_MANIFEST_BYTES
+from .digests import MAX_MANIFEST_BYTES
 from .edge_cache import EdgeCache, Uncached
 from .errors import (
     RegistryError,

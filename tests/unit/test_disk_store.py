@@ -11,12 +11,8 @@ import pytest
 
 from balena_registry_proxy.config import parse_size
 from balena_registry_proxy.confirmations import CONFIRMATION_SECONDS, Confirmations, key
-from balena_registry_proxy.disk_store import (
-    MAX_MANIFEST_BYTES,
-    DiskStore,
-    StoreInUse,
-    cacheable,
-)
+from balena_registry_proxy.digests import MAX_MANIFEST_BYTES, cacheable
+from balena_registry_proxy.disk_store import DiskStore, StoreInUse
 from balena_registry_proxy.download import Download, DownloadFailed
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
