@@ -5,8 +5,8 @@ after that, and so is a manifest fetched by digest; but only to a client the ups
 may read it: a HEAD of that digest, in that repository, with that client's own Authorization
 (remembered briefly, see ``confirmations.py``). Clients of a blob being downloaded read the
 growing file, from the start or from the offset of their Range, with the kernel's sendfile,
-so a client that reads nothing costs no memory here. The bytes live in the store
-(``disk_store.py``).
+so a client that reads nothing costs no memory here. The bytes live in a store (``store.py``;
+``disk_store.py`` on local disk).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from .confirmations import Confirmations, key
-from .disk_store import DiskStore
 from .download import Download, DownloadFailed
 from .headers import REDIRECT_STATUSES, accepts
 from .metrics import Metrics
 from .ranges import UNSATISFIABLE, ByteRange, requested_range, unsatisfiable_content_range
 from .request_state import BODY_BYTES
+from .store import Store
 from .upstream import READ_BUFFER, Response, Upstream
 from .upstream_errors import UpstreamError
 
@@ -49,7 +49,7 @@ class Uncached:
 class EdgeCache:
     """Serves blob and manifest-by-digest GETs and HEADs from the store, filling it."""
 
-    def __init__(self, upstream: Upstream, store: DiskStore, metrics: Metrics) -> None:
+    def __init__(self, upstream: Upstream, store: Store, metrics: Metrics) -> None:
         """Serve from ``store``, filled and confirmed through ``upstream``."""
         self.upstream = upstream
         self.store = store
