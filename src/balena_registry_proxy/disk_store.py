@@ -18,7 +18,6 @@ with the upstream first (see ``edge_cache.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import logging
@@ -198,9 +197,16 @@ class DiskStore:
         """Mark ``path`` as just used; False if it is not (or no longer) kept."""
         if path not in self._entries:
             return False
+        try:
+            # The order survives a restart through the files' times. A metadata update, in
+            # memory until written back: no wait on the disk here.
+            os.utime(path)
+        except FileNotFoundError:
+            self._forget(path)  # removed behind the proxy's back
+            return False
+        except OSError:
+            pass  # a read-only disk: still readable, only the order after a restart suffers
         self._entries.move_to_end(path)
-        # The order survives a restart through the files' times; the loop need not wait.
-        asyncio.get_running_loop().run_in_executor(None, _touch, path)
         return True
 
     def _forget(self, path: Path) -> None:
@@ -274,12 +280,6 @@ def _durable_rename(temporary: Path, final: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _touch(path: Path) -> None:
-    # Evicted meanwhile, or a read-only disk: only the order after a restart suffers.
-    with contextlib.suppress(OSError):
-        os.utime(path)
 
 
 def _remove(path: Path) -> None:

@@ -346,3 +346,11 @@ async def test_a_kept_blob_is_on_disk_before_it_is_renamed_into_place(
     assert await store.end(download, complete=True)
     final = store.path(digest_of(b"durable"))
     assert events == [f"fsync {download.temporary}", "rename", f"fsync {final.parent}"]
+
+
+async def test_a_kept_blob_removed_behind_the_stores_back_is_forgotten(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    await fill(store, b"gone")
+    store.path(digest_of(b"gone")).unlink()
+    assert store.lookup(digest_of(b"gone")) is None
+    assert store.size == 0
