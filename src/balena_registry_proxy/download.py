@@ -82,20 +82,33 @@ class Download:
 
     # The fill's side, on the event loop.
 
-    async def write(self, chunk: bytes) -> None:
-        """Hand ``chunk`` to the writer; waits while too much is waiting for the disk."""
-        if self._error is not None:
-            raise self._error
+    def offer(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` to the writer; False once too much waits for the disk (then wait
+        for ``room``). What went wrong before (the disk refused, too many bytes) is raised at
+        ``room``."""
         self._received += len(chunk)
-        if self._received > self.size:
-            raise DownloadFailed("upstream sent more bytes than it announced")
         with self._lock:
             self._queue.append(chunk)
             self._queued += len(chunk)
             if self._queued > QUEUED_BYTES:
                 self._room.clear()
             self._lock.notify()
+        return self._room.is_set() and self._error is None and self._received <= self.size
+
+    async def room(self) -> None:
+        """Wait until the writer has taken what was offered; raise what went wrong."""
+        if self._error is not None:
+            raise self._error
+        if self._received > self.size:
+            raise DownloadFailed("upstream sent more bytes than it announced")
         await self._room.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def write(self, chunk: bytes) -> None:
+        """Hand ``chunk`` to the writer, waiting while too much waits for the disk."""
+        if not self.offer(chunk):
+            await self.room()
 
     async def close(self, complete: bool) -> bool:
         """Wait for the writer; True if every byte arrived and the file hashes to the digest.
@@ -136,11 +149,8 @@ class Download:
                 if queued:
                     self._loop.call_soon_threadsafe(self._room.set)
                 for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(descriptor, view) :]
                     # Hash what the file holds, not what passed by: the file is what is kept.
-                    digest.update(os.pread(descriptor, len(chunk), offset))
+                    digest.update(_store(descriptor, chunk, offset))
                     offset += len(chunk)
                 # Readers hear of every step, or of what arrived when the disk caught up with
                 # the network: a slow download still reaches them at once.
@@ -223,3 +233,11 @@ class Download:
             except FileNotFoundError:
                 continue
         raise DownloadFailed(f"download of {self.digest} is gone")
+
+
+def _store(descriptor: int, chunk: bytes, offset: int) -> bytes:
+    """Append ``chunk`` (at ``offset``) to the file; what the file now holds there."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(descriptor, view) :]
+    return os.pread(descriptor, len(chunk), offset)

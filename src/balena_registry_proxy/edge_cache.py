@@ -252,10 +252,17 @@ class EdgeCache:
 
     async def _fill(self, download: Download, stack: AsyncExitStack, response: Response) -> None:
         complete = False
+        filled = self.metrics.cache_bytes
+
+        def offer(chunk: bytes) -> bool:
+            filled.inc(len(chunk))
+            return download.offer(chunk)
+
         try:
-            async for chunk in response.content.iter_any():
-                await download.write(chunk)
-                self.metrics.cache_bytes.inc(len(chunk))
+            # From the connection's callback straight to the writer thread, no task woken per
+            # chunk; reading pauses while the disk is behind.
+            await response.content.pipe(offer, download.room)
+            await download.room()
             complete = True
         except OSError as error:
             # The disk, not the upstream: this download's readers are cut once, and the next

@@ -18,10 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from balena_registry_proxy import disk_store
+from balena_registry_proxy import disk_store, download
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.disk_store import DiskStore
-from balena_registry_proxy.download import Download
 from balena_registry_proxy.sandbox import generate_signing_key
 
 from .conftest import serve_proxy
@@ -551,12 +550,12 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
 ) -> None:
     setup = await proxy_for()
     monkeypatch.setattr(disk_store, "FILL_PAUSE_SECONDS", 0.5)
-    written = Download.write
+    written = download._store
 
-    async def full(self: Download, chunk: bytes) -> None:
+    def full(descriptor: int, chunk: bytes, offset: int) -> bytes:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Download, "write", full)
+    monkeypatch.setattr(download, "_store", full)
     first = await get(setup.client, "public/app", DIGEST)
     with pytest.raises(aiohttp.ClientPayloadError):
         await first.read()
@@ -566,7 +565,7 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
     await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == []
     # Once the pause is over, the cache fills again.
-    monkeypatch.setattr(Download, "write", written)
+    monkeypatch.setattr(download, "_store", written)
     await asyncio.sleep(0.6)
     assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
     await settled(setup.cache_dir)
