@@ -314,7 +314,7 @@ def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> Edg
             f"CACHE_DIR (--cache-dir) {settings.cache_dir!r}: {error.strerror or error}"
         ) from None
     metrics.watch_cache(lambda: store.size, lambda: store.evictions)
-    return EdgeCache(upstream, store, metrics)
+    return EdgeCache(upstream, store, metrics, send_timeout=settings.send_timeout)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -339,6 +339,7 @@ def create_app(settings: Settings) -> web.Application:
         follow_redirects=settings.follows_redirects,
         token_relay=TokenRelay(upstream) if settings.proxy_auth else None,
         trust=settings.trust_proxy,
+        send_timeout=settings.send_timeout,
     )
     app.router.add_get("/", home)
     app.router.add_get("/ping", ping)

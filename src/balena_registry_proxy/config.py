@@ -273,6 +273,14 @@ class Settings:
         "seconds a client may take to send a request's line and headers once it started; "
         "then the connection is closed",
     )
+    send_timeout: float = _setting(
+        60.0,
+        "SEND_TIMEOUT",
+        "--send-timeout",
+        _seconds,
+        "seconds a client may take nothing of an answer the proxy is sending before its "
+        "connection is closed",
+    )
     keepalive_timeout: float = _setting(
         60.0,
         "KEEPALIVE_TIMEOUT",

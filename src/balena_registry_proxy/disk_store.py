@@ -66,6 +66,9 @@ class DiskStore:
         self.downloads: dict[str, Download] = {}
         self._refused_until = 0.0
         self._lock: int | None = None
+        # Blobs found at start-up: kept by an earlier run, whose files are hashed once before
+        # this one serves them (a disk or an older version may have damaged them).
+        self._unverified: set[Path] = set()
 
     @property
     def filling(self) -> bool:
@@ -109,6 +112,8 @@ class DiskStore:
         for _, path, size in sorted(found):
             self._entries[path] = size
             self.size += size
+            if path.parent == self._blobs:
+                self._unverified.add(path)
         self._evict(0)
 
     def close(self) -> None:
@@ -125,6 +130,23 @@ class DiskStore:
         """The kept file of blob ``digest`` (marked as just used), or None."""
         path = self.path(digest)
         return path if self._use(path) else None
+
+    async def kept(self, digest: str) -> Path | None:
+        """The kept file of blob ``digest``, verified (marked as just used), or None.
+
+        A blob kept by an earlier run is hashed before its first use in this one; one that no
+        longer matches its digest is dropped.
+        """
+        path = self.lookup(digest)
+        if path is None or path not in self._unverified:
+            return path
+        matches = await asyncio.to_thread(_hashes_to, path, digest)
+        self._unverified.discard(path)
+        if not matches:
+            log.warning("dropping cached blob %s: its file changed on disk", digest)
+            self._forget(path)
+            return None
+        return path
 
     def _manifest_path(self, digest: str) -> Path:
         return self._manifests / digest.removeprefix("sha256:")
@@ -211,6 +233,7 @@ class DiskStore:
 
     def _forget(self, path: Path) -> None:
         self.size -= self._entries.pop(path, 0)
+        self._unverified.discard(path)
         _remove(path)
 
     def begin(
@@ -270,6 +293,18 @@ class DiskStore:
             self.size -= size
             self.evictions += 1
             _remove(path)
+
+
+def _hashes_to(path: Path, digest: str) -> bool:
+    """Whether the file at ``path`` hashes to ``digest``."""
+    hasher = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return False
+    return f"sha256:{hasher.hexdigest()}" == digest
 
 
 def _durable_rename(temporary: Path, final: Path) -> None:

@@ -125,6 +125,18 @@ def redirect_request_headers(headers: Headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() in _REDIRECT_SAFE]
 
 
+# What makes an answer partial or conditional: a question about access must not carry it, or
+# the registry answers 206 or 304 instead of saying yes.
+_PARTIAL_OR_CONDITIONAL = frozenset(
+    {"range", "if-range", "if-none-match", "if-match", "if-modified-since", "if-unmodified-since"}
+)
+
+
+def unconditional(headers: Headers) -> list[tuple[str, str]]:
+    """``headers`` without Range or conditions: for asking whether a client may read a blob."""
+    return [(k, v) for k, v in headers if k.lower() not in _PARTIAL_OR_CONDITIONAL]
+
+
 def rewrite_location(location: str, upstream_origin: str) -> str:
     """Point a redirect at the proxy when it points at the upstream registry itself.
 

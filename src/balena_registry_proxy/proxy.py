@@ -80,6 +80,7 @@ class Proxy:
         follow_redirects: bool = False,
         token_relay: TokenRelay | None = None,
         trust: TrustProxy | None = None,
+        send_timeout: float = 60.0,
     ) -> None:
         """Serve requests through ``upstream``, counting in ``metrics``.
 
@@ -87,7 +88,8 @@ class Proxy:
         sent upstream. With a ``cache``, blobs and manifests by digest come from it; with
         ``follow_redirects``, the proxy follows blob redirects to storage itself instead of
         passing them on; with a ``token_relay`` (edge mode), the registry's challenges name
-        the proxy as the token realm.
+        the proxy as the token realm. A client taking nothing of an answer for
+        ``send_timeout`` seconds is disconnected.
         """
         self.upstream = upstream
         self.metrics = metrics
@@ -96,6 +98,7 @@ class Proxy:
         self.follow_redirects = follow_redirects
         self.token_relay = token_relay
         self.trust = trust or TrustProxy()
+        self.send_timeout = send_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
@@ -182,7 +185,7 @@ class Proxy:
     async def _stream(
         self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
     ) -> web.StreamResponse:
-        return await stream(exchange.request, upstream, headers, self.metrics)
+        return await stream(exchange.request, upstream, headers, self.metrics, self.send_timeout)
 
     async def _range_not_satisfiable(
         self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
@@ -230,7 +233,9 @@ class Proxy:
         assert names is not None
         original, complete = await upstream.read_up_to(MAX_REWRITTEN_BODY)
         if not complete:
-            return await stream(exchange.request, upstream, headers, self.metrics, original)
+            return await stream(
+                exchange.request, upstream, headers, self.metrics, self.send_timeout, original
+            )
         mapped = map_tags_body(original, names.real, names.alias)
         if mapped is None:
             return buffered(upstream.status, headers, original)
@@ -242,7 +247,9 @@ class Proxy:
         assert self.cache is not None
         body, complete = await upstream.read_up_to(MAX_MANIFEST_BYTES)
         if not complete:
-            return await stream(exchange.request, upstream, headers, self.metrics, body)
+            return await stream(
+                exchange.request, upstream, headers, self.metrics, self.send_timeout, body
+            )
         content_type = upstream.headers.get("Content-Type", "")
         assert exchange.route.reference is not None
         await self.cache.keep_manifest(

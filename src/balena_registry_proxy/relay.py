@@ -7,6 +7,7 @@ multi-GiB layer never sits in memory and a client that reads nothing holds one r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -37,9 +38,14 @@ async def stream(
     upstream: Response,
     headers: list[tuple[str, str]],
     metrics: Metrics,
+    send_timeout: float,
     prefix: bytes = b"",
 ) -> web.StreamResponse:
-    """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
+    """Relay the rest of the upstream body (after ``prefix``, already read) to the client.
+
+    A client that takes nothing for ``send_timeout`` seconds is disconnected: its connection
+    and the upstream's are not held for ever.
+    """
     length = upstream.content_length
     with_body = has_body(request.method, upstream.status)
     if not prefix and with_body and length is not None and length <= SMALL_BODY:
@@ -79,16 +85,21 @@ async def stream(
         async def drained() -> None:
             if transport.is_closing():
                 raise ConnectionResetError("the client left")
-            await request.writer.drain()
+            async with asyncio.timeout(send_timeout):
+                await request.writer.drain()
 
         if length is not None or request.version < (1, 1):
             await upstream.content.pipe(send, drained)
         else:
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                async with asyncio.timeout(send_timeout):
+                    await response.write(chunk)
                 sent += len(chunk)
-    except ConnectionResetError:
-        # The client went away; leaving the upstream context closes that connection too.
+    except (ConnectionResetError, TimeoutError):
+        # The client went away, or took nothing for too long: leaving the upstream context
+        # closes that connection too.
+        if request.transport is not None:
+            request.transport.close()
         return response
     except UpstreamError as error:
         # Headers are out, so no error response is possible: cut the connection so the

@@ -31,8 +31,8 @@ class Store(Protocol):
     def refused(self, error: OSError) -> None:
         """The storage refused a write: stop filling for a while."""
 
-    def lookup(self, digest: str) -> Path | None:
-        """Where kept blob ``digest`` can be read (marked as just used), or None."""
+    async def kept(self, digest: str) -> Path | None:
+        """Where kept blob ``digest`` can be read, verified (marked as just used), or None."""
 
     def begin(
         self, digest: str, size: int, on_abandoned: Callable[[Download], None]

@@ -11,6 +11,7 @@ from balena_registry_proxy.headers import (
     accepts,
     client_response_headers,
     rewrite_location,
+    unconditional,
     upstream_request_headers,
     without_body_headers,
 )
@@ -163,3 +164,17 @@ def test_a_body_of_the_proxys_own_drops_what_described_the_upstreams() -> None:
         ("Docker-Distribution-Api-Version", "registry/2.0"),
         ("Content-Type", "application/json"),
     ]
+
+
+def test_a_question_about_access_carries_no_range_or_condition() -> None:
+    sent = [
+        ("Authorization", "Bearer t"),
+        ("Range", "bytes=0-9"),
+        ("If-Range", '"x"'),
+        ("if-none-match", '"x"'),
+        ("If-Match", '"x"'),
+        ("If-Modified-Since", "d"),
+        ("If-Unmodified-Since", "d"),
+        ("Accept", "*/*"),
+    ]
+    assert unconditional(sent) == [("Authorization", "Bearer t"), ("Accept", "*/*")]
