@@ -43,6 +43,7 @@ ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
 METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 TRUST = web.AppKey("trust_proxy", TrustProxy)
+MAX_HEAD = web.AppKey("max_head", int)
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_GONE = 499
 _OWN_ROUTES = {"/": "home", "/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
@@ -70,7 +71,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
-        refused = refusal(request.version, request.headers.items())
+        refused = refusal(request.version, request.raw_headers, request.app[MAX_HEAD])
         if refused is not None:
             response: web.StreamResponse = error_response(refused)
             response.force_close()
@@ -282,6 +283,7 @@ def connection_limits(settings: Settings, open_files: int | None = None) -> Conn
         head_timeout=settings.request_head_timeout,
         max_request_line=settings.max_request_line,
         max_header_size=settings.max_header_size,
+        max_head=settings.max_head,
     )
 
 
@@ -330,6 +332,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
+    app[MAX_HEAD] = settings.max_head
     cache = _edge_cache(settings, upstream, metrics)
     proxy = Proxy(
         upstream,

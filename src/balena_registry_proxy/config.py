@@ -402,6 +402,12 @@ class Settings:
     )
 
     @property
+    def max_head(self) -> int:
+        """The most a request's line and headers may take together: a line and two headers
+        of the largest size (a token in Authorization, say); aiohttp alone would take 128."""
+        return self.max_request_line + 2 * self.max_header_size
+
+    @property
     def follows_redirects(self) -> bool:
         """Whether the proxy follows blob redirects itself: asked for, or needed by a cache or
         by clients that reach only the proxy."""
