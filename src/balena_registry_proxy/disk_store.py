@@ -242,18 +242,25 @@ class DiskStore:
         """Begin receiving blob ``digest`` of ``size`` bytes; None if it is not to be kept.
 
         Not kept: a blob bigger than ``MAX_BLOB_FRACTION`` of the limit, or one that does not
-        fit beside the downloads in progress. Room for it is made (least recently used first)
-        and reserved now. Readers find it in ``downloads`` until it ends. ``OSError`` if the
-        disk refuses the file.
+        fit beside the downloads in progress (their sizes are reserved). Room is made, least
+        recently used first, as its bytes arrive. Readers find it in ``downloads`` until it
+        ends. ``OSError`` if the disk refuses the file.
         """
         if size > self.max_bytes * MAX_BLOB_FRACTION or self.reserved + size > self.max_bytes:
             return None
-        self._evict(size)
         descriptor, name = tempfile.mkstemp(
             prefix=f"{digest.removeprefix('sha256:')}.", suffix=".part", dir=self._temporary
         )
         self.reserved += size
-        download = Download(digest, size, Path(name), descriptor, self.path(digest), on_abandoned)
+        download = Download(
+            digest,
+            size,
+            Path(name),
+            descriptor,
+            self.path(digest),
+            on_abandoned,
+            on_progress=lambda: self._evict(0),
+        )
         self.downloads[digest] = download
         return download
 
@@ -287,8 +294,11 @@ class DiskStore:
         return kept
 
     def _evict(self, room: int) -> None:
-        """Drop the least recently used entries until ``room`` more bytes fit."""
-        while self.size + self.reserved + room > self.max_bytes and self._entries:
+        """Drop the least recently used entries until ``room`` more bytes fit beside what is
+        kept and what downloads in progress have written: room is made as bytes arrive, so a
+        download stopped early evicts little."""
+        arriving = sum(download.written for download in self.downloads.values())
+        while self.size + arriving + room > self.max_bytes and self._entries:
             path, size = self._entries.popitem(last=False)
             self.size -= size
             self.evictions += 1

@@ -52,10 +52,11 @@ class Download:
         descriptor: int,
         final: Path,
         on_abandoned: Callable[[Download], None],
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         """Receive ``size`` bytes of ``digest`` into ``temporary``, open for writing as
         ``descriptor``, to be kept at ``final``; ``on_abandoned`` is called when the last
-        reader left early."""
+        reader left early, ``on_progress`` when more bytes are on disk."""
         self.digest = digest
         self.size = size
         self.temporary = temporary
@@ -66,6 +67,7 @@ class Download:
         self.outcome: bool | None = None
         self.readers = 0
         self._on_abandoned = on_abandoned
+        self._on_progress = on_progress
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._room = asyncio.Event()
@@ -202,6 +204,7 @@ class Download:
 
     def _progress(self, written: int) -> None:
         self.written = written
+        self._on_progress()
         self._changed.set()
 
     def _finish(self, verified: bool, written: int) -> None:
