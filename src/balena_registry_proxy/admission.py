@@ -27,9 +27,7 @@ def refusal(
         return bad_request("UNSUPPORTED", "HTTP/0.9 is not supported: send HTTP/1.1")
     if version >= (2, 0):
         return RegistryError(505, "UNSUPPORTED", "only HTTP/1.1 (and 1.0) is spoken here")
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers
-    ]
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
     if sum(len(name) + len(value) + 4 for name, value in headers) > max_head:
         return RegistryError(431, "UNSUPPORTED", "request head too large")
     hosts: list[str] = []

@@ -100,6 +100,13 @@ def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     return _filter(headers, _RESPONSE_DROP)
 
 
+def storage_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of an answer from a host a redirect led to (blob storage), for a client
+    that thinks it talks to the registry: no challenge, whose realm a client would send its
+    credentials to."""
+    return [(k, v) for k, v in headers if k.lower() != "www-authenticate"]
+
+
 def without_body_headers(
     headers: list[tuple[str, str]], keep: tuple[str, ...] = ()
 ) -> list[tuple[str, str]]:

@@ -33,7 +33,12 @@ from .errors import (
     upstream_failure,
 )
 from .forwarded import TrustProxy, effective_origin, forwarding_headers
-from .headers import client_response_headers, upstream_request_headers, without_body_headers
+from .headers import (
+    client_response_headers,
+    storage_response_headers,
+    upstream_request_headers,
+    without_body_headers,
+)
 from .metrics import Metrics
 from .realm import challenge_service
 from .relay import buffered, stream
@@ -170,7 +175,9 @@ class Proxy:
         headers = map_response_headers(
             client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
         )
-        if self.token_relay is not None and upstream.from_registry:
+        if not upstream.from_registry:
+            headers = storage_response_headers(headers)
+        elif self.token_relay is not None:
             headers = self.token_relay.own_challenges(headers, exchange.scheme, exchange.host)
         action = decide(
             route,

@@ -11,6 +11,7 @@ from balena_registry_proxy.headers import (
     accepts,
     client_response_headers,
     rewrite_location,
+    storage_response_headers,
     unconditional,
     upstream_request_headers,
     without_body_headers,
@@ -178,3 +179,12 @@ def test_a_question_about_access_carries_no_range_or_condition() -> None:
         ("Accept", "*/*"),
     ]
     assert unconditional(sent) == [("Authorization", "Bearer t"), ("Accept", "*/*")]
+
+
+def test_a_storage_hosts_challenge_does_not_reach_the_client() -> None:
+    storage = [
+        ("Content-Type", "application/xml"),
+        ("WWW-Authenticate", 'Bearer realm="https://evil.example/steal"'),
+        ("www-authenticate", "Basic"),
+    ]
+    assert storage_response_headers(storage) == [("Content-Type", "application/xml")]

@@ -146,3 +146,22 @@ def test_a_release_that_did_not_resolve_may_have_several_services() -> None:
 def test_an_org_alone_is_told_an_app_is_missing() -> None:
     message = json.loads(explain("gh_acme", None, "p"))["errors"][0]["message"]
     assert message.startswith("'gh_acme' names no app: write the org and the app (gh_acme/<app>)")
+
+
+@pytest.mark.parametrize(
+    ("target", "shown"),
+    [
+        ("/v2/x?eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln", "/v2/x?***"),
+        ("/v2/x?eyJh.eyJz.c2ln=", "/v2/x?eyJh.eyJz.c2ln=***"),
+        ("/v2/x?n=10%3Baccess_token%3DSECRET1", "/v2/x?n=***"),
+        ("/v2/x?n=10;access_token=SECRET1", "/v2/x?n=10&access_token=***"),
+        ("/v2/x?last=a&&token=t", "/v2/x?last=a&&token=***"),
+        ("/v2/x?%6E=5", "/v2/x?%6E=5"),
+        (
+            "/auth/v1/token?scope=repository%3Ao%2Fa%3Apull",
+            "/auth/v1/token?scope=repository%3Ao%2Fa%3Apull",
+        ),
+    ],
+)
+def test_bare_parameters_and_semicolons_are_masked_too(target: str, shown: str) -> None:
+    assert redact_target(target) == shown
