@@ -121,7 +121,7 @@ class Proxy:
         match = None
         if token is not None and not refused and route.repository is not None:
             match = find_access(token_entries(token), route.repository)
-        plan = plan_request(route, match)
+        plan = plan_request(route, match, with_token=token is not None and not refused)
         self.metrics.rewrites.labels("refused" if refused else _outcome(plan)).inc()
         if plan.names is not None:
             request[UPSTREAM_TARGET] = plan.target

@@ -47,13 +47,19 @@ class Plan:
     (skopeo, for one, listing tags) log in rather than give up: the name may be a private app's."""
 
 
-def plan_request(route: Route, match: Match | None) -> Plan:
+def plan_request(route: Route, match: Match | None, *, with_token: bool = False) -> Plan:
     """Decide the upstream target for ``route`` given what the token says about its name.
 
     Only an ALIASED verdict rewrites: manifests by tag go to the ``latest`` tag, everything
     addressed by digest keeps its digest (multi-platform children and digest pins depend on it).
+    ``with_token``: the client sent a token; one that says nothing of a balena name means the
+    token server ignored the scope (it does for an org alone), which is explained too.
     """
-    if match is None or route.repository is None:
+    if route.repository is None:
+        return Plan(route.target())
+    if match is None:
+        if with_token and not route.repository.startswith("v2/"):
+            return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)
         return Plan(route.target())
     if match.verdict is Verdict.UNRESOLVED:
         return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)

@@ -135,6 +135,8 @@ def _snapshot(root: Path) -> dict[str, int]:
         ("gh_acme/web/9.9.9", "release '9.9.9' of app 'gh_acme/web' was not found"),
         ("gh_acme/nope/1.0.0", "release '1.0.0' of app 'gh_acme/nope' was not found"),
         ("gh_acme/nope", "app 'gh_acme/nope' was not found"),
+        ("gh_acme", "'gh_acme' names no app: write the org and the app (gh_acme/<app>)"),
+        ("gh_acme/web/v1.2.3", "did you mean gh_acme/web/1.2.3?"),
     ],
 )
 async def test_unknown_app_or_version_is_a_4xx_with_the_helpful_message(

@@ -159,3 +159,15 @@ def test_a_legacy_grant_asked_for_its_tags_answers_with_the_challenge() -> None:
     assert plan_request(by_digest, Match(Verdict.GRANTED, "org/secret")) == Plan(by_digest.target())
     real = parse_target("/v2/v2/abc/tags/list")
     assert plan_request(real, Match(Verdict.GRANTED, "v2/abc")) == Plan(real.target())
+
+
+def test_a_token_that_says_nothing_of_a_balena_name_is_explained() -> None:
+    route = parse_target("/v2/gh_acme/manifests/latest")
+    assert plan_request(route, None, with_token=True) == Plan(
+        route.target(), unresolved="gh_acme", explain_on=REFUSED
+    )
+    assert plan_request(route, None) == Plan(route.target())  # no token: the challenge
+    real = parse_target("/v2/v2/abc/manifests/latest")
+    assert plan_request(real, None, with_token=True) == Plan(real.target())
+    base = parse_target("/v2/")
+    assert plan_request(base, None, with_token=True) == Plan("/v2/")
