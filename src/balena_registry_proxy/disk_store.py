@@ -77,7 +77,10 @@ class DiskStore:
 
     def refused(self, error: OSError) -> None:
         """The disk refused a write: relay blobs without keeping them for a while."""
+        paused = not self.filling
         self._refused_until = time.monotonic() + FILL_PAUSE_SECONDS
+        if paused:
+            return  # said already, for this very failure or one just before
         log.warning(
             "the cache disk refused a write (%s): relaying blobs uncached for %g s",
             error.strerror or error,
