@@ -73,10 +73,21 @@ def plan_request(route: Route, match: Match | None, *, with_token: bool = False)
             )
         return Plan(route.target())
     reference = route.reference
-    if route.kind is Kind.MANIFEST and not route.by_digest:
+    if route.kind is Kind.MANIFEST and not route.by_digest and not is_referrers_tag(reference):
         reference = UPSTREAM_TAG
     target = route.target(repository=match.repository, reference=reference)
     return Plan(target, names=Names(alias=route.repository, real=match.repository))
+
+
+# OCI 1.1's referrers tag schema: <alg>-<hex of a digest>, a suffix such as .sig or .att after
+# it by the habit of cosign and others. Clients without a referrers API ask for it to find the
+# signatures and SBOMs of an image; it is no name of the release's.
+_REFERRERS_TAG_RE = re.compile(r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]+)*")
+
+
+def is_referrers_tag(reference: str | None) -> bool:
+    """Whether a manifest ``reference`` is a referrers fallback tag, kept as it is upstream."""
+    return reference is not None and _REFERRERS_TAG_RE.fullmatch(reference) is not None
 
 
 def _is_legacy_grant(route: Route) -> bool:

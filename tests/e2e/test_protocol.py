@@ -77,12 +77,6 @@ async def test_tags_list_answers_under_the_alias(sandbox: Sandbox, proxy: Runnin
         assert await response.json() == {"name": name, "tags": ["latest"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: rewrite.py sends every manifest tag to the release's latest, the referrers "
-    "tag schema's sha256-<digest> too, so a client falling back to it (the registry has no "
-    "referrers API) is served the release's image manifest where the registry answers 404",
-)
 async def test_referrers_fallback_tag_is_not_the_release(
     sandbox: Sandbox, proxy: RunningProxy
 ) -> None:

@@ -12,6 +12,7 @@ from balena_registry_proxy.rewrite import (
     REFUSED,
     Names,
     Plan,
+    is_referrers_tag,
     map_challenge,
     map_link,
     map_response_headers,
@@ -171,3 +172,22 @@ def test_a_token_that_says_nothing_of_a_balena_name_is_explained() -> None:
     assert plan_request(real, None, with_token=True) == Plan(real.target())
     base = parse_target("/v2/")
     assert plan_request(base, None, with_token=True) == Plan("/v2/")
+
+
+@pytest.mark.parametrize(
+    ("tag", "kept"),
+    [
+        ("sha256-" + "a" * 64, True),
+        ("sha256-" + "a" * 64 + ".sig", True),
+        ("sha256-" + "a" * 64 + ".att.v1", True),
+        ("sha256-" + "a" * 63, False),
+        ("sha256-" + "A" * 64, False),
+        ("latest", False),
+        ("v1", False),
+    ],
+)
+def test_referrers_fallback_tags_are_not_the_release(tag: str, kept: bool) -> None:
+    route = parse_target(f"/v2/org/app/1.0.0/manifests/{tag}")
+    plan = plan_request(route, Match(Verdict.ALIASED, "v2/abc"))
+    assert plan.target == f"/v2/v2/abc/manifests/{tag if kept else 'latest'}"
+    assert is_referrers_tag(tag) is kept
