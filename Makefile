@@ -77,11 +77,20 @@ GO_BUILD_ENV := GOPROXY=https://proxy.golang.org GOFLAGS=-mod=mod CGO_ENABLED=0
 
 go-tools:
 	@command -v go >/dev/null || { echo "go-tools needs Go 1.26: https://go.dev/dl/"; exit 1; }
-	@grep -v '^#' go-tools.txt | while read -r name package; do \
-		dir="$(GO_TOOLS_DIR)/$$name@$${package##*@}"; \
+	@grep -v '^#' go-tools.txt | while read -r name package module; do \
+		version="$${package##*@}"; dir="$(GO_TOOLS_DIR)/$$name@$$version"; \
 		[ -x "$$dir/$$name" ] && continue; \
 		rm -rf "$$dir.part"; start=$$(date +%s); \
-		GOBIN="$$dir.part" $(GO_BUILD_ENV) go install "$$package" || exit 1; \
+		if [ -n "$$module" ]; then \
+			source=$$($(GO_BUILD_ENV) go mod download -json "$$module@$$version" \
+				| sed -n 's/^\t"Dir": "\(.*\)",$$/\1/p'); \
+			[ -d "$$source" ] || { echo "$$module@$$version did not download"; exit 1; }; \
+			path="$${package%@*}"; \
+			(cd "$$source" && $(GO_BUILD_ENV) GOFLAGS=-mod=readonly \
+				go build -o "$$dir.part/$$name" "./$${path#$$module/}") || exit 1; \
+		else \
+			GOBIN="$$dir.part" $(GO_BUILD_ENV) go install "$$package" || exit 1; \
+		fi; \
 		[ -x "$$dir.part/$$name" ] || { echo "$$package built no $$name"; exit 1; }; \
 		mv "$$dir.part" "$$dir"; \
 		echo "built $$name ($$package) in $$(( $$(date +%s) - start )) s"; \

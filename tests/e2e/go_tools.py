@@ -35,15 +35,18 @@ class GoTool:
 
 
 def read_pins(text: str) -> dict[str, GoTool]:
-    """The tools of a ``go-tools.txt``: ``<name> <package>@<version>`` lines, ``#`` comments."""
+    """The tools of a ``go-tools.txt``: ``<name> <package>@<version> [<module>]`` lines (the
+    module where the package is built inside its module's source), ``#`` comments."""
     tools: dict[str, GoTool] = {}
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        name, pinned = line.split()
+        name, pinned, *module = line.split()
         package, _, version = pinned.rpartition("@")
         if not (package and re.fullmatch(r"v\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?", version)):
             raise ValueError(f"{PINS.name}: {name} is not pinned to a version: {pinned}")
+        if len(module) > 1 or (module and not package.startswith(module[0] + "/")):
+            raise ValueError(f"{PINS.name}: {name}'s module is not its package's: {line}")
         tools[name] = GoTool(name, package, version)
     return tools
 

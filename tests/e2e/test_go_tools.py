@@ -9,7 +9,7 @@ from .go_tools import PINS, read_pins
 
 def test_every_tool_is_pinned_and_named_after_its_binary() -> None:
     tools = read_pins(PINS.read_text())
-    assert {"conformance", "crane", "oras", "ctr", "containerd", "registry"} <= set(tools)
+    assert {"conformance", "crane", "oras", "ctr", "containerd", "registry", "weed"} <= set(tools)
     for name, tool in tools.items():
         # go install names a binary after the last element of the package path.
         assert tool.package.rsplit("/", 1)[-1] == name, tool
@@ -26,4 +26,12 @@ def test_every_tool_is_pinned_and_named_after_its_binary() -> None:
 )
 def test_an_unpinned_tool_is_refused(line: str) -> None:
     with pytest.raises(ValueError, match="not pinned"):
+        read_pins(line)
+
+
+def test_a_module_that_is_not_the_packages_is_refused() -> None:
+    line = (
+        "weed github.com/seaweedfs/seaweedfs/weed@v0.0.0-20261109003541-7506e5f91cd6 example.com/x"
+    )
+    with pytest.raises(ValueError, match="module"):
         read_pins(line)
