@@ -33,6 +33,8 @@ from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
 from .resources import connections_for
 from .server import QUIET, SERVER_NAME, ConnectionLimits
+from .shared_cache import shared_edge_cache
+from .sharing import PEER_PATH
 from .token_relay import TokenRelay
 from .upstream import Upstream
 from .upstream_errors import UpstreamError
@@ -303,7 +305,10 @@ def token_verifier(settings: Settings) -> TokenVerifier | None:
 
 
 def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> EdgeCache | None:
-    """The edge cache for ``CACHE_DIR``, if set; ConfigError if the folder is unusable."""
+    """The edge cache for ``CACHE_S3_URL`` or ``CACHE_DIR``, if set; ConfigError if the
+    folder is unusable."""
+    if settings.cache_s3_url is not None:
+        return shared_edge_cache(settings, upstream, metrics)
     if settings.cache_dir is None:
         return None
     store = DiskStore(Path(settings.cache_dir), settings.cache_max_size)
@@ -351,10 +356,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)
     if settings.proxy_auth:
         app.router.add_get(TOKEN_PATH, proxy.token)
+    if cache is not None and cache.sharing is not None:
+        app.router.add_get(PEER_PATH + "{digest}", cache.serve_peer)
     app.on_response_prepare.append(_security_headers)
 
     async def upstream_pool(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        if cache is not None:
+            await cache.start()
         yield
         if cache is not None:
             await cache.close()

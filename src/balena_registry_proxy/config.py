@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .forwarded import TrustProxy, parse_trust_proxy
+from .sharing import MIN_SECRET_LENGTH
 
 DEFAULT_REGISTRY2_HOST = "registry2.balena-cloud.com"
 
@@ -147,6 +148,40 @@ def _boolean(text: str) -> bool:
 def _path(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a file path")
+    return text
+
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(text: str) -> str:
+    if not _BUCKET_RE.fullmatch(text):
+        raise ValueError("must be a bucket name: 3 to 63 lowercase letters, digits, '.' or '-'")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if text.startswith("/") or "//" in text or ".." in text.split("/") or not text.isprintable():
+        raise ValueError("must be a key prefix such as registry-proxy/")
+    return text if not text or text.endswith("/") else text + "/"
+
+
+def _redis_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("must be a redis:// or rediss:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ValueError("must name a database by its number (redis://host:6379/0)")
+    return text
+
+
+def _secret(text: str) -> str:
+    if len(text) < MIN_SECRET_LENGTH or not text.isprintable():
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} printable characters")
     return text
 
 
@@ -400,6 +435,79 @@ class Settings:
         "passed through, never logged or stored), and follows blob redirects",
         switch=True,
     )
+    cache_s3_url: str | None = _setting(
+        None,
+        "CACHE_S3_URL",
+        "--cache-s3-url",
+        _url,
+        "keep blobs in S3-compatible object storage at this endpoint (path-style: MinIO, "
+        "SeaweedFS, Ceph, AWS) instead of `CACHE_DIR`, one cache for many replicas (see "
+        "[Scaling out](#scaling-out)); credentials from the usual `AWS_ACCESS_KEY_ID`/"
+        "`AWS_SECRET_ACCESS_KEY` or `AWS_SHARED_CREDENTIALS_FILE`. `CACHE_DIR`, if set, then "
+        "holds only downloads in progress",
+    )
+    cache_s3_bucket: str | None = _setting(
+        None,
+        "CACHE_S3_BUCKET",
+        "--cache-s3-bucket",
+        _bucket,
+        "the bucket of `CACHE_S3_URL` (it must exist)",
+    )
+    cache_s3_prefix: str = _setting(
+        "",
+        "CACHE_S3_PREFIX",
+        "--cache-s3-prefix",
+        _prefix,
+        "where in the bucket the cache keeps its objects (`registry-proxy/`, say)",
+    )
+    cache_s3_region: str = _setting(
+        "us-east-1",
+        "CACHE_S3_REGION",
+        "--cache-s3-region",
+        _host,
+        "the region requests to `CACHE_S3_URL` are signed for",
+    )
+    cache_s3_redirect: bool = _setting(
+        False,
+        "CACHE_S3_REDIRECT",
+        "--cache-s3-redirect",
+        _boolean,
+        "answer blob hits with a redirect to a presigned URL (valid 5 minutes) instead of "
+        "streaming them through the proxy: for clients that can reach the storage",
+        switch=True,
+    )
+    cache_s3_public_url: str | None = _setting(
+        None,
+        "CACHE_S3_PUBLIC_URL",
+        "--cache-s3-public-url",
+        _url,
+        "the storage's URL as clients reach it, for `CACHE_S3_REDIRECT`; by default `CACHE_S3_URL`",
+    )
+    cache_redis_url: str | None = _setting(
+        None,
+        "CACHE_REDIS_URL",
+        "--cache-redis-url",
+        _redis_url,
+        "Redis (`redis://[:password@]host:port[/db]`, `rediss://` for TLS) that replicas "
+        "sharing `CACHE_S3_URL` coordinate through: each layer downloaded by one of them, the "
+        "others reading it as it arrives; with `CACHE_PEER_SECRET`",
+    )
+    cache_peer_secret: str | None = _setting(
+        None,
+        "CACHE_PEER_SECRET",
+        "--cache-peer-secret",
+        _secret,
+        "a secret shared by the replicas (16 characters or more): it signs their requests to "
+        "each other's `/_cache/` endpoint, which nothing else opens",
+    )
+    cache_peer_url: str | None = _setting(
+        None,
+        "CACHE_PEER_URL",
+        "--cache-peer-url",
+        _url,
+        "where the other replicas reach this one (`http://$(POD_IP):8080`); by default "
+        "`http://<this host's address>:<PROXY_PORT>`",
+    )
 
     @property
     def max_head(self) -> int:
@@ -411,7 +519,12 @@ class Settings:
     def follows_redirects(self) -> bool:
         """Whether the proxy follows blob redirects itself: asked for, or needed by a cache or
         by clients that reach only the proxy."""
-        return self.follow_redirects or self.cache_dir is not None or self.proxy_auth
+        return self.follow_redirects or self.caching or self.proxy_auth
+
+    @property
+    def caching(self) -> bool:
+        """Whether the proxy has a cache: on disk, or shared in object storage."""
+        return self.cache_dir is not None or self.cache_s3_url is not None
 
 
 OPTIONS = tuple(
@@ -431,6 +544,28 @@ OPTIONS = tuple(
 def _shown(raw: str) -> str:
     """A setting's value as an error line may show it: any user:password@ part masked."""
     return re.sub(r"(?<=://)[^/@]*@", "***@", raw)
+
+
+def _check_shared_cache(values: Mapping[str, Any]) -> None:
+    """ConfigError for a shared cache's settings that do not go together."""
+    if "cache_s3_url" not in values:
+        for name, option in (
+            ("cache_redis_url", "CACHE_REDIS_URL (--cache-redis-url)"),
+            ("cache_s3_redirect", "CACHE_S3_REDIRECT (--cache-s3-redirect)"),
+        ):
+            if values.get(name):
+                raise ConfigError(f"{option} needs CACHE_S3_URL (--cache-s3-url)")
+        return
+    if "cache_s3_bucket" not in values:
+        raise ConfigError("CACHE_S3_URL (--cache-s3-url) needs CACHE_S3_BUCKET (--cache-s3-bucket)")
+    if values.get("workers", 1) > 1:
+        # Each worker would be a replica of its own behind one address: the others could not
+        # reach the one that downloads.
+        raise ConfigError("CACHE_S3_URL (--cache-s3-url) works with one worker: set WORKERS=1")
+    if "cache_redis_url" in values and "cache_peer_secret" not in values:
+        raise ConfigError(
+            "CACHE_REDIS_URL (--cache-redis-url) needs CACHE_PEER_SECRET (--cache-peer-secret)"
+        )
 
 
 def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
@@ -460,6 +595,7 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
     if values.get("workers", 1) > 1 and values.get("cache_dir"):
         # Each worker would index, clean and fill the same folder on its own.
         raise ConfigError("CACHE_DIR (--cache-dir) works with one worker: set WORKERS=1")
+    _check_shared_cache(values)
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("TLS_CERT (--tls-cert) and TLS_KEY (--tls-key) go together: set both")
     return Settings(**values)

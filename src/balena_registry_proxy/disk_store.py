@@ -125,6 +125,13 @@ class DiskStore:
             os.close(self._lock)
             self._lock = None
 
+    async def start(self) -> None:
+        """Nothing to connect to: ``open`` did the work, before the event loop ran."""
+
+    async def aclose(self) -> None:
+        """Let go of the folder (the store's interface)."""
+        self.close()
+
     def path(self, digest: str) -> Path:
         """Where the blob with ``digest`` lives once kept."""
         return self._blobs / digest.removeprefix("sha256:")

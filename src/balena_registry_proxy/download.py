@@ -210,6 +210,7 @@ class Download:
     def _finish(self, verified: bool, written: int) -> None:
         self.written = written
         self._room.set()
+        self._changed.set()
         if not self._done.done():
             self._done.set_result(verified)
 
@@ -250,6 +251,15 @@ class Download:
                 return self.size
             self._changed.clear()
             await self._changed.wait()
+
+    async def written_beyond(self, offset: int) -> int:
+        """Wait until more than ``offset`` bytes are on disk, or the writer stopped; how many
+        are. For a copy of the file made as it grows (not for clients: the bytes are not
+        verified yet)."""
+        while self.written <= offset and not self._done.done():
+            self._changed.clear()
+            await self._changed.wait()
+        return self.written
 
     def open(self) -> int:
         """A descriptor to read the blob from: the file as it grows, or once kept.

@@ -6,7 +6,13 @@ may read it: a HEAD of that digest, in that repository, with that client's own A
 (remembered briefly, see ``confirmations.py``). Clients of a blob being downloaded read the
 growing file, from the start or from the offset of their Range, with the kernel's sendfile,
 so a client that reads nothing costs no memory here. The bytes live in a store (``store.py``;
-``disk_store.py`` on local disk).
+``disk_store.py`` on local disk, ``s3_store.py`` in object storage).
+
+Replicas sharing object storage also share Redis (``coordination.py``): a replica about to
+download a blob takes the digest's lease first, and when another replica holds it, reads that
+replica's download as it grows (``peers.py``) instead of asking upstream; if that replica dies
+mid-way, the client's answer goes on from whatever has the bytes next (storage, a download of
+this replica's, a new holder), from the byte it had reached.
 """
 
 from __future__ import annotations
@@ -22,18 +28,54 @@ from pathlib import Path
 from aiohttp import web
 
 from .confirmations import Confirmations, key
+from .coordination import Coordination
 from .download import Download, DownloadFailed
-from .file_answer import answer_from_file
+from .errors import RegistryError
+from .file_answer import answer_from_file, answer_from_stream, blob_headers, send_part
 from .headers import REDIRECT_STATUSES, accepts, unconditional
 from .metrics import Metrics
-from .request_state import BODY_BYTES
-from .store import Store
+from .peers import Peers
+from .request_state import BODY_BYTES, REQUEST_ID
+from .s3_store import STORAGE_ERRORS
+from .sharing import (
+    LEASE_SECONDS,
+    PEER_HEADER,
+    RENEW_SECONDS,
+    Holder,
+    Source,
+    confirmation_key,
+    source,
+)
+from .store import Store, StoredObject
 from .upstream import Response, Upstream
 from .upstream_errors import UpstreamError
 
 log = logging.getLogger("balena_registry_proxy")
 
 _CONDITIONAL = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since")
+# A client's answer read from other replicas goes on while some source makes progress; with
+# none for this long (a dead holder's lease lapsing takes LEASE_SECONDS), it is cut.
+SOURCE_PATIENCE_SECONDS = 3 * LEASE_SECONDS
+SOURCE_RETRY_SECONDS = 0.25
+
+
+class _SourceBroke(Exception):
+    """The source a client's answer was being read from failed: try the next."""
+
+
+class _ClientGone(Exception):
+    """The client left, or took nothing for the send timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """What a replica sharing its cache needs besides the store: Redis, the other replicas,
+    the key prefix of this cache in Redis, and whether hits are redirected to storage."""
+
+    coordination: Coordination | None
+    peers: Peers | None
+    space: str
+    redirect: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,19 +91,32 @@ class EdgeCache:
     """Serves blob and manifest-by-digest GETs and HEADs from the store, filling it."""
 
     def __init__(
-        self, upstream: Upstream, store: Store, metrics: Metrics, *, send_timeout: float
+        self,
+        upstream: Upstream,
+        store: Store,
+        metrics: Metrics,
+        *,
+        send_timeout: float,
+        sharing: Sharing | None = None,
     ) -> None:
         """Serve from ``store``, filled and confirmed through ``upstream``; a client taking
-        nothing of an answer for ``send_timeout`` seconds is disconnected."""
+        nothing of an answer for ``send_timeout`` seconds is disconnected. With ``sharing``,
+        the store is shared with other replicas."""
         self.upstream = upstream
         self.send_timeout = send_timeout
         self.store = store
         self.metrics = metrics
+        self.sharing = sharing
+        self.coordination = sharing.coordination if sharing is not None else None
         self.confirmations = Confirmations()
         self._fills: dict[Download, asyncio.Task[None]] = {}
         # Digests whose upstream GET is under way but not answered yet: the first client asks,
         # the others wait for its answer instead of asking too.
         self._asking: dict[str, asyncio.Future[Download | None]] = {}
+
+    async def start(self) -> None:
+        """Connect to the store (once the event loop runs)."""
+        await self.store.start()
 
     async def close(self) -> None:
         """Stop downloads in progress (their temporaries are removed), let go of the store."""
@@ -69,7 +124,9 @@ class EdgeCache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.store.close()
+        await self.store.aclose()
+        if self.coordination is not None:
+            await self.coordination.close()
 
     async def serve(
         self,
@@ -87,26 +144,66 @@ class EdgeCache:
         confirmed under that repository before (clients fetch a new token on every pull).
         """
         while True:
-            path = await self.store.kept(digest)
+            kept = await self.store.kept(digest)
             download = self.store.downloads.get(digest)
             asking = self._asking.get(digest)
-            if path is not None or download is not None or asking is None:
+            if kept is not None or download is not None or asking is None:
                 break
             # Another client is asking upstream for it: wait for that answer, then look again.
             await asyncio.shield(asking)
-        if path is not None or download is not None:
+        if kept is not None or download is not None:
             confirmed = await self._confirmed(
                 request, "blobs", repository, digest, headers, verified_pull
             )
             if not confirmed:
                 return None
-            if path is not None:
-                return await self._from_kept(request, digest, path)
+            if isinstance(kept, Path):
+                return await self._from_kept(request, digest, kept)
+            if kept is not None:
+                return await self._from_stored(request, digest, kept)
             assert download is not None
             return await self._follow(request, download, joined=True)
         if request.method != "GET" or "Range" in request.headers or not self.store.filling:
             return None
-        return await self._fill_and_follow(request, repository, digest, headers)
+        claimed = await self._claim(repository, digest, headers)
+        if isinstance(claimed, Uncached):
+            return claimed
+        if isinstance(claimed, Download):
+            self.metrics.cache_requests.labels("blob", "miss").inc()
+            await self._remember(headers, repository, digest)
+            return await self._follow(request, claimed, joined=False)
+        # Another replica is downloading it: this client may read it once upstream says so.
+        if not await self._confirmed(request, "blobs", repository, digest, headers, verified_pull):
+            return None
+        self.metrics.cache_requests.labels("blob", "peer").inc()
+        return await self._from_elsewhere(request, repository, digest, headers, claimed)
+
+    async def _from_stored(
+        self, request: web.Request, digest: str, stored: StoredObject
+    ) -> web.StreamResponse | None:
+        """Answer from an object in storage: a redirect to it, or its bytes streamed; None
+        (relayed) if storage fails before the answer starts."""
+        self.metrics.cache_requests.labels("blob", "hit").inc()
+        if self.sharing is not None and self.sharing.redirect and request.method == "GET":
+            url = await stored.presigned()
+            if url is not None:
+                headers = {"Location": url, "Docker-Content-Digest": digest}
+                return web.Response(status=307, headers=headers)
+        try:
+            response, sent = await answer_from_stream(
+                request, digest, stored.size, stored.read, send_timeout=self.send_timeout
+            )
+        except STORAGE_ERRORS as error:
+            self._storage_failed(error)
+            return None
+        request[BODY_BYTES] = sent
+        self.metrics.cache_served_bytes.inc(sent)
+        return response
+
+    def _storage_failed(self, error: BaseException) -> None:
+        failed = getattr(self.store, "failed", None)
+        if failed is not None:
+            failed(error)
 
     async def _from_kept(
         self, request: web.Request, digest: str, path: Path
@@ -189,9 +286,16 @@ class EdgeCache:
         else:
             kept = False
         if kept:
-            self.confirmations.remember(
-                key(_credentials(headers), repository, digest), time.monotonic()
-            )
+            await self._remember(headers, repository, digest)
+
+    async def _remember(self, headers: list[tuple[str, str]], repository: str, digest: str) -> None:
+        """Note that the upstream let the client that sent ``headers`` read ``digest`` under
+        ``repository``: here, and for the other replicas."""
+        credentials = _credentials(headers)
+        self.confirmations.remember(key(credentials, repository, digest), time.monotonic())
+        if self.coordination is not None and self.sharing is not None:
+            shared = confirmation_key(self.sharing.space, credentials, repository, digest)
+            await self.coordination.confirm(shared)
 
     def _manifest_response(
         self, request: web.Request, digest: str, media_type: str, body: bytes
@@ -224,6 +328,11 @@ class EdgeCache:
         now = time.monotonic()
         if self.confirmations.fresh(confirmation, now):
             return True
+        if self.coordination is not None and self.sharing is not None:
+            shared = confirmation_key(self.sharing.space, _credentials(headers), repository, digest)
+            if await self.coordination.confirmed(shared):
+                self.confirmations.remember(confirmation, now)
+                return True
         try:
             target = f"/v2/{repository}/{kind}/{digest}"
             async with self.upstream.request("HEAD", target, unconditional(headers)) as response:
@@ -235,37 +344,39 @@ class EdgeCache:
                 return True  # a verified fresh token for a repository that links the blob
             raise
         if allowed:
-            self.confirmations.remember(confirmation, now)
+            await self._remember(headers, repository, digest)
         return allowed
 
-    async def _fill_and_follow(
-        self, request: web.Request, repository: str, digest: str, headers: list[tuple[str, str]]
-    ) -> web.StreamResponse | Uncached | None:
+    async def _claim(
+        self, repository: str, digest: str, headers: list[tuple[str, str]]
+    ) -> Download | Uncached | Holder:
+        """Start downloading ``digest`` here (its lease taken, where replicas share one),
+        unless another replica holds the lease: then that replica. The upstream's answer if
+        it gave no blob to keep. Clients of this replica asking meanwhile wait for this."""
         asking: asyncio.Future[Download | None] = asyncio.get_running_loop().create_future()
         self._asking[digest] = asking
         download: Download | None = None
         try:
-            started = await self._start_fill(repository, digest, headers)
+            holder = None
+            if self.coordination is not None:
+                holder = await self.coordination.acquire(digest)
+                if holder is not None and holder != self.coordination.me:
+                    return holder
+            started = await self._start_fill(repository, digest, headers, leased=holder is not None)
             if isinstance(started, Download):
                 download = started
+            return started
         finally:
             if self._asking.get(digest) is asking:
                 del self._asking[digest]
             asking.set_result(download)
-        if download is None:
-            assert isinstance(started, Uncached)
-            return started
-        self.metrics.cache_requests.labels("blob", "miss").inc()
-        self.confirmations.remember(
-            key(_credentials(headers), repository, digest), time.monotonic()
-        )
-        return await self._follow(request, download, joined=False)
 
     async def _start_fill(
-        self, repository: str, digest: str, headers: list[tuple[str, str]]
+        self, repository: str, digest: str, headers: list[tuple[str, str]], *, leased: bool
     ) -> Download | Uncached:
         """Ask upstream for the blob; if it answers with one to keep, start filling the store,
-        else hand its answer back for relaying."""
+        else hand its answer back for relaying. ``leased``: this replica holds the digest's
+        lease, to be renewed while the download goes on and released when it ends."""
         stack = AsyncExitStack()
         try:
             response = await self.upstream.get_following(
@@ -273,6 +384,7 @@ class EdgeCache:
             )
         except BaseException:
             await stack.aclose()
+            await self._release(digest, leased)
             raise
         size = response.content_length
         download = None
@@ -283,14 +395,37 @@ class EdgeCache:
                 # A full or read-only cache disk: the blob is relayed as without a cache.
                 self.store.refused(error)
         if download is None:
-            # Not a blob, not one to keep (too big for the cache), or nowhere to keep it.
+            # Not a blob, not one to keep (too big for the cache), or nowhere to keep it: the
+            # other replicas will ask upstream themselves.
+            await self._release(digest, leased)
             return Uncached(response, stack)
-        self._fills[download] = asyncio.create_task(self._fill(download, stack, response))
+        self._fills[download] = asyncio.create_task(
+            self._fill(download, stack, response, leased=leased)
+        )
         return download
 
-    async def _fill(self, download: Download, stack: AsyncExitStack, response: Response) -> None:
+    async def _release(self, digest: str, leased: bool) -> None:
+        if leased:
+            assert self.coordination is not None
+            await self.coordination.release(digest)
+
+    async def _renew(self, download: Download) -> None:
+        """Renew this replica's lease on ``download`` while its bytes keep arriving (and
+        while it is being kept, once they all did)."""
+        assert self.coordination is not None
+        written = -1
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            if download.written != written or download.outcome is not None:
+                written = download.written
+                await self.coordination.renew(download.digest)
+
+    async def _fill(
+        self, download: Download, stack: AsyncExitStack, response: Response, *, leased: bool
+    ) -> None:
         complete = False
         filled = self.metrics.cache_bytes
+        renewal = asyncio.create_task(self._renew(download)) if leased else None
 
         def offer(chunk: bytes) -> bool:
             filled.inc(len(chunk))
@@ -314,8 +449,14 @@ class EdgeCache:
             log.info("download of %s stopped: every client of it left", download.digest)
         finally:
             await stack.aclose()
-            await self.store.end(download, complete)
-            self._fills.pop(download, None)
+            try:
+                await self.store.end(download, complete)
+            finally:
+                # Only now: until the blob is kept, the other replicas read it here.
+                if renewal is not None:
+                    renewal.cancel()
+                await self._release(download.digest, leased)
+                self._fills.pop(download, None)
 
     def _abandoned(self, download: Download) -> None:
         """The last reader left a download that had far to go: stop fetching it."""
@@ -352,6 +493,233 @@ class EdgeCache:
         finally:
             os.close(descriptor)
             download.detach()
+
+    async def serve_peer(self, request: web.Request) -> web.StreamResponse:
+        """The replicas' endpoint: this replica's download of a digest, as it grows, to a
+        request signed with the shared secret (``peers.py``); Range as for any client."""
+        digest = request.match_info["digest"]
+        peers = self.sharing.peers if self.sharing is not None else None
+        if peers is None or not peers.admits(digest, request.headers.get(PEER_HEADER)):
+            raise RegistryError(403, "DENIED", "this endpoint is for the proxy's replicas")
+        download = self.store.downloads.get(digest)
+        answer = None if download is None else await self._follow(request, download, False)
+        if answer is None:
+            raise RegistryError(404, "BLOB_UNKNOWN", "not being downloaded here")
+        return answer
+
+    async def _from_elsewhere(
+        self,
+        request: web.Request,
+        repository: str,
+        digest: str,
+        headers: list[tuple[str, str]],
+        holder: Holder,
+    ) -> web.StreamResponse | Uncached | None:
+        """Answer a client from wherever the blob's bytes are, the lease ``holder`` first:
+        when a source fails, the answer goes on from the next (storage, a download of this
+        replica's, another holder, or a download this replica starts), from the byte it
+        reached. None (relayed) or the upstream's answer if no byte was sent yet."""
+        assert self.coordination is not None
+        assert self.sharing is not None
+        answer = _Continued(request, digest, self.send_timeout)
+        current: Holder | None = holder
+        progress = time.monotonic()
+        try:
+            while time.monotonic() - progress < SOURCE_PATIENCE_SECONDS:
+                before = answer.position
+                try:
+                    switched = await self._next_source(answer, repository, digest, headers, current)
+                except _SourceBroke:
+                    switched = False
+                if answer.done:
+                    return answer.response
+                if isinstance(switched, Uncached):
+                    if not answer.started:
+                        return switched
+                    await switched.stack.aclose()
+                current = None
+                if answer.position > before:
+                    progress = time.monotonic()
+                elif not switched:
+                    await asyncio.sleep(SOURCE_RETRY_SECONDS)
+        except _ClientGone:
+            return answer.cut()
+        finally:
+            request[BODY_BYTES] = answer.position
+            self.metrics.cache_served_bytes.inc(answer.position)
+        log.warning("no source of %s made progress: the client's answer is cut", digest)
+        return answer.cut()
+
+    async def _next_source(
+        self,
+        answer: _Continued,
+        repository: str,
+        digest: str,
+        headers: list[tuple[str, str]],
+        holder: Holder | None,
+    ) -> bool | Uncached:
+        """Send ``answer`` what the blob's best source has, from where it stands; True if
+        it only found a new source (a download started here, a new holder) to read next, the
+        upstream's answer if it gave no blob to keep. ``_SourceBroke`` if the source failed."""
+        assert self.coordination is not None
+        assert self.sharing is not None
+        stored = await self.store.kept(digest)
+        local = self.store.downloads.get(digest)
+        if holder is None and stored is None and local is None:
+            holder = await self.coordination.holder(digest)
+        where = source(
+            stored=stored is not None,
+            local=local is not None,
+            holder=holder,
+            replica=self.coordination.me.replica,
+        )
+        if where is Source.STORAGE and isinstance(stored, Path | None):
+            raise _SourceBroke("a store of files is not shared")
+        if where is Source.STORAGE:
+            assert stored is not None
+            assert not isinstance(stored, Path)
+            await answer.from_stored(stored)
+        elif where is Source.LOCAL:
+            assert local is not None
+            await answer.from_download(local)
+        elif where is Source.PEER:
+            assert holder is not None
+            assert self.sharing.peers is not None
+            await answer.from_peer(self.sharing.peers, holder, answer.request[REQUEST_ID])
+        else:
+            asking = self._asking.get(digest)
+            if asking is not None:
+                await asyncio.shield(asking)
+                return True
+            claimed = await self._claim(repository, digest, headers)
+            if isinstance(claimed, Uncached):
+                return claimed
+            if isinstance(claimed, Download):
+                self.metrics.cache_requests.labels("blob", "miss").inc()
+            return True
+        return False
+
+
+class _Continued:
+    """A client's answer for a whole blob, written from one source after another."""
+
+    def __init__(self, request: web.Request, digest: str, send_timeout: float) -> None:
+        self.request = request
+        self.digest = digest
+        self.send_timeout = send_timeout
+        self.response: web.StreamResponse | None = None
+        self.size: int | None = None
+        self.position = 0
+        """Bytes the client has been sent."""
+
+    @property
+    def started(self) -> bool:
+        """Whether the headers are out."""
+        return self.response is not None
+
+    @property
+    def done(self) -> bool:
+        """Whether every byte was sent."""
+        return self.size is not None and self.position >= self.size
+
+    def cut(self) -> web.StreamResponse | None:
+        """End an answer that cannot be completed: the client sees a short body."""
+        if self.request.transport is not None and self.started:
+            self.request.transport.close()
+        return self.response
+
+    async def _start(self, size: int) -> None:
+        if self.response is None:
+            response = web.StreamResponse(status=200, headers=blob_headers(self.digest))
+            response.content_length = size
+            self.size = size
+            try:
+                await response.prepare(self.request)
+            except ConnectionError as error:
+                raise _ClientGone from error
+            self.response = response
+        elif size != self.size:
+            raise _SourceBroke("a source disagrees on the blob's size")
+
+    async def _write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.response.write(chunk)
+        except (ConnectionError, TimeoutError) as error:
+            raise _ClientGone from error
+        self.position += len(chunk)
+
+    async def from_stored(self, stored: StoredObject) -> None:
+        """The rest of the blob from storage."""
+        await self._start(stored.size)
+        chunks = stored.read(self.position, stored.size - 1)
+        try:
+            async for chunk in chunks:
+                await self._write(chunk)
+        except STORAGE_ERRORS as error:
+            raise _SourceBroke from error
+        finally:
+            await chunks.aclose()
+        if not self.done:
+            raise _SourceBroke("storage ended the object early")
+
+    async def from_download(self, download: Download) -> None:
+        """The rest of the blob from a download of this replica's, as it arrives."""
+        try:
+            descriptor = download.open()
+        except DownloadFailed as error:
+            raise _SourceBroke from error
+        download.attach()
+
+        def sent(count: int) -> None:
+            self.position += count
+
+        try:
+            await self._start(download.size)
+            if self.position < download.size:
+                await send_part(
+                    self.request,
+                    descriptor,
+                    self.position,
+                    download.size - 1,
+                    download,
+                    self.send_timeout,
+                    sent,
+                )
+        except DownloadFailed as error:
+            raise _SourceBroke from error
+        except (ConnectionError, TimeoutError) as error:
+            raise _ClientGone from error
+        finally:
+            os.close(descriptor)
+            download.detach()
+
+    async def from_peer(self, peers: Peers, holder: Holder, request_id: str) -> None:
+        """The rest of the blob from the replica holding its lease, as it arrives there."""
+        try:
+            async with peers.read(holder, self.digest, self.position, request_id) as answer:
+                size = _whole_size(answer, self.position)
+                if size is None:
+                    raise _SourceBroke(f"the holder answered {answer.status}")
+                await self._start(size)
+                while chunk := await answer.content.readany():
+                    await self._write(chunk)
+        except UpstreamError as error:
+            raise _SourceBroke from error
+        if not self.done:
+            raise _SourceBroke("the holder's answer ended early")
+
+
+def _whole_size(answer: Response, offset: int) -> int | None:
+    """The blob's size by a replica's answer from ``offset``, or None if it is no such
+    answer."""
+    if answer.status == 200 and offset == 0:
+        return answer.content_length
+    total = answer.headers.get("Content-Range", "").rpartition("/")[2]
+    if answer.status == 206 and total.isdigit():
+        return int(total)
+    return None
 
 
 def _credentials(headers: list[tuple[str, str]]) -> str:

@@ -1,4 +1,5 @@
-"""A blob request answered from a file the proxy holds: kept in the store, or still arriving.
+"""A blob request answered from a file the proxy holds (kept in the store, or still arriving),
+or from an object in storage.
 
 The file is opened before this is called, so an eviction meanwhile cannot take it away. Bytes
 go from the page cache to the socket with the kernel's sendfile, a piece at a time, each piece
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
@@ -34,6 +36,78 @@ def blob_headers(digest: str) -> dict[str, str]:
     }
 
 
+def _decided(
+    request: web.Request, digest: str, size: int
+) -> tuple[web.StreamResponse, ByteRange | None]:
+    """The answer's status and headers for ``request`` of a blob of ``size`` bytes, and the
+    part of it to send (None: no body)."""
+    etag = f'"{digest}"'
+    decided = blob_answer(
+        size,
+        etag,
+        request.headers.get("Range"),
+        request.headers.get("If-Range"),
+        request.headers.get("If-None-Match"),
+    )
+    headers = blob_headers(digest)
+    if decided.status == 304:
+        return web.Response(status=304, headers={"Etag": etag}), None
+    if decided.status == 416:
+        body = error_body("RANGE_INVALID", "the requested range is not within the blob")
+        headers = {**headers, "Content-Range": unsatisfiable_content_range(size)}
+        headers["Content-Type"] = "application/json"
+        return web.Response(status=416, body=body, headers=headers), None
+    response = web.StreamResponse(status=decided.status, headers=headers)
+    part = decided.part
+    if decided.status == 206:
+        assert part is not None
+        response.headers["Content-Range"] = part.content_range
+    response.content_length = part.length if part is not None else 0
+    return response, part
+
+
+async def answer_from_stream(
+    request: web.Request,
+    digest: str,
+    size: int,
+    read: Callable[[int, int], AsyncGenerator[bytes, None]],
+    *,
+    send_timeout: float,
+) -> tuple[web.StreamResponse, int]:
+    """Answer ``request`` for blob ``digest`` (``size`` bytes) from ``read(first, last)``, a
+    stream of the stored bytes; the answer and the body bytes sent.
+
+    The stream's first bytes are awaited before the answer starts, so a storage that fails at
+    once raises here and the request can still be relayed; once the headers are out, a
+    failure cuts the connection.
+    """
+    response, part = _decided(request, digest, size)
+    if isinstance(response, web.Response):
+        return response, 0
+    if request.method == "HEAD" or part is None:
+        await response.prepare(request)
+        return response, 0
+    chunks = read(part.first, part.last)
+    sent = 0
+    try:
+        chunk = await anext(chunks, b"")
+        await response.prepare(request)
+        try:
+            while chunk:
+                async with asyncio.timeout(send_timeout):
+                    await response.write(chunk)
+                sent += len(chunk)
+                chunk = await anext(chunks, b"")
+            if sent < part.length:
+                raise ConnectionResetError("storage ended the object early")
+        except Exception:
+            if request.transport is not None:
+                request.transport.close()
+    finally:
+        await chunks.aclose()
+    return response, sent
+
+
 async def answer_from_file(
     request: web.Request,
     digest: str,
@@ -49,28 +123,9 @@ async def answer_from_file(
     ``growing``: the download the file belongs to, still arriving (its readers wait for the
     bytes they need, and never get the last one before the download verified).
     """
-    etag = f'"{digest}"'
-    decided = blob_answer(
-        size,
-        etag,
-        request.headers.get("Range"),
-        request.headers.get("If-Range"),
-        request.headers.get("If-None-Match"),
-    )
-    headers = blob_headers(digest)
-    if decided.status == 304:
-        return web.Response(status=304, headers={"Etag": etag}), 0
-    if decided.status == 416:
-        body = error_body("RANGE_INVALID", "the requested range is not within the blob")
-        headers = {**headers, "Content-Range": unsatisfiable_content_range(size)}
-        headers["Content-Type"] = "application/json"
-        return web.Response(status=416, body=body, headers=headers), 0
-    response = web.StreamResponse(status=decided.status, headers=headers)
-    part = decided.part
-    if decided.status == 206:
-        assert part is not None
-        response.headers["Content-Range"] = part.content_range
-    response.content_length = part.length if part is not None else 0
+    response, part = _decided(request, digest, size)
+    if isinstance(response, web.Response):
+        return response, 0
     await response.prepare(request)
     if request.method == "HEAD" or part is None:
         return response, 0
@@ -85,14 +140,33 @@ async def answer_from_file(
     return response, sent
 
 
+async def send_part(
+    request: web.Request,
+    descriptor: int,
+    first: int,
+    last: int,
+    growing: Download | None,
+    send_timeout: float,
+    sent: Callable[[int], None],
+) -> None:
+    """Send bytes ``first`` to ``last`` of the file to a client whose answer's headers are
+    out, as they are there, telling ``sent`` of each piece. ``DownloadFailed`` if the
+    download fails, ``ConnectionError`` or ``TimeoutError`` if the client leaves or takes
+    nothing."""
+    part = ByteRange(first, last, last + 1)
+    await _send(request, descriptor, part, growing, send_timeout, sent)
+
+
 async def _send(
     request: web.Request,
     descriptor: int,
     part: ByteRange,
     growing: Download | None,
     send_timeout: float,
+    sent: Callable[[int], None] = lambda count: None,
 ) -> int:
-    """Send ``part`` from the file as its bytes are there; the bytes sent."""
+    """Send ``part`` from the file as its bytes are there (telling ``sent`` of each piece);
+    the bytes sent."""
     transport = request.transport
     loop = asyncio.get_running_loop()
     position, end = part.first, part.last + 1
@@ -106,15 +180,20 @@ async def _send(
                 count = min(readable - position, SENDFILE_PIECE)
                 try:
                     async with asyncio.timeout(send_timeout):
-                        sent = await loop.sendfile(transport, file, position, count, fallback=False)
+                        written = await loop.sendfile(
+                            transport, file, position, count, fallback=False
+                        )
                 except (asyncio.SendfileNotAvailableError, NotImplementedError):
                     if transport.is_closing():
                         raise ConnectionResetError("the client left") from None
-                    sent = await _write_pieces(request, descriptor, position, count, send_timeout)
-                if sent < count:
+                    written = await _write_pieces(
+                        request, descriptor, position, count, send_timeout
+                    )
+                if written < count:
                     # The file ends before the bytes it should hold.
                     raise DownloadFailed("the file is shorter than it should be")
                 position += count
+                sent(count)
     return position - part.first
 
 

@@ -92,8 +92,9 @@ class Metrics:
         self.cache_requests = Labelled(
             Counter(
                 "registry_proxy_cache_requests",
-                "Blob and manifest requests the cache answered: hit (on disk), joined (download "
-                "in progress), miss (fetched from upstream and kept).",
+                "Blob and manifest requests the cache answered: hit (kept), joined (download "
+                "in progress), peer (downloading on another replica), miss (fetched from "
+                "upstream and kept).",
                 ["kind", "outcome"],
                 registry=self.registry,
             )
@@ -102,6 +103,15 @@ class Metrics:
             "registry_proxy_cache_fill_bytes",
             "Bytes downloaded from upstream into the cache.",
             registry=self.registry,
+        )
+        self.cache_infrastructure_errors = Labelled(
+            Counter(
+                "registry_proxy_cache_infrastructure_errors",
+                "Failures of the shared cache's parts (redis, storage); the proxy went on "
+                "without them.",
+                ["part"],
+                registry=self.registry,
+            )
         )
         self.cache_served_bytes = Counter(
             "registry_proxy_cache_served_bytes",

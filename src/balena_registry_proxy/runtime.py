@@ -130,7 +130,7 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def wants_fast_loop(settings: Settings) -> bool:
     """uvloop, unless a cache serves files: uvloop has no sendfile, asyncio's own loop has."""
-    return settings.cache_dir is None
+    return not settings.caching
 
 
 def run(main_coroutine: Coroutine[Any, Any, None], *, fast_loop: bool = True) -> int:

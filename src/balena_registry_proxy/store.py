@@ -1,26 +1,46 @@
 """What the edge cache needs of the store beneath it: content by digest, verified, bounded.
 
-``disk_store.DiskStore`` keeps it in a local folder; another backend (object storage, shared
-by replicas) implements the same interface. The edge cache (``edge_cache.py``) decides who
-may read what; a store only keeps bytes that hash to their digest, under a size limit.
+``disk_store.DiskStore`` keeps it in a local folder; ``s3_store.S3Store`` in object storage
+shared by replicas, whose blobs are read as streams (``StoredObject``) instead of files. The
+edge cache (``edge_cache.py``) decides who may read what; a store only keeps bytes that hash
+to their digest, under a size limit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Protocol
 
 from .download import Download
 
 
+class StoredObject(Protocol):
+    """A blob kept where no file of this process holds it (object storage): read as a
+    stream, or fetched by clients themselves from a presigned URL."""
+
+    @property
+    def size(self) -> int:
+        """Its length in bytes."""
+
+    def read(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
+        """Its bytes ``first`` to ``last``; the storage's errors are raised."""
+
+    async def presigned(self) -> str | None:
+        """A short-lived URL to GET it from, or None."""
+
+
 class Store(Protocol):
     """Blobs and manifests by digest."""
 
-    size: int
-    """Bytes kept."""
-    evictions: int
-    """Entries dropped to stay under the size limit, since start."""
+    @property
+    def size(self) -> int:
+        """Bytes kept."""
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped to stay under the size limit, since start."""
+
     downloads: dict[str, Download]
     """Blobs being written, by digest: readers may follow them."""
 
@@ -31,8 +51,9 @@ class Store(Protocol):
     def refused(self, error: OSError) -> None:
         """The storage refused a write: stop filling for a while."""
 
-    async def kept(self, digest: str) -> Path | None:
-        """Where kept blob ``digest`` can be read, verified (marked as just used), or None."""
+    async def kept(self, digest: str) -> Path | StoredObject | None:
+        """Kept blob ``digest``, verified (marked as just used): the file it can be read
+        from, or the object in storage; None if it is not kept."""
 
     def begin(
         self, digest: str, size: int, on_abandoned: Callable[[Download], None]
@@ -51,5 +72,9 @@ class Store(Protocol):
     async def keep_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
         """Keep ``body`` as manifest ``digest`` if it hashes to it; True if kept."""
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Connect to the storage, once the event loop runs (what can be checked before,
+        such as a folder's lock, is checked when the store is made)."""
+
+    async def aclose(self) -> None:
         """Let go of the storage."""
