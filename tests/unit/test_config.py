@@ -133,3 +133,41 @@ def test_connection_settings() -> None:
     assert defaults.keepalive_timeout == 60
     with pytest.raises(ConfigError, match="MAX_CONNECTIONS"):
         settings({"MAX_CONNECTIONS": "0"})
+
+
+S3 = {"CACHE_S3_URL": "http://seaweedfs:8333", "CACHE_S3_BUCKET": "layers"}
+REDIS = {"CACHE_REDIS_URL": "redis://:hunter2@redis:6379/0", "CACHE_PEER_SECRET": "x" * 16}
+
+
+def test_a_shared_cache_follows_redirects_and_keeps_the_sendfile_loop() -> None:
+    shared = settings({**S3, **REDIS, "CACHE_S3_PREFIX": "proxy"})
+    assert shared.caching
+    assert shared.follows_redirects
+    assert not wants_fast_loop(shared)
+    assert shared.cache_s3_prefix == "proxy/"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"CACHE_S3_URL": "http://s3:8333"}, "CACHE_S3_BUCKET"),
+        ({"CACHE_REDIS_URL": "redis://redis:6379"}, "CACHE_S3_URL"),
+        ({"CACHE_S3_REDIRECT": "true"}, "CACHE_S3_URL"),
+        ({**S3, "CACHE_REDIS_URL": "redis://redis:6379"}, "CACHE_PEER_SECRET"),
+        ({**S3, "WORKERS": "2"}, "WORKERS=1"),
+        ({**S3, **REDIS, "CACHE_PEER_SECRET": "short"}, "CACHE_PEER_SECRET"),
+        ({**S3, "CACHE_S3_BUCKET": "Not_A_Bucket"}, "CACHE_S3_BUCKET"),
+        ({**S3, "CACHE_S3_PREFIX": "../up"}, "CACHE_S3_PREFIX"),
+        ({**S3, **REDIS, "CACHE_REDIS_URL": "http://redis:6379"}, "CACHE_REDIS_URL"),
+        ({**S3, **REDIS, "CACHE_REDIS_URL": "redis://redis:6379/zero"}, "CACHE_REDIS_URL"),
+    ],
+)
+def test_shared_cache_settings_that_do_not_go_together(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        settings(env)
+
+
+def test_a_redis_password_is_never_shown() -> None:
+    with pytest.raises(ConfigError) as refused:
+        settings({**S3, **REDIS, "CACHE_REDIS_URL": "redis://:hunter2@redis:port"})
+    assert "hunter2" not in str(refused.value)

@@ -1,0 +1,127 @@
+"""The shared cache's rules (sharing.py): names, leases, sources, signatures, parts."""
+
+from __future__ import annotations
+
+import itertools
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from balena_registry_proxy.sharing import (
+    MAX_PARTS,
+    PART_BYTES,
+    PEER_SIGNATURE_SECONDS,
+    Holder,
+    Kind,
+    Source,
+    confirmation_key,
+    index_member,
+    lease_value,
+    member_object,
+    namespace,
+    object_key,
+    parse_lease,
+    parts,
+    peer_signature,
+    peer_signature_valid,
+    source,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+OTHER = "sha256:" + "cd" * 32
+SECRET = "sixteen-chars-or-more"
+ME = Holder("me", "http://10.0.0.1:8080")
+THEM = Holder("them", "http://10.0.0.2:8080")
+
+
+def test_objects_are_named_by_kind_and_digest_under_the_prefix() -> None:
+    assert object_key("cache/", Kind.BLOB, DIGEST) == "cache/blobs/sha256/" + "ab" * 32
+    assert object_key("", Kind.MANIFEST, DIGEST) == "manifests/sha256/" + "ab" * 32
+
+
+def test_two_caches_on_one_redis_never_share_keys() -> None:
+    assert namespace("bucket", "a/") != namespace("bucket", "b/")
+    assert namespace("one", "") != namespace("two", "")
+    assert namespace("bucket", "a/") == namespace("bucket", "a/")
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_index_members_name_their_object(kind: Kind) -> None:
+    assert member_object(index_member(kind, DIGEST)) == (kind, DIGEST)
+
+
+@pytest.mark.parametrize("member", ["", "blobs/", "other/" + DIGEST, "blobs/sha256:xyz"])
+def test_anything_else_in_the_index_names_nothing(member: str) -> None:
+    assert member_object(member) is None
+
+
+def test_confirmations_are_keyed_by_a_hash_of_all_three_never_the_token() -> None:
+    key = confirmation_key("brp:x:", "Bearer secret-token", "v2/abc", DIGEST)
+    assert "secret-token" not in key
+    assert key.startswith("brp:x:confirmed:")
+    others = {
+        confirmation_key("brp:x:", "Bearer other-token", "v2/abc", DIGEST),
+        confirmation_key("brp:x:", "Bearer secret-token", "v2/def", DIGEST),
+        confirmation_key("brp:x:", "Bearer secret-token", "v2/abc", OTHER),
+    }
+    assert key not in others
+    assert len(others) == 3
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=["Zs", "Cc"]), min_size=1))
+def test_a_lease_names_its_holder(replica: str) -> None:
+    holder = Holder(replica, "http://peer:8080")
+    assert parse_lease(lease_value(holder)) == holder
+
+
+@pytest.mark.parametrize("value", ["", "me", "me ftp://x", "me http://a b", " http://x"])
+def test_a_value_that_is_no_lease_names_no_holder(value: str) -> None:
+    assert parse_lease(value) is None
+
+
+@pytest.mark.parametrize(
+    ("stored", "local", "holder", "expected"),
+    [
+        (True, True, THEM, Source.STORAGE),
+        (False, True, THEM, Source.LOCAL),
+        (False, False, THEM, Source.PEER),
+        (False, False, ME, Source.FILL),
+        (False, False, None, Source.FILL),
+    ],
+)
+def test_the_source_of_a_blob(
+    stored: bool, local: bool, holder: Holder | None, expected: Source
+) -> None:
+    assert source(stored=stored, local=local, holder=holder, replica=ME.replica) is expected
+
+
+def test_a_signature_opens_one_digest_for_a_while() -> None:
+    now = 1_800_000_000
+    signed = peer_signature(SECRET, DIGEST, now + PEER_SIGNATURE_SECONDS)
+    assert SECRET not in signed
+    assert peer_signature_valid(SECRET, DIGEST, signed, now)
+    assert not peer_signature_valid(SECRET, OTHER, signed, now)
+    assert not peer_signature_valid("another-secret-entirely", DIGEST, signed, now)
+    assert not peer_signature_valid(SECRET, DIGEST, signed, now + PEER_SIGNATURE_SECONDS + 1)
+    # One that claims to last far longer than any replica signs for is refused too.
+    far = peer_signature(SECRET, DIGEST, now + 100 * PEER_SIGNATURE_SECONDS)
+    assert not peer_signature_valid(SECRET, DIGEST, far, now)
+
+
+@pytest.mark.parametrize("value", ["", ".", "x.y", "123", "1" * 13 + ".ab", "Bearer token"])
+def test_what_is_no_signature_opens_nothing(value: str) -> None:
+    assert not peer_signature_valid(SECRET, DIGEST, value, 1_800_000_000)
+
+
+@given(st.integers(min_value=1, max_value=1 << 46))
+def test_parts_cover_a_blob_once_in_order_within_s3s_limits(size: int) -> None:
+    planned = parts(size)
+    assert [number for number, _, _ in planned] == list(range(1, len(planned) + 1))
+    assert planned[0][1] == 0
+    assert planned[-1][2] == size - 1
+    for (_, _, last), (_, first, _) in itertools.pairwise(planned):
+        assert first == last + 1
+    assert len(planned) <= MAX_PARTS
+    # Every part but the last is at least PART_BYTES (S3 wants 5 MiB).
+    assert all(last - first + 1 >= PART_BYTES for _, first, last in planned[:-1])
