@@ -27,12 +27,6 @@ class RedisServer:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def command(self, *words: str) -> str:
-        """One command in Redis's inline protocol; the first line of its answer."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
-            connection.sendall(" ".join(words).encode() + b"\r\n")
-            return connection.recv(65536).decode().split("\r\n")[0]
-
 
 def _answers(port: int) -> bool:
     try:

@@ -50,6 +50,9 @@ MAX_BLOB_FRACTION = 0.5
 STORAGE_PAUSE_SECONDS = 15.0
 WARN_EVERY_SECONDS = 30.0
 PRESIGN_SECONDS = 300
+# A lookup or a manifest's transfer takes this long at most: a storage that accepts
+# connections but does not answer (stopped, overloaded) delays a client by no more.
+QUICK_SECONDS = 2.0
 # How often each replica looks for uploads left behind by a replica that died mid-fill.
 SWEEP_SECONDS = 60.0
 READ_BYTES = 64 * 1024
@@ -220,9 +223,10 @@ class S3Store:
         if not self.available:
             return None
         try:
-            head = await self._s3().head_object(
-                Bucket=self._bucket, Key=self._key(Kind.BLOB, digest)
-            )
+            async with asyncio.timeout(QUICK_SECONDS):
+                head = await self._s3().head_object(
+                    Bucket=self._bucket, Key=self._key(Kind.BLOB, digest)
+                )
         except ClientError as error:
             if _code(error) not in _MISSING:
                 self.failed(error)
@@ -277,13 +281,14 @@ class S3Store:
         if not self.available:
             return None
         try:
-            answer = await self._s3().get_object(
-                Bucket=self._bucket, Key=self._key(Kind.MANIFEST, digest)
-            )
-            async with answer["Body"] as stream:
-                if int(answer["ContentLength"]) > MAX_MANIFEST_BYTES:
-                    return None
-                body = await stream.read()
+            async with asyncio.timeout(QUICK_SECONDS):
+                answer = await self._s3().get_object(
+                    Bucket=self._bucket, Key=self._key(Kind.MANIFEST, digest)
+                )
+                async with answer["Body"] as stream:
+                    if int(answer["ContentLength"]) > MAX_MANIFEST_BYTES:
+                        return None
+                    body = await stream.read()
         except ClientError as error:
             if _code(error) not in _MISSING:
                 self.failed(error)
@@ -310,13 +315,14 @@ class S3Store:
         ):
             return False
         try:
-            await self._s3().put_object(
-                Bucket=self._bucket,
-                Key=self._key(Kind.MANIFEST, digest),
-                Body=body,
-                ContentType=media_type,
-                Metadata={_MANIFEST_TYPE: media_type},
-            )
+            async with asyncio.timeout(QUICK_SECONDS):
+                await self._s3().put_object(
+                    Bucket=self._bucket,
+                    Key=self._key(Kind.MANIFEST, digest),
+                    Body=body,
+                    ContentType=media_type,
+                    Metadata={_MANIFEST_TYPE: media_type},
+                )
         except STORAGE_ERRORS as error:
             self.failed(error)
             return False

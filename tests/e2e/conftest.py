@@ -97,13 +97,14 @@ def go_upstream(
 
 @contextlib.contextmanager
 def proxy_process(
-    env: dict[str, str], log_path: Path, cafile: Path | None = None
+    env: dict[str, str], log_path: Path, cafile: Path | None = None, port: int | None = None
 ) -> Iterator[RunningProxy]:
-    """A proxy process on a free loopback port, ``env`` on top of ours, once it answers /ping.
+    """A proxy process on ``port`` (a free loopback one by default), ``env`` on top of ours,
+    once it answers /ping.
 
     Its log goes to ``log_path``, which the session-wide secret check reads at the end.
     """
-    port = free_port()
+    port = port or free_port()
     scheme = "https" if cafile else "http"
     with register_log(log_path).open("wb") as log:
         process = subprocess.Popen(
