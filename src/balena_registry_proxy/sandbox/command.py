@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"proxy port (default {DEFAULT_PORT}, or any free port when that one is taken)",
     )
     parser.add_argument(
+        "--alias-mode",
+        action="store_true",
+        help="run the proxy in alias mode (names resolved by the token service's aliases) "
+        "instead of resolver mode",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="once up, pull every selector through the proxy with skopeo and show the results",
@@ -47,7 +53,13 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     """Start the sandbox, serve the proxy in front of it, stop both on SIGINT/SIGTERM."""
     async with Sandbox.start(args.catalog, args.workdir) as sandbox:
         port = args.port if args.port is not None else free_port(args.host, DEFAULT_PORT)
-        settings = Settings(host=args.host, port=port, registry_url=sandbox.registry_url)
+        settings = Settings(
+            host=args.host,
+            port=port,
+            registry_url=sandbox.registry_url,
+            resolve=not args.alias_mode,
+            api_url=sandbox.api_url,
+        )
 
         async def show(port: int) -> None:
             host = f"[{args.host}]" if ":" in args.host else args.host
