@@ -10,6 +10,7 @@ manifests), or ``Listing`` (the tags the proxy answers itself). What cannot be p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
@@ -226,6 +227,12 @@ def _no_image(
         example = f"{name.app}/{first}" + ("" if is_keyword(version) else f":{version}")
     if missing.service is None:
         message = f"{what} has several services ({', '.join(services)}): name one, as in {example}"
+    elif name.version is None and _looks_like_version(missing.service):
+        # The third part of the name was meant as a version, written as no version is.
+        message = (
+            f"{name.app} has no service {missing.service}; a version is written in full and "
+            f"without 'v', as 1.2.3 (its versions: GET /v2/{name.app}/tags/list)"
+        )
     else:
         message = (
             f"{what} has no service {missing.service}; its services are "
@@ -242,6 +249,14 @@ def _no_candidates(repository: str, name: ReleaseName, app: App) -> RegistryErro
     else:
         message = f"{app.slug} has no release that {repository} can pull"
     return RegistryError(404, "NAME_UNKNOWN", message, {"name": repository})
+
+
+_VERSION_LIKE_RE = re.compile(r"v?\d+(?:\.\d+)*(?:[-_.].*)?")
+
+
+def _looks_like_version(text: str) -> bool:
+    """Whether a name part that is no version by the rules was meant as one (``v1.2.3``)."""
+    return _VERSION_LIKE_RE.fullmatch(text) is not None
 
 
 def _has_service(app: App, service: str) -> bool:

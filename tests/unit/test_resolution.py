@@ -172,6 +172,13 @@ def test_listing_body() -> None:
         ),
         ("/v2/gh_acme/stack/nope/manifests/latest", 404, "NAME_UNKNOWN", "no service nope"),
         (
+            "/v2/gh_acme/web/v1.3.0/manifests/latest",
+            404,
+            "NAME_UNKNOWN",
+            "without 'v', as 1.2.3",
+        ),
+        ("/v2/gh_acme/web/1.3/manifests/latest", 404, "NAME_UNKNOWN", "written in full"),
+        (
             "/v2/gh_acme/stack/nope/tags/list",
             404,
             "NAME_UNKNOWN",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..runtime import run, serve
-from .demo import banner, pull_table
+from .demo import banner, listings, pull_table
 from .environment import Sandbox
 from .ports import free_port
 from .registry import RegistryNotInstalledError, find_registry_binary
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="once up, pull every selector through the proxy with skopeo and show the results",
+        help="once up, list every app's tags and pull every selector through the proxy with "
+        "skopeo, and show the results",
     )
     return parser
 
@@ -64,10 +65,14 @@ async def run_sandbox(args: argparse.Namespace) -> None:
         async def show(port: int) -> None:
             host = f"[{args.host}]" if ":" in args.host else args.host
             proxy_host = f"{host}:{port}"
-            print(banner(sandbox, proxy_host), flush=True)
+            resolving = not args.alias_mode
+            print(banner(sandbox, proxy_host, resolving=resolving), flush=True)
             if args.demo:
-                print("Pulling every selector through the proxy with skopeo ...", flush=True)
-                print(await pull_table(sandbox, proxy_host), flush=True)
+                if resolving:
+                    print("Listing the tags of every public app with skopeo ...", flush=True)
+                    print(await listings(sandbox, proxy_host), flush=True)
+                print("\nPulling every selector through the proxy with skopeo ...", flush=True)
+                print(await pull_table(sandbox, proxy_host, resolving=resolving), flush=True)
                 print("\nStill serving; Ctrl-C to stop.", flush=True)
 
         await serve(settings, ready=show)
