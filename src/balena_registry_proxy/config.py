@@ -424,7 +424,8 @@ class Settings:
         _boolean,
         "resolver mode: the proxy resolves names through the balena API itself (versions "
         "listed, `<org>/<app>:<version>` tags, services of multi-container releases); it is "
-        "the token realm and sees clients' API keys at login (see Resolver mode)",
+        "the token realm and sees clients' API keys at login (see "
+        "[Resolver mode](#resolver-mode-versions-tags-and-services))",
         switch=True,
     )
     api_url: str = _setting(

@@ -95,6 +95,14 @@ def listed(app: App) -> list[str]:
     return sorted(tags)
 
 
+async def test_the_root_shows_the_forms_of_resolver_mode(proxy: Client) -> None:
+    response = await proxy.get("/", headers={"Host": "proxy.example"})
+    text = await response.text()
+    assert "docker pull proxy.example/<org>/<app>:<version>" in text
+    assert "docker pull proxy.example/<org>/<app>[/<version>]/<service>" in text
+    assert "skopeo list-tags docker://proxy.example/<org>/<app>" in text
+
+
 async def test_the_token_answer(proxy: Client) -> None:
     answer = await proxy.get("/auth/v1/token", headers={"Authorization": basic(ALICE)})
     assert answer.status == 200
