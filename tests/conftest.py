@@ -72,7 +72,8 @@ def skopeo() -> str:
 # Anything that looks like a credential: a JWT (their JSON header always encodes to "eyJ"),
 # an Authorization value, a demo API key of the sandbox's catalog, a password used in a test.
 _SECRET = re.compile(
-    r"eyJ[A-Za-z0-9_-]{8,}\.|Bearer [A-Za-z0-9]|Basic [A-Za-z0-9]|sandbox-api-key|hunter2"
+    r"eyJ[A-Za-z0-9_-]{8,}\.|brp1\.[A-Za-z0-9_-]{8}|Bearer [A-Za-z0-9]|Basic [A-Za-z0-9]"
+    r"|sandbox-api-key|hunter2|seal-secret"
 )
 PROXY_LOG_FILES: list[Path] = []
 

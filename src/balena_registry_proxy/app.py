@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,19 +19,23 @@ from aiohttp.typedefs import Handler
 from . import __version__
 from .accesslog import AccessRecord, redact_target
 from .admission import refusal
+from .balena_api import BalenaApi
 from .config import ConfigError, Settings
 from .disk_store import DiskStore, StoreInUse
 from .edge_cache import EdgeCache
+from .envelope import Sealer, derive_key
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
+from .login import Login
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, status_class
-from .proxy import Proxy
+from .proxy import Proxy, Resolving
 from .realm import TOKEN_PATH
 from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, STARTED, UPSTREAM_TARGET
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
+from .resolver import Resolver
 from .resources import connections_for
 from .server import QUIET, SERVER_NAME, ConnectionLimits
 from .shared_cache import shared_edge_cache
@@ -38,6 +43,7 @@ from .sharing import PEER_PATH
 from .token_relay import TokenRelay
 from .upstream import Upstream
 from .upstream_errors import UpstreamError
+from .upstream_tokens import UpstreamTokens
 from .verification import TokenVerifier, load_public_key
 
 log = logging.getLogger("balena_registry_proxy")
@@ -46,6 +52,7 @@ METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 TRUST = web.AppKey("trust_proxy", TrustProxy)
 MAX_HEAD = web.AppKey("max_head", int)
+RESOLVING = web.AppKey("resolving", bool)
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_GONE = 499
 _OWN_ROUTES = {"/": "home", "/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
@@ -144,6 +151,13 @@ async def home(request: web.Request) -> web.Response:
         "<org>/<app> is the app (fleet) slug; without a version you get the pinned release.\n"
         f"Private apps: docker login {host} with your balena username and an API key.\n"
     )
+    if request.app[RESOLVING]:
+        text += (
+            "\nTags and services:\n\n"
+            f"  docker pull {host}/<org>/<app>:<version>\n"
+            f"  docker pull {host}/<org>/<app>[/<version>]/<service>\n"
+            f"  skopeo list-tags docker://{host}/<org>/<app>\n"
+        )
     return web.Response(text=text)
 
 
@@ -324,6 +338,25 @@ def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> Edg
     return EdgeCache(upstream, store, metrics, send_timeout=settings.send_timeout)
 
 
+def _resolving(
+    settings: Settings, upstream: Upstream, relay: TokenRelay, metrics: Metrics
+) -> Resolving:
+    """Resolver mode's parts for ``settings``."""
+    # Unset, a key of this process's own: the workers of one proxy share it (supervise
+    # makes it before they fork), separate replicas do not.
+    secret = settings.token_seal_key or secrets.token_urlsafe(32)
+    sealer = Sealer(derive_key(secret))
+    api = BalenaApi(
+        upstream,
+        settings.api_url,
+        metrics,
+        timeout=settings.api_timeout,
+        ttl=settings.api_cache_ttl,
+    )
+    resolver = Resolver(api, UpstreamTokens(relay, metrics), upstream)
+    return Resolving(Login(relay, sealer, metrics), sealer, resolver)
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the proxy application for ``settings``; the upstream pool opens on startup."""
     app = web.Application(middlewares=[observe, oci_errors], client_max_size=1 << 20)
@@ -338,23 +371,28 @@ def create_app(settings: Settings) -> web.Application:
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
     app[MAX_HEAD] = settings.max_head
+    app[RESOLVING] = settings.resolve
     cache = _edge_cache(settings, upstream, metrics)
+    relay = TokenRelay(upstream) if settings.proxy_auth or settings.resolve else None
     proxy = Proxy(
         upstream,
         metrics,
         verifier=token_verifier(settings),
         cache=cache,
         follow_redirects=settings.follows_redirects,
-        token_relay=TokenRelay(upstream) if settings.proxy_auth else None,
+        token_relay=relay,
         trust=settings.trust_proxy,
         send_timeout=settings.send_timeout,
+        resolving=(
+            _resolving(settings, upstream, relay, metrics) if relay and settings.resolve else None
+        ),
     )
     app.router.add_get("/", home)
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)
-    if settings.proxy_auth:
+    if relay is not None:
         app.router.add_get(TOKEN_PATH, proxy.token)
     if cache is not None and cache.sharing is not None:
         app.router.add_get(PEER_PATH + "{digest}", cache.serve_peer)

@@ -20,6 +20,7 @@ from .forwarded import TrustProxy, parse_trust_proxy
 from .sharing import MIN_SECRET_LENGTH
 
 DEFAULT_REGISTRY2_HOST = "registry2.balena-cloud.com"
+DEFAULT_API_URL = "https://api.balena-cloud.com"
 
 
 class ConfigError(Exception):
@@ -39,6 +40,8 @@ class Option:
     """The default as the README and ``--help`` show it ("" for none)."""
     switch: bool = False
     """An on/off setting: the flag alone means on, ``--no-<flag>`` off."""
+    secret: bool = False
+    """A value no message may show."""
 
     @property
     def negative_flag(self) -> str:
@@ -62,6 +65,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _secret(text: str) -> str:
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_SECRET_LENGTH} characters "
+            "(a random string; 32 or more is better)"
+        )
+    if not text.isprintable():
+        raise ValueError("must be printable characters only")
+    return text
+
+
 def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -70,7 +84,7 @@ def _url(text: str) -> str:
         # Credentials here would be sent upstream for every client, anonymous ones included.
         raise ValueError("must not carry credentials: clients bring their own")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("must be the registry's root URL, without a path")
+        raise ValueError("must be a root URL (scheme and host), without a path")
     try:
         parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
     except ValueError:
@@ -179,12 +193,6 @@ def _redis_url(text: str) -> str:
     return text
 
 
-def _secret(text: str) -> str:
-    if len(text) < MIN_SECRET_LENGTH or not text.isprintable():
-        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} printable characters")
-    return text
-
-
 def _log_format(text: str) -> str:
     if text.lower() not in ("text", "json"):
         raise ValueError("must be text or json")
@@ -206,9 +214,17 @@ def _setting(
     shown: str | None = None,
     *,
     switch: bool = False,
+    secret: bool = False,
 ) -> Any:
     """A ``Settings`` field with its option's facts in the field's metadata."""
-    option = {"env": env, "flag": flag, "parse": parse, "help": help, "switch": switch}
+    option = {
+        "env": env,
+        "flag": flag,
+        "parse": parse,
+        "help": help,
+        "switch": switch,
+        "secret": secret,
+    }
     option["shown_default"] = shown if shown is not None else _shown_default(default)
     if isinstance(default, TrustProxy):
         return field(default_factory=TrustProxy, metadata=option)
@@ -491,6 +507,7 @@ class Settings:
         "Redis (`redis://[:password@]host:port[/db]`, `rediss://` for TLS) that replicas "
         "sharing `CACHE_S3_URL` coordinate through: each layer downloaded by one of them, the "
         "others reading it as it arrives; with `CACHE_PEER_SECRET`",
+        secret=True,
     )
     cache_peer_secret: str | None = _setting(
         None,
@@ -499,6 +516,7 @@ class Settings:
         _secret,
         "a secret shared by the replicas (16 characters or more): it signs their requests to "
         "each other's `/_cache/` endpoint, which nothing else opens",
+        secret=True,
     )
     cache_peer_url: str | None = _setting(
         None,
@@ -507,6 +525,49 @@ class Settings:
         _url,
         "where the other replicas reach this one (`http://$(POD_IP):8080`); by default "
         "`http://<this host's address>:<PROXY_PORT>`",
+    )
+    resolve: bool = _setting(
+        False,
+        "RESOLVE",
+        "--resolve",
+        _boolean,
+        "resolver mode: the proxy resolves names through the balena API itself (versions "
+        "listed, `<org>/<app>:<version>` tags, services of multi-container releases); it is "
+        "the token realm and sees clients' API keys at login (see "
+        "[Resolver mode](#resolver-mode-versions-tags-and-services))",
+        switch=True,
+    )
+    api_url: str = _setting(
+        DEFAULT_API_URL,
+        "BALENA_API_URL",
+        "--api-url",
+        _url,
+        "the balena API resolver mode asks; `https://api.<DNS_TLD>` when DNS_TLD is set",
+    )
+    api_timeout: float = _setting(
+        10.0,
+        "API_TIMEOUT",
+        "--api-timeout",
+        _seconds,
+        "seconds resolver mode waits for the balena API before answering 503",
+    )
+    api_cache_ttl: float = _setting(
+        60.0,
+        "API_CACHE_TTL",
+        "--api-cache-ttl",
+        _seconds,
+        "seconds resolver mode keeps an API answer, per app and caller",
+    )
+    token_seal_key: str | None = _setting(
+        None,
+        "TOKEN_SEAL_KEY",
+        "--token-seal-key",
+        _secret,
+        "resolver mode's secret for sealing its tokens, the same on every replica (16+ "
+        "characters); unset, each start makes one (its workers share it), and clients log "
+        "in again after a restart",
+        "random",
+        secret=True,
     )
 
     @property
@@ -536,6 +597,7 @@ OPTIONS = tuple(
         parse=item.metadata["parse"],
         shown_default=item.metadata["shown_default"],
         switch=item.metadata["switch"],
+        secret=item.metadata["secret"],
     )
     for item in dataclasses.fields(Settings)
 )
@@ -583,7 +645,8 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
         try:
             values[option.field] = option.parse(raw)
         except ValueError as error:
-            raise ConfigError(f"{option.env} ({option.flag}) {_shown(raw)!r}: {error}") from None
+            shown = "(hidden)" if option.secret else repr(_shown(raw))
+            raise ConfigError(f"{option.env} ({option.flag}) {shown}: {error}") from None
     if "registry_url" not in values:
         dns_tld = values.get("dns_tld")
         upstream_host = (
@@ -592,6 +655,9 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
             else values.get("registry2_host", DEFAULT_REGISTRY2_HOST)
         )
         values["registry_url"] = f"https://{upstream_host}"
+    if "api_url" not in values:
+        dns_tld = values.get("dns_tld")
+        values["api_url"] = f"https://api.{dns_tld}" if dns_tld else DEFAULT_API_URL
     if values.get("workers", 1) > 1 and values.get("cache_dir"):
         # Each worker would index, clean and fill the same folder on its own.
         raise ConfigError("CACHE_DIR (--cache-dir) works with one worker: set WORKERS=1")

@@ -24,6 +24,7 @@ from .answers import READ_METHODS, Action, Fetch, decide, fetch_mode, has_body
 from .denial import explain
 from .digests import MAX_MANIFEST_BYTES
 from .edge_cache import EdgeCache, Uncached
+from .envelope import Sealer, is_sealed
 from .errors import (
     RegistryError,
     bad_request,
@@ -39,10 +40,13 @@ from .headers import (
     upstream_request_headers,
     without_body_headers,
 )
+from .login import Login
 from .metrics import Metrics
-from .realm import challenge_service
+from .realm import bearer_challenge, challenge_service, own_realm
 from .relay import buffered, stream
 from .request_state import REQUEST_ID, ROUTE, UPSTREAM_TARGET
+from .resolution import Listing, listing_body, next_link
+from .resolver import Resolver
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
 from .token_relay import TokenRelay
@@ -56,6 +60,16 @@ log = logging.getLogger("balena_registry_proxy")
 _ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"}
 # Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Resolving:
+    """What resolver mode adds: its token endpoint, the key its tokens open with, and the
+    resolver."""
+
+    login: Login
+    sealer: Sealer
+    resolver: Resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +100,7 @@ class Proxy:
         token_relay: TokenRelay | None = None,
         trust: TrustProxy | None = None,
         send_timeout: float = 60.0,
+        resolving: Resolving | None = None,
     ) -> None:
         """Serve requests through ``upstream``, counting in ``metrics``.
 
@@ -94,7 +109,8 @@ class Proxy:
         ``follow_redirects``, the proxy follows blob redirects to storage itself instead of
         passing them on; with a ``token_relay`` (edge mode), the registry's challenges name
         the proxy as the token realm. A client taking nothing of an answer for
-        ``send_timeout`` seconds is disconnected.
+        ``send_timeout`` seconds is disconnected. With ``resolving`` (resolver mode, which
+        needs a ``token_relay``), the proxy's own tokens are resolved through the balena API.
         """
         self.upstream = upstream
         self.metrics = metrics
@@ -104,15 +120,17 @@ class Proxy:
         self.token_relay = token_relay
         self.trust = trust or TrustProxy()
         self.send_timeout = send_timeout
+        self.resolving = resolving
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
         if request.method not in READ_METHODS:
             raise unsupported_method(request.method)
         route = parse_target(request.raw_path)
-        label = _ROUTE_LABELS.get(route.kind, "other")
-        request[ROUTE] = label
+        request[ROUTE] = _ROUTE_LABELS.get(route.kind, "other")
         token = _bearer(request)
+        if self.resolving is not None and token is not None and is_sealed(token):
+            return await self._resolved(request, route, token, self.resolving)
         if token is not None and self.verifier is not None and self.verifier.audience is None:
             await self._learn_audience(request)
         refused = (
@@ -123,25 +141,98 @@ class Proxy:
             match = find_access(token_entries(token), route.repository)
         plan = plan_request(route, match, with_token=token is not None and not refused)
         self.metrics.rewrites.labels("refused" if refused else _outcome(plan)).inc()
-        if plan.names is not None:
-            request[UPSTREAM_TARGET] = plan.target
+        # Offline, a token this proxy verified itself stands in for the upstream's word.
+        verified = (
+            self.verifier is not None
+            and token is not None
+            and not refused
+            and grants_pull(token_entries(token), route.repository or "")
+        )
+        sent = self._sent(request, drop_authorization=refused)
+        return await self._forward(
+            _Exchange(request, route, plan, sent, *self._origin(request)), verified
+        )
+
+    async def _resolved(
+        self, request: web.Request, route: Route, token: str, resolving: Resolving
+    ) -> web.StreamResponse:
+        """Resolver mode: a request with one of the proxy's own tokens."""
+        scheme, host = self._origin(request)
+        envelope = resolving.sealer.open(token, time.time())
+        try:
+            if envelope is None:
+                raise RegistryError(
+                    401,
+                    "UNAUTHORIZED",
+                    "the token has expired or is not this proxy's: log in again",
+                )
+            outcome = await resolving.resolver.resolve(route, envelope, host, request[REQUEST_ID])
+        except RegistryError as error:
+            if error.status == 401 and route.repository is not None:
+                expired = "invalid_token" if envelope is None else "insufficient_scope"
+                error.headers["WWW-Authenticate"] = self._challenge_for(
+                    route.repository, scheme, host, expired
+                )
+            raise
+        except UpstreamError as error:
+            raise self._failed(request, error, "upstream registry or token server") from None
+        if isinstance(outcome, Listing):
+            self.metrics.rewrites.labels("listed").inc()
+            assert route.repository is not None
+            headers = [("Content-Type", "application/json")]
+            link = next_link(route, outcome)
+            if link is not None:
+                headers.append(("Link", link))
+            body = listing_body(route.repository, outcome)
+            return buffered(200, headers, b"" if request.method == "HEAD" else body)
+        self.metrics.rewrites.labels("resolved").inc()
+        plan = outcome.plan
+        request[UPSTREAM_TARGET] = plan.target
+        sent = self._sent(request, drop_authorization=True)
+        sent.append(("Authorization", f"Bearer {outcome.authorization}"))
+        verified = (
+            self.verifier is not None
+            and plan.names is not None
+            and grants_pull(token_entries(outcome.authorization), plan.names.real)
+        )
+        return await self._forward(_Exchange(request, route, plan, sent, scheme, host), verified)
+
+    def _sent(self, request: web.Request, *, drop_authorization: bool) -> list[tuple[str, str]]:
+        """The headers a request goes upstream with."""
         scheme, host = self._origin(request)
         forwarding = forwarding_headers(
             request.remote, request.headers.getall("X-Forwarded-For", []), scheme, host, self.trust
         )
-        sent = upstream_request_headers(
-            request.headers.items(), request[REQUEST_ID], forwarding, drop_authorization=refused
+        return upstream_request_headers(
+            request.headers.items(),
+            request[REQUEST_ID],
+            forwarding,
+            drop_authorization=drop_authorization,
         )
-        exchange = _Exchange(request, route, plan, sent, scheme, host)
+
+    def _challenge_for(self, repository: str, scheme: str, host: str, error: str) -> str:
+        """A challenge that sends the client to the proxy's token endpoint for ``repository``."""
+        service = self.token_relay.service if self.token_relay is not None else None
+        return bearer_challenge(own_realm(scheme, host), service, repository, error)
+
+    async def _forward(self, exchange: _Exchange, verified: bool) -> web.StreamResponse:
+        """Answer ``exchange`` from the cache or the upstream, as its plan says.
+
+        ``verified``: the request's token was verified here and grants pull on the name.
+        """
+        request, route, plan = exchange.request, exchange.route, exchange.plan
+        if plan.names is not None:
+            request[UPSTREAM_TARGET] = plan.target
         mode = fetch_mode(
             route,
             request.method,
             caching=self.cache is not None,
             following=self.follow_redirects,
         )
+        label = request[ROUTE]
         try:
             if mode is Fetch.CACHE:
-                answer = await self._from_cache(exchange, token, refused)
+                answer = await self._from_cache(exchange, verified)
                 if isinstance(answer, Uncached):
                     async with answer.stack:
                         return await self._answer(exchange, answer.response)
@@ -150,10 +241,10 @@ class Proxy:
             started = time.perf_counter()
             async with AsyncExitStack() as stack:
                 if mode is Fetch.FOLLOWING:
-                    upstream = await self.upstream.get_following(stack, plan.target, sent)
+                    upstream = await self.upstream.get_following(stack, plan.target, exchange.sent)
                 else:
                     upstream = await stack.enter_async_context(
-                        self.upstream.request(request.method, plan.target, sent)
+                        self.upstream.request(request.method, plan.target, exchange.sent)
                     )
                 self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
                 return await self._answer(exchange, upstream)
@@ -162,9 +253,12 @@ class Proxy:
             raise self._failed(request, error, "upstream registry", cached=cached) from None
 
     async def token(self, request: web.Request) -> web.StreamResponse:
-        """Edge mode's token endpoint: requests passed on to the registry's real realm."""
-        assert self.token_relay is not None
+        """The proxy's token endpoint: a login sealed into a proxy token (resolver mode), or
+        the request passed on to the registry's real realm (edge mode)."""
         try:
+            if self.resolving is not None:
+                return await self.resolving.login.token(request)
+            assert self.token_relay is not None
             return await self.token_relay.token(request)
         except UpstreamError as error:
             raise self._failed(request, error, "token server") from None
@@ -269,7 +363,7 @@ class Proxy:
         return buffered(upstream.status, headers, body)
 
     async def _from_cache(
-        self, exchange: _Exchange, token: str | None, refused: bool
+        self, exchange: _Exchange, verified: bool
     ) -> web.StreamResponse | Uncached | None:
         """The cache's answer to a blob or manifest request by digest, None to relay it, or
         the upstream's answer the cache did not keep."""
@@ -277,13 +371,6 @@ class Proxy:
         request, route = exchange.request, exchange.route
         assert route.reference is not None
         repository = _real_repository(route, exchange.plan)
-        # Offline, a token this proxy verified itself stands in for the upstream's word.
-        verified = (
-            self.verifier is not None
-            and token is not None
-            and not refused
-            and grants_pull(token_entries(token), route.repository or "")
-        )
         if route.kind is Kind.MANIFEST:
             return await self.cache.serve_manifest(
                 request, repository, route.reference, exchange.sent, verified_pull=verified

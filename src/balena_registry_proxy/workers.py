@@ -8,9 +8,11 @@ and exited 0. A worker that dies stops the others: half a proxy is worse than a 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 from multiprocessing import connection
@@ -32,6 +34,9 @@ def supervise(settings: Settings) -> int:
     """
     # What every worker would refuse, refuse once, here.
     check(settings)
+    if settings.resolve and settings.token_seal_key is None:
+        # One key for all workers: a token one of them sealed must open in the others.
+        settings = dataclasses.replace(settings, token_seal_key=secrets.token_urlsafe(32))
     context = multiprocessing.get_context("fork")
     # Each worker says on its pipe when it listens: only then has the proxy started.
     pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]

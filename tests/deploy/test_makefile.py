@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def imported_distributions() -> set[str]:
     """The distributions whose modules src/balena_registry_proxy imports, the sandbox's too."""
     modules: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.partition(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -95,6 +96,17 @@ def imported_distributions() -> set[str]:
     unknown = {module for module in modules if module not in providers}
     assert not unknown, f"no installed distribution provides {unknown}"
     return {canonicalize_name(name) for module in modules for name in providers[module]}
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of ``tree`` but those under ``if TYPE_CHECKING:``, which only mypy imports."""
+    for node in ast.iter_child_nodes(tree):
+        kept: list[ast.AST] = [node]
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            kept = list(node.orelse)
+        for child in kept:
+            yield child
+            yield from _runtime_nodes(child)
 
 
 def test_the_demo_lock_has_everything_the_proxy_and_the_sandbox_import() -> None:

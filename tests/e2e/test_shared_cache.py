@@ -8,6 +8,7 @@ from upstream, whatever the replicas say of themselves.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import subprocess
 import time
@@ -25,14 +26,12 @@ from redis import Redis
 from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import require_binary
 from ..redis_server import RedisServer, running_redis, start_redis, stop
-from .conftest import RunningProxy, Skopeo, proxy_process, wait_for_ping
+from .conftest import RunningProxy, Skopeo, haproxy_in_front, proxy_process
 from .seaweedfs import CREDENTIALS, SeaweedFS, running_seaweedfs
 from .test_cache import blob_gets
 from .test_pull import ALICE, BIG, SECRET_PINNED
 from .test_s3_redirects import pull_token
-from .test_scale_out import _haproxy_config
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +67,6 @@ def shared_cluster(
     sandbox: Sandbox, storage: SeaweedFS, redis_url: str, directory: Path
 ) -> Iterator[Cluster]:
     """Three replicas on a new (so cold) bucket, behind HAProxy."""
-    haproxy = require_binary("haproxy", "haproxy")
     bucket = f"layers-{uuid.uuid4().hex[:12]}"
     storage.create_bucket(bucket)
     with contextlib.ExitStack() as stack:
@@ -87,21 +85,8 @@ def shared_cluster(
             }
             log = directory / f"replica{n}.log"
             replicas.append(stack.enter_context(proxy_process(env, log, port=port)))
-        port = free_port()
-        config = directory / "haproxy.cfg"
-        backends = [int(replica.host.rsplit(":", 1)[1]) for replica in replicas]
-        config.write_text(_haproxy_config(port, backends))
-        balancer = subprocess.Popen(
-            [haproxy, "-f", str(config), "-db"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
-            yield Cluster(f"127.0.0.1:{port}", replicas, bucket)
-        finally:
-            balancer.terminate()
-            balancer.wait(30)
+        host = stack.enter_context(haproxy_in_front(replicas, directory))
+        yield Cluster(host, replicas, bucket)
 
 
 def big_layer(sandbox: Sandbox) -> str:
@@ -137,8 +122,6 @@ def after(seconds: float, action: Callable[[], object]) -> None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     hasher = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(1 << 20):
