@@ -384,10 +384,13 @@ class S3Store:
         return upload_id, uploaded
 
     async def _abort(self, key: str, upload_id: str) -> None:
+        # Bounded: it runs shielded, also when the proxy stops, which must not wait for a
+        # storage that stopped answering (the other replicas' sweep aborts what is left).
         try:
-            await self._s3().abort_multipart_upload(
-                Bucket=self._bucket, Key=key, UploadId=upload_id
-            )
+            async with asyncio.timeout(QUICK_SECONDS):
+                await self._s3().abort_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id
+                )
         except STORAGE_ERRORS as error:
             self.failed(error)
 
@@ -505,4 +508,6 @@ def _cause(error: BaseException) -> str:
     would carry its signature)."""
     if isinstance(error, ClientError):
         return _code(error) or "error"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
     return str(error).split("?", 1)[0]
