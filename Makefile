@@ -112,7 +112,8 @@ BENCH_PACKAGES := docker-registry nginx wrk curl skopeo
 bench-packages:
 	$(call need-packages,$(BENCH_PACKAGES),The benchmark)
 
-# The proxy against the registry and nginx on loopback: about 1 min quick, 6.5 min full.
+# The proxy against the registry and nginx on loopback, then whole pulls through the sandbox:
+# about 75 s quick, 7 min full.
 bench-quick: $(STAMP) bench-packages
 	$(BIN)/python -m bench --quick
 
