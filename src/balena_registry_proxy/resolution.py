@@ -174,7 +174,7 @@ def _page_parameters(query: str) -> tuple[int | None, str | None]:
     count = None
     if "n" in parameters:
         text = parameters["n"]
-        if not text.isdigit() or len(text) > 6 or int(text) > MAX_PAGE:
+        if not (text.isascii() and text.isdigit()) or len(text) > 6 or int(text) > MAX_PAGE:
             raise bad_request(
                 "PAGINATION_NUMBER_INVALID",
                 f"n must be a whole number from 0 to {MAX_PAGE}",
