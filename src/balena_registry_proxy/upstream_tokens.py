@@ -50,12 +50,13 @@ class UpstreamTokens:
                 found[repository] = kept
             elif repository not in missing:
                 missing.append(repository)
-        if missing:
+        asked = missing[:MAX_SCOPES]
+        if asked:
             token = await self._tokens.get(
-                (envelope.caller, "\0".join(missing)),
-                lambda: self._ask(envelope, missing[:MAX_SCOPES], request_id),
+                (envelope.caller, "\0".join(asked)),
+                lambda: self._ask(envelope, asked, request_id),
             )
-            for repository in missing:
+            for repository in asked:
                 found[repository] = token
         return found
 
