@@ -50,7 +50,7 @@ class Option:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError("must be a port number from 1 to 65535")
     return int(text)
 
@@ -114,7 +114,7 @@ def _log_level(text: str) -> str:
 
 def _count(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
             raise ValueError(f"must be a number of {what} from {low} to {high}")
         return int(text)
 

@@ -19,7 +19,7 @@ from balena_registry_proxy.envelope import (
 )
 
 NOW = 1_800_000_000
-ENVELOPE = Envelope("alice", "alice-sandbox-api-key-0001", "eyJ.upstream.jwt", NOW, NOW + 14400)
+ENVELOPE = Envelope("alice", "alice-sandbox-api-key-0001", "eyJ.upstream.jwt", NOW + 14400)
 SEALER = Sealer(derive_key("a shared secret of some length"))
 
 
@@ -84,12 +84,11 @@ def test_other_tokens_do_not_open(token: str) -> None:
     st.one_of(st.none(), st.text(max_size=80)),
     st.text(max_size=2000),
     st.integers(0, 2**40),
-    st.integers(0, 2**40),
 )
 def test_round_trip(
-    username: str | None, password: str | None, upstream: str, issued: int, expires: int
+    username: str | None, password: str | None, upstream: str, expires: int
 ) -> None:
-    envelope = Envelope(username, password, upstream, issued, expires)
+    envelope = Envelope(username, password, upstream, expires)
     token = SEALER.seal(envelope)
     assert SEALER.open(token, expires - 1) == envelope
 
@@ -101,12 +100,18 @@ def test_a_typical_token_stays_far_below_header_limits() -> None:
 
 
 def test_the_caller_key_names_the_credentials_without_showing_them() -> None:
-    assert ENVELOPE.caller != Envelope("alice", "other-key", "", 0, 0).caller
-    assert ENVELOPE.caller != Envelope("bob", ENVELOPE.password, "", 0, 0).caller
-    assert ENVELOPE.caller == Envelope("alice", ENVELOPE.password, "x", 1, 2).caller
+    assert ENVELOPE.caller != Envelope("alice", "other-key", "", 0).caller
+    assert ENVELOPE.caller == Envelope("alice", ENVELOPE.password, "x", 2).caller
     assert ENVELOPE.password is not None
     assert ENVELOPE.password not in ENVELOPE.caller
-    assert Envelope(None, None, "", 0, 0).caller == "anonymous"
+    assert Envelope(None, None, "", 0).caller == "anonymous"
+
+
+def test_one_key_under_many_usernames_is_one_caller() -> None:
+    # The realm takes any username with a key: were the username part of the caller, one key
+    # could fill the per-caller caches under endless names.
+    assert ENVELOPE.caller == Envelope("bob", ENVELOPE.password, "", 0).caller
+    assert ENVELOPE.caller == Envelope(None, ENVELOPE.password, "", 0).caller
 
 
 def test_keys_derive_the_same_everywhere() -> None:
