@@ -21,6 +21,7 @@ from packaging.version import Version
 
 from balena_registry_proxy.config import load_settings
 
+from ..e2e.go_tools import go_tool
 from .files import (
     KUBERNETES,
     KUBERNETES_BASE,
@@ -28,11 +29,9 @@ from .files import (
     SETTINGS,
     Image,
     environment_of,
-    find_tool,
     image,
     load_yaml,
     mapping,
-    missing,
     package_version,
     proxy_environment,
     sequence,
@@ -301,13 +300,7 @@ def test_disruption_budget_leaves_room_to_drain() -> None:
 
 def render(folder: str) -> list[dict[str, Any]]:
     """What ``kubectl apply -k deploy/kubernetes/<folder>`` would apply: kustomize's output."""
-    path = KUBERNETES / folder
-    if kustomize := find_tool("kustomize"):
-        command = [kustomize, "build", str(path)]
-    elif kubectl := find_tool("kubectl"):
-        command = [kubectl, "kustomize", str(path)]
-    else:
-        missing("neither kustomize nor kubectl is installed, to render the kustomizations")
+    command = [str(go_tool("kustomize")), "build", str(KUBERNETES / folder)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
     documents = list(yaml.load_all(result.stdout, Loader=yaml.SafeLoader))
