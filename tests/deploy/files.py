@@ -29,6 +29,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 BALENA = ROOT / "balena.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+# The manifests themselves; deploy/kubernetes and its overlays name this folder.
+KUBERNETES_BASE = KUBERNETES / "base"
 MAKEFILE = ROOT / "Makefile"
 REQUIREMENTS = ROOT / "requirements"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"

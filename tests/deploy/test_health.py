@@ -22,7 +22,7 @@ from balena_registry_proxy.sandbox.ports import free_port
 
 from .files import (
     COMPOSE,
-    KUBERNETES,
+    KUBERNETES_BASE,
     SETTINGS,
     find_tool,
     image,
@@ -121,7 +121,7 @@ def test_health_command_fails_when_nothing_answers(source: str) -> None:
 
 
 def _pod_template() -> dict[str, Any]:
-    deployment = load_yaml(KUBERNETES / "deployment.yaml")
+    deployment = load_yaml(KUBERNETES_BASE / "deployment.yaml")
     return mapping(deployment["spec"]["template"], "pod template")
 
 

@@ -10,17 +10,21 @@ Prometheus' scrape annotations, and an Ingress that streams and outwaits the pro
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from packaging.version import Version
 
 from balena_registry_proxy.config import load_settings
 
+from ..e2e.go_tools import go_tool
 from .files import (
     KUBERNETES,
+    KUBERNETES_BASE,
     PUBLIC_PORT,
     SETTINGS,
     Image,
@@ -34,12 +38,13 @@ from .files import (
 )
 
 NAME = "balena-registry-proxy"
+# deploy/kubernetes/base: the manifests, which deploy/kubernetes and each overlay name.
 KINDS = {
-    "configmap.yaml": ("v1", "ConfigMap"),
-    "deployment.yaml": ("apps/v1", "Deployment"),
-    "service.yaml": ("v1", "Service"),
-    "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    "pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
+    "base/configmap.yaml": ("v1", "ConfigMap"),
+    "base/deployment.yaml": ("apps/v1", "Deployment"),
+    "base/service.yaml": ("v1", "Service"),
+    "base/hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    "base/pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
 }
 # deploy/kubernetes/ingress-nginx: an overlay of the manifests above with an Ingress.
 INGRESS = "ingress-nginx/ingress.yaml"
@@ -76,7 +81,7 @@ def the_image() -> Image:
 
 @pytest.fixture(scope="module")
 def deployment() -> dict[str, Any]:
-    return load("deployment.yaml")
+    return load("base/deployment.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,7 @@ def container(pod: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def configmap() -> dict[str, str]:
-    document = load("configmap.yaml")
+    document = load("base/configmap.yaml")
     return environment_of(mapping(document["data"], "ConfigMap data"), "configmap.yaml")
 
 
@@ -120,14 +125,22 @@ def container_port(container: dict[str, Any], port: object) -> int:
     return int(named[0])
 
 
+def kustomization(folder: str) -> dict[str, Any]:
+    document = load(f"{folder}/kustomization.yaml")
+    assert document["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert document["kind"] == "Kustomization"
+    return document
+
+
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = load("kustomization.yaml")
-    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
-    assert kustomization["kind"] == "Kustomization"
-    resources = sequence(kustomization["resources"], "resources")
-    on_disk = {path.name for path in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
-    assert sorted(resources) == sorted(on_disk) == sorted(KINDS)
-    assert not list(KUBERNETES.glob("*.yml")), "use .yaml, as the kustomization does"
+    resources = sequence(kustomization("base")["resources"], "resources")
+    on_disk = {path.name for path in KUBERNETES_BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(resources) == sorted(on_disk) == sorted(Path(name).name for name in KINDS)
+    assert not list(KUBERNETES.rglob("*.yml")), "use .yaml, as the kustomizations do"
+    # deploy/kubernetes itself is the base, which the overlays beside it name as ../base.
+    assert sequence(kustomization(".")["resources"], "resources") == ["base"]
+    on_disk = {path.name for path in KUBERNETES.glob("*.yaml")}
+    assert on_disk == {"kustomization.yaml"}, "manifests go in base/"
 
 
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
@@ -153,8 +166,8 @@ def test_selectors_match_the_pods(deployment: dict[str, Any]) -> None:
     labels = mapping(deployment["spec"]["template"]["metadata"]["labels"], "pod labels")
     selectors = {
         "deployment": deployment["spec"]["selector"]["matchLabels"],
-        "service": load("service.yaml")["spec"]["selector"],
-        "pdb": load("pdb.yaml")["spec"]["selector"]["matchLabels"],
+        "service": load("base/service.yaml")["spec"]["selector"],
+        "pdb": load("base/pdb.yaml")["spec"]["selector"]["matchLabels"],
     }
     for owner, selector in selectors.items():
         assert mapping(selector, owner).items() <= labels.items(), owner
@@ -181,7 +194,7 @@ def test_ports_meet(container: dict[str, Any], the_image: Image) -> None:
     assert [(entry["name"], entry["containerPort"]) for entry in ports] == [
         ("http", the_image.port)
     ]
-    service = load("service.yaml")["spec"]
+    service = load("base/service.yaml")["spec"]
     assert service["type"] == "ClusterIP"
     (port,) = sequence(service["ports"], "service ports")
     assert port["port"] == PUBLIC_PORT
@@ -263,7 +276,7 @@ def test_grace_period_covers_pre_stop_and_drain(
 def test_autoscaler_scales_the_deployment_on_cpu(
     deployment: dict[str, Any], container: dict[str, Any]
 ) -> None:
-    spec = load("hpa.yaml")["spec"]
+    spec = load("base/hpa.yaml")["spec"]
     target = spec["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
         deployment["apiVersion"],
@@ -280,20 +293,44 @@ def test_autoscaler_scales_the_deployment_on_cpu(
 
 
 def test_disruption_budget_leaves_room_to_drain() -> None:
-    budget = load("pdb.yaml")["spec"]
-    minimum = load("hpa.yaml")["spec"]["minReplicas"]
+    budget = load("base/pdb.yaml")["spec"]
+    minimum = load("base/hpa.yaml")["spec"]["minReplicas"]
     assert budget["minAvailable"] == 1 < minimum
 
 
+def render(folder: str) -> list[dict[str, Any]]:
+    """What ``kubectl apply -k deploy/kubernetes/<folder>`` would apply: kustomize's output."""
+    command = [str(go_tool("kustomize")), "build", str(KUBERNETES / folder)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+    documents = list(yaml.load_all(result.stdout, Loader=yaml.SafeLoader))
+    return [mapping(document, f"{folder}: a rendered document") for document in documents]
+
+
+def by_kind_and_name(documents: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    keyed = {(document["kind"], document["metadata"]["name"]): document for document in documents}
+    assert len(keyed) == len(documents), "a kind and name twice"
+    return keyed
+
+
+@pytest.mark.parametrize(
+    ("folder", "extra"), [(".", []), ("base", []), ("ingress-nginx", [INGRESS])]
+)
+def test_kustomize_renders_the_manifests(folder: str, extra: list[str]) -> None:
+    # kustomize refuses what a look at the files misses: an overlay naming its own parent
+    # folder, a resource outside the kustomization's folder, a patch that matches nothing.
+    expected = by_kind_and_name([load(name) for name in [*KINDS, *extra]])
+    assert by_kind_and_name(render(folder)) == expected
+
+
 def test_ingress_overlay_adds_the_ingress_to_the_manifests() -> None:
-    kustomization = load(str(Path(INGRESS).parent / "kustomization.yaml"))
-    assert kustomization["kind"] == "Kustomization"
-    assert sequence(kustomization["resources"], "resources") == ["..", Path(INGRESS).name]
+    overlay = kustomization(str(Path(INGRESS).parent))
+    assert sequence(overlay["resources"], "resources") == ["../base", Path(INGRESS).name]
 
 
 def test_ingress_routes_everything_to_the_service() -> None:
     spec = load(INGRESS)["spec"]
-    service = load("service.yaml")
+    service = load("base/service.yaml")
     (rule,) = sequence(spec["rules"], "rules")
     (path,) = sequence(rule["http"]["paths"], "paths")
     assert (path["path"], path["pathType"]) == ("/", "Prefix")
