@@ -28,6 +28,7 @@ a copy that skopeo completed and that checks against the seeded image.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import statistics
 import tempfile
@@ -152,20 +153,9 @@ class Cluster:
     def infrastructure(self) -> None:
         """Redis and SeaweedFS on loopback."""
         port = free_port()
-        redis = self.service(
-            "redis",
-            [
-                require("redis-server", "redis-server"),
-                "--port",
-                str(port),
-                "--bind",
-                LOCALHOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        )
+        redis_server = require("redis-server", "redis-server")
+        options = ["--port", str(port), "--bind", LOCALHOST, "--save", "", "--appendonly", "no"]
+        redis = self.service("redis", [redis_server, *options])
         _wait_for_redis(redis, port)
         self.redis_url = f"redis://{LOCALHOST}:{port}/0"
         ports = [free_port() for _ in range(8)]
@@ -174,7 +164,10 @@ class Cluster:
         flags += [f"-{role}.port.grpc={ports[2 * n + 1]}" for n, role in enumerate(roles)]
         folder = self.workdir / "seaweedfs"
         folder.mkdir()
-        argv = [str(weed_binary()), "server", f"-dir={folder}", f"-ip={LOCALHOST}"]
+        weed_path = weed_binary()
+        if weed_path is None:
+            raise RuntimeError(str(missing()))
+        argv = [str(weed_path), "server", f"-dir={folder}", f"-ip={LOCALHOST}"]
         argv += [f"-ip.bind={LOCALHOST}", "-s3", "-iam=false", "-master.volumeSizeLimitMB=64"]
         weed = self.service("weed", [*argv, "-volume.max=50", *flags])
         self.s3_port = ports[6]
@@ -188,7 +181,7 @@ class Cluster:
         if name == "distribution":
             for n, port in enumerate(ports):
                 config = folder / f"config{n}.yml"
-                config.write_text(distribution_config(folder / f"storage{n}", port, self.bench))
+                config.write_text(distribution_config(folder / f"storage{n}", port, self._upstream))
                 self.service(f"distribution{n}", [REGISTRY_BINARY, "serve", str(config)])
             health = "/v2/"
             kept: Callable[[], bool] = lambda: True  # noqa: E731 - its access log says
@@ -261,16 +254,26 @@ def biggest_layer(bench: PullBench) -> str:
     return max(bench.image.layer_digests, key=lambda digest: stored_size(bench, digest))
 
 
-def weed_binary() -> Path:
-    """SeaweedFS's ``weed`` as ``make go-tools`` builds the pin of go-tools.txt."""
+def weed_binary() -> Path | None:
+    """SeaweedFS's ``weed`` where ``make go-tools`` builds the pin of go-tools.txt, if built."""
     for line in (REPO / "go-tools.txt").read_text().splitlines():
         if line.startswith("weed "):
             version = line.split()[1].rpartition("@")[2]
             binary = REPO / ".tools" / f"weed@{version}" / "weed"
-            if binary.exists():
-                return binary
-            raise SystemExit(f"{binary} not found: make go-tools")
-    raise SystemExit("go-tools.txt pins no weed")
+            return binary if binary.exists() else None
+    return None
+
+
+def missing() -> str | None:
+    """What this part needs and does not find, as a sentence; None when all is there."""
+    if weed_binary() is None:
+        return "SeaweedFS's weed is not built: make go-tools"
+    if not Path(REGISTRY_BINARY).exists():
+        return f"{REGISTRY_BINARY} not found: apt-get install docker-registry"
+    for tool in ("haproxy", "redis-server", "skopeo"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: apt-get install {tool}"
+    return None
 
 
 def _wait_for_redis(service: Service, port: int, timeout: float = 15.0) -> None:
@@ -289,13 +292,13 @@ def _wait_for_redis(service: Service, port: int, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def distribution_config(storage: Path, port: int, bench: PullBench) -> str:
+def distribution_config(storage: Path, port: int, remote_url: str) -> str:
     """Debian's registry as a pull-through cache of the sandbox's registry, logging in to its
     token auth as a sandbox user; its own filesystem storage, no auth of its own."""
     document = yaml.safe_load(registry_config(storage, port))
     username, password = REMOTE_USER
     document["proxy"] = {
-        "remoteurl": bench.sandbox.registry_url,
+        "remoteurl": remote_url,
         "username": username,
         "password": password,
     }
