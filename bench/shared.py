@@ -33,6 +33,7 @@ import socket
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class Cluster:
                 return not any(folder.rglob("*.part"))
 
         else:
-            bucket = f"layers-{folder.name[-8:].lower().replace('_', '-')}"
+            bucket = f"layers-{uuid.uuid4().hex[:12]}"
             status, _, body = request(self.s3_port, "PUT", f"/{bucket}")
             if status != 200:
                 raise RuntimeError(f"SeaweedFS: creating {bucket} answered {status}: {body!r}")
