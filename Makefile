@@ -11,7 +11,7 @@ PYTEST := $(BIN)/pytest -q -rs
 INSTALL_PROJECT := $(BIN)/pip install -q --no-deps --no-build-isolation -e .
 
 .PHONY: test lint types unit e2e demo system-packages venv-support bench bench-quick \
-	bench-profile bench-pull bench-packages lock clean go-tools conformance readme readme-check
+	bench-profile bench-pull bench-shared bench-packages lock clean go-tools conformance readme readme-check
 
 # Debian packages $(1) for $(2): installed when root, otherwise the line to run is printed.
 define apt-install
@@ -135,6 +135,15 @@ bench-profile: $(STAMP) bench-packages
 # Only the whole pull (skopeo copy of a 5-layer image through the sandbox): about 30 s.
 bench-pull: $(STAMP) bench-packages
 	$(BIN)/python -m bench --only pull
+
+# Only the shared cache: 30 concurrent pulls of a 64 MiB layer over 3 replicas behind HAProxy,
+# cold then warm, for a local cache per replica, the shared cache (SeaweedFS + Redis) and
+# distribution's proxy mode: about 2 minutes. `make bench` runs it too where these are there.
+SHARED_PACKAGES := haproxy redis-server
+
+bench-shared: $(STAMP) bench-packages go-tools
+	$(call need-packages,$(SHARED_PACKAGES),The shared-cache benchmark)
+	$(BIN)/python -m bench --only shared
 
 # Hashed lock files from pyproject.toml, by pip-compile (pip-tools, in a venv of its own):
 # runtime.txt for the image, build.txt for building the wheel, dev.txt (dev and bench extras,

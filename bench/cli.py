@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import blobcache, measure, profile, pull, report
+from bench import blobcache, measure, profile, pull, report, shared
 from bench.procs import RssSampler, log, status_kib
 from bench.stack import CACHE_PROXY, MANIFEST_TYPE, REGISTRY_BINARY, Stack, Target, request
 
@@ -49,11 +49,13 @@ class Settings:
     cache_rounds: int
     # Samples of each whole pull (bench/pull.py): a pull of 40 MiB takes a few tenths of a second.
     pull_samples: int
+    # Concurrent pulls through the replicas of each shared-cache setup (bench/shared.py).
+    shared_pulls: int
 
 
-QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4, 3, 3)
-FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8, 3, 5)
-PARTS = ("pull",)
+QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4, 3, 3, 12)
+FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8, 3, 5, 30)
+PARTS = ("pull", "shared")
 
 
 def _rotated(names: Sequence[str], by: int) -> list[str]:
@@ -404,9 +406,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pull-samples", type=int, help="override the samples of each whole pull (skopeo)"
     )
     parser.add_argument(
+        "--shared-pulls", type=int, help="override the concurrent pulls of the shared-cache part"
+    )
+    parser.add_argument(
         "--only",
         choices=PARTS,
-        help="run only this part: pull, the whole-pull figure (default --out: results/pull.json)",
+        help="run only this part: pull, the whole-pull figure; shared, the shared-cache "
+        "figure (replicas behind HAProxy) (default --out: results/<part>.json)",
     )
     return parser.parse_args(argv)
 
@@ -426,6 +432,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         values["connections"] = tuple(int(c) for c in args.connections.split(","))
     if args.pull_samples:
         values["pull_samples"] = args.pull_samples
+    if args.shared_pulls:
+        values["shared_pulls"] = args.shared_pulls
     return Settings(**values)
 
 
@@ -451,26 +459,49 @@ def _whole_pulls(settings: Settings, results: dict[str, Any], phases: dict[str, 
     phases["pull"] = time.monotonic() - mark
 
 
-def _only_pull(args: argparse.Namespace, settings: Settings) -> int:
-    """``--only pull``: the whole-pull part alone, its JSON and its table."""
+def _shared_cache(settings: Settings, results: dict[str, Any], phases: dict[str, float]) -> None:
+    """The shared-cache part (bench/shared.py) into ``results["shared"]``, its time into
+    ``phases``; skipped, with the reason, where a program it needs is missing."""
+    missing = shared.missing()
+    if missing:
+        log(f"shared cache: skipped, {missing}")
+        results["shared"] = {"skipped": missing}
+        return
+    log(
+        f"shared cache: {settings.shared_pulls} concurrent pulls over {shared.REPLICAS} "
+        f"replicas behind HAProxy, cold then warm, per setup: {', '.join(shared.SETUPS)}"
+    )
+    mark = time.monotonic()
+    results["shared"] = shared.shared_runs(settings.shared_pulls)
+    phases["shared"] = time.monotonic() - mark
+
+
+PART_RUNS = {"pull": _whole_pulls, "shared": _shared_cache}
+
+
+def _only(args: argparse.Namespace, settings: Settings) -> int:
+    """``--only <part>``: that part alone, its JSON and its table."""
+    part: str = args.only
     measure.require("skopeo", "skopeo")
+    if part == "shared" and (missing := shared.missing()):
+        raise SystemExit(f"--only shared: {missing}")
     signal.signal(signal.SIGTERM, _terminate)
-    out: Path = args.out if args.out != RESULTS / "latest.json" else RESULTS / "pull.json"
+    out: Path = args.out if args.out != RESULTS / "latest.json" else RESULTS / f"{part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     phases: dict[str, float] = {}
     results: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "only": "pull",
+        "only": part,
         "settings": asdict(settings),
         "machine": machine(),
     }
-    log(f"{settings.mode} mode, whole pulls only")
-    _whole_pulls(settings, results, phases)
+    log(f"{settings.mode} mode, {part} only")
+    PART_RUNS[part](settings, results, phases)
     phases["total"] = time.monotonic() - started
     results["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
     report.write_json(results, out)
-    print("\n".join(report.pull_table(results["pull"])))
+    print("\n".join(report.ONLY_TABLES[part](results[part])))
     log(f"wrote {out}; took {phases['total']:.0f}s")
     return 0
 
@@ -478,8 +509,8 @@ def _only_pull(args: argparse.Namespace, settings: Settings) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     settings = _settings(args)
-    if args.only == "pull":
-        return _only_pull(args, settings)
+    if args.only:
+        return _only(args, settings)
     measure.require("skopeo", "skopeo")
     for tool, package in (("nginx", "nginx"), ("wrk", "wrk"), ("curl", "curl")):
         measure.require(tool, package)
@@ -545,6 +576,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 phases["profile"] = time.monotonic() - mark
             results["seed_seconds"] = round(stack.seed_seconds, 2)
     _whole_pulls(settings, results, phases)
+    _shared_cache(settings, results, phases)
     phases["total"] = time.monotonic() - started
     results["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
     results["summary"] = summarize(blob, manifest)

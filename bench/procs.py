@@ -97,11 +97,19 @@ def _alive(pid: int) -> bool:
 class Service:
     """A server process the benchmark started; stopped (by PID) by :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
-        """Describe the process; :meth:`start` runs it, output going to ``log_path``."""
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Describe the process; :meth:`start` runs it (our environment with ``env`` on top),
+        output going to ``log_path``."""
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.env = {**os.environ, **env} if env else None
         self.process: subprocess.Popen[bytes] | None = None
         self._descendants: set[int] = set()
 
@@ -121,6 +129,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env,
             )
 
     def pids(self) -> list[int]:

@@ -82,14 +82,14 @@ class Pull:
 class PullBench:
     """The sandbox, the long-running alias proxy, skopeo, and the proxies started per sample."""
 
-    def __init__(self, sandbox: Sandbox, workdir: Path, copies: Path) -> None:
-        """Pull from ``sandbox``; keep logs and cache folders under ``workdir``, the pulled
-        copies (each deleted once checked) under ``copies``."""
+    def __init__(self, sandbox: Sandbox, workdir: Path, copies: Path, commit: str = COMMIT) -> None:
+        """Pull the image of release ``commit`` from ``sandbox``; keep logs and cache folders
+        under ``workdir``, the pulled copies (each deleted once checked) under ``copies``."""
         self.sandbox = sandbox
         self.workdir = workdir
         self.copies = copies
         self.skopeo = require("skopeo", "skopeo")
-        self.image: SeededImage = sandbox.seed[COMMIT]
+        self.image: SeededImage = sandbox.seed[commit]
         self.services: list[Service] = []
         self._count = 0
         # No auth file of the machine's may change what skopeo sends: an empty one of its own.
@@ -291,21 +291,30 @@ def _check_counted(target: str, counted: dict[str, int], blobs: int) -> None:
 def pull_runs(samples: int) -> dict[str, Any]:
     """Start the sandbox and the alias proxy, take ``samples`` samples of every target, stop
     everything; the runs, the summary and what was pulled."""
+    started = time.monotonic()
+    with pull_bench("pull", CATALOG, COMMIT) as bench:
+        setup = time.monotonic() - started
+        return _sampled(bench, samples) | {"setup_seconds": round(setup, 1)}
+
+
+@contextmanager
+def pull_bench(part: str, catalog: Path | None, commit: str) -> Iterator[PullBench]:
+    """The sandbox seeded from ``catalog`` (None: the sandbox's default), and a
+    :class:`PullBench` of release ``commit`` on it; every process it started stopped and every
+    folder removed when the block ends."""
     require("skopeo", "skopeo")
-    workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-pull-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"proxy-bench-{part}-"))
     # The client's copies go to memory where there is a tmpfs: on a disk shared with others,
     # its writes made the noisiest part of a pull, and the same for every target.
     memory = Path("/dev/shm")  # noqa: S108 - only mkdtemp's private folder in it
     copies = Path(
-        tempfile.mkdtemp(prefix="proxy-bench-pulls-", dir=memory if memory.is_dir() else None)
+        tempfile.mkdtemp(prefix=f"proxy-bench-{part}s-", dir=memory if memory.is_dir() else None)
     )
-    started = time.monotonic()
     try:
-        with sandbox_in_thread(CATALOG, workdir / "sandbox", timeout_seconds=180) as sandbox:
-            bench = PullBench(sandbox, workdir, copies)
+        with sandbox_in_thread(catalog, workdir / "sandbox", timeout_seconds=180) as sandbox:
+            bench = PullBench(sandbox, workdir, copies, commit)
             try:
-                setup = time.monotonic() - started
-                return _sampled(bench, samples) | {"setup_seconds": round(setup, 1)}
+                yield bench
             finally:
                 bench.close()
     finally:

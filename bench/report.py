@@ -38,6 +38,12 @@ PULL_LABELS = {
     "cache-warm": "proxy, warm blob cache",
 }
 
+SHARED_LABELS = {
+    "local": "proxy, a local cache per replica",
+    "shared": "proxy, shared cache (S3 + Redis)",
+    "distribution": "distribution proxy (v2/<hash>)",
+}
+
 CACHE_LABELS = {
     "registry": "registry (direct)",
     "proxy": "proxy, no cache",
@@ -95,6 +101,9 @@ def table(results: dict[str, Any]) -> str:
     if "pull" in results:
         lines.append("")
         lines.extend(pull_table(results["pull"]))
+    if "shared" in results:
+        lines.append("")
+        lines.extend(shared_table(results["shared"]))
     lines.append("")
     lines.append(
         f"Manifest GET (wrk -t1, {settings['seconds']} s per run, median of {rounds} round(s))"
@@ -196,6 +205,29 @@ def pull_table(pull: dict[str, Any]) -> list[str]:
             f"  {PULL_LABELS.get(name, name):32}{row['median_s']:>9.3f}{row['min_s']:>8.3f}"
             f"{row['max_s']:>8.3f}{row['spread_s']:>8.3f}{row['added_s']:>+9.3f}"
             f"{row['vs_direct']:>7.2f}{_fmt(row['proxy_cpu_s'], 3):>12}"
+        )
+    return lines
+
+
+def shared_table(shared: dict[str, Any]) -> list[str]:
+    """The shared-cache part's table: per setup and phase, the wall time of the concurrent
+    pulls, the failed ones, and what upstream served for them."""
+    if "skipped" in shared:
+        return [f"Shared cache: skipped ({shared['skipped']})"]
+    image = shared["image"]
+    lines = [
+        f"Shared cache: {shared['pulls']} concurrent skopeo copy of {image['name']} "
+        f"({image['bytes'] / (1 << 20):.1f} MiB, a {image['layer_bytes'] / (1 << 20):.0f} MiB "
+        f"layer) through HAProxy over {shared['replicas']} replicas; upstream from its access log",
+        f"{'setup':36}{'phase':>6}{'wall s':>8}{'failed':>7}{'layer GETs':>11}"
+        f"{'blob GETs':>10}{'upstream MiB':>13}{'per pulled':>11}",
+    ]
+    for run in shared["runs"]:
+        lines.append(
+            f"  {SHARED_LABELS.get(run['setup'], run['setup']):34}{run['phase']:>6}"
+            f"{run['wall_s']:>8.1f}{run['failed']:>7}{run['upstream_layer_gets']:>11}"
+            f"{run['upstream_blob_gets']:>10}{run['upstream_bytes'] / (1 << 20):>13.1f}"
+            f"{_fmt(run['upstream_per_pulled'], 4):>11}"
         )
     return lines
 
@@ -367,6 +399,10 @@ def chart(results: dict[str, Any], path: Path) -> list[Path]:
     return written
 
 
+# The table of each part that runs alone (``python -m bench --only <part>``).
+ONLY_TABLES = {"pull": pull_table, "shared": shared_table}
+
+
 def main(arguments: list[str] | None = None) -> None:
     """``python -m bench.report RESULTS.json``: the table and the charts of a finished run
     again, from its JSON (the charts beside it, as ``RESULTS.png`` and ``RESULTS-blobs.png``)."""
@@ -375,8 +411,9 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--chart", type=Path, help="manifest chart path (default: RESULTS.png)")
     args = parser.parse_args(arguments)
     results = json.loads(args.results.read_text())
-    if results.get("only") == "pull":
-        print("\n".join(pull_table(results["pull"])))
+    only = results.get("only")
+    if only in ONLY_TABLES:
+        print("\n".join(ONLY_TABLES[only](results[only])))
         return
     print(table(results))
     for path in chart(results, args.chart or args.results.with_suffix(".png")):
