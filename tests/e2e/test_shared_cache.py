@@ -29,7 +29,7 @@ from balena_registry_proxy.sandbox.ports import free_port
 from ..redis_server import RedisServer, running_redis, start_redis, stop
 from .conftest import RunningProxy, Skopeo, haproxy_in_front, proxy_process
 from .seaweedfs import CREDENTIALS, SeaweedFS, running_seaweedfs
-from .test_cache import blob_gets
+from .test_cache import blob_gets, stored_size
 from .test_pull import ALICE, BIG, SECRET_PINNED
 from .test_s3_redirects import pull_token
 
@@ -90,8 +90,10 @@ def shared_cluster(
 
 
 def big_layer(sandbox: Sandbox) -> str:
-    """The 64 MiB layer of the sandbox's big image."""
-    return sandbox.seed[BIG].layer_digests[0]
+    """The 64 MiB layer of the sandbox's big image (its first is the small ``release.txt``)."""
+    layer = max(sandbox.seed[BIG].layer_digests, key=lambda digest: stored_size(sandbox, digest))
+    assert stored_size(sandbox, layer) >= 64 << 20
+    return layer
 
 
 def pull_all(
