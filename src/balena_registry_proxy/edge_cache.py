@@ -57,6 +57,9 @@ _CONDITIONAL = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified
 # none for this long (a dead holder's lease lapsing takes LEASE_SECONDS), it is cut.
 SOURCE_PATIENCE_SECONDS = 3 * LEASE_SECONDS
 SOURCE_RETRY_SECONDS = 0.25
+# Retries without progress back off up to this: a source that fails at once (an upstream
+# answering 503 to every new download) is asked a few times a minute, not in a tight loop.
+SOURCE_RETRY_MAX_SECONDS = 4.0
 
 
 class _SourceBroke(Exception):
@@ -378,6 +381,9 @@ class EdgeCache:
         else hand its answer back for relaying. ``leased``: this replica holds the digest's
         lease, to be renewed while the download goes on and released when it ends."""
         stack = AsyncExitStack()
+        # The upstream may take up to its first-byte timeout to answer, longer than a lease
+        # lasts: the lease is renewed meanwhile, or another replica would download too.
+        waiting = asyncio.create_task(self._hold_lease(digest)) if leased else None
         try:
             response = await self.upstream.get_following(
                 stack, f"/v2/{repository}/blobs/{digest}", headers
@@ -386,6 +392,9 @@ class EdgeCache:
             await stack.aclose()
             await self._release(digest, leased)
             raise
+        finally:
+            if waiting is not None:
+                waiting.cancel()
         size = response.content_length
         download = None
         if response.status == 200 and size is not None:
@@ -408,6 +417,13 @@ class EdgeCache:
         if leased:
             assert self.coordination is not None
             await self.coordination.release(digest)
+
+    async def _hold_lease(self, digest: str) -> None:
+        """Renew this replica's lease on ``digest`` until cancelled."""
+        assert self.coordination is not None
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            await self.coordination.renew(digest)
 
     async def _renew(self, download: Download) -> None:
         """Renew this replica's lease on ``download`` while its bytes keep arriving (and
@@ -524,6 +540,7 @@ class EdgeCache:
         answer = _Continued(request, digest, self.send_timeout)
         current: Holder | None = holder
         progress = time.monotonic()
+        delay = SOURCE_RETRY_SECONDS
         try:
             while time.monotonic() - progress < SOURCE_PATIENCE_SECONDS:
                 before = answer.position
@@ -536,12 +553,16 @@ class EdgeCache:
                 if isinstance(switched, Uncached):
                     if not answer.started:
                         return switched
+                    # The upstream gave nothing to keep: no new source was found.
                     await switched.stack.aclose()
+                    switched = False
                 current = None
                 if answer.position > before:
                     progress = time.monotonic()
+                    delay = SOURCE_RETRY_SECONDS
                 elif not switched:
-                    await asyncio.sleep(SOURCE_RETRY_SECONDS)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, SOURCE_RETRY_MAX_SECONDS)
         except _ClientGone:
             return answer.cut()
         finally:
@@ -696,16 +717,27 @@ class _Continued:
             download.detach()
 
     async def from_peer(self, peers: Peers, holder: Holder, request_id: str) -> None:
-        """The rest of the blob from the replica holding its lease, as it arrives there."""
+        """The rest of the blob from the replica holding its lease, as it arrives there.
+
+        A holder silent for as long as its lease would take to lapse is taken for dead (the
+        upstream's own timeouts, minutes, are for registries, not for a replica next door)."""
         try:
-            async with peers.read(holder, self.digest, self.position, request_id) as answer:
+            async with AsyncExitStack() as stack:
+                async with asyncio.timeout(LEASE_SECONDS):
+                    answer = await stack.enter_async_context(
+                        peers.read(holder, self.digest, self.position, request_id)
+                    )
                 size = _whole_size(answer, self.position)
                 if size is None:
                     raise _SourceBroke(f"the holder answered {answer.status}")
                 await self._start(size)
-                while chunk := await answer.content.readany():
+                while True:
+                    async with asyncio.timeout(LEASE_SECONDS):
+                        chunk = await answer.content.readany()
+                    if not chunk:
+                        break
                     await self._write(chunk)
-        except UpstreamError as error:
+        except (UpstreamError, TimeoutError) as error:
             raise _SourceBroke from error
         if not self.done:
             raise _SourceBroke("the holder's answer ended early")

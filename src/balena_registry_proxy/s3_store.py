@@ -53,8 +53,14 @@ PRESIGN_SECONDS = 300
 # A lookup or a manifest's transfer takes this long at most: a storage that accepts
 # connections but does not answer (stopped, overloaded) delays a client by no more.
 QUICK_SECONDS = 2.0
+# A write of a part (8 MiB) or an upload's completion takes this long at most: botocore's
+# read timeout does not bound a request whose body is still being sent, and a fill stuck on a
+# storage that stopped answering would hold its lease, spool file and reserved room.
+WRITE_SECONDS = 60.0
 # How often each replica looks for uploads left behind by a replica that died mid-fill.
 SWEEP_SECONDS = 60.0
+# Without Redis, an upload is taken for an orphan only this old.
+ORPHAN_SECONDS = 24 * 3600.0
 READ_BYTES = 64 * 1024
 # Short timeouts and no retries: a storage that does not answer makes the proxy relay instead,
 # rather than hold clients while botocore retries.
@@ -82,11 +88,11 @@ class StoredBlob:
 
     def read(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
         """Its bytes ``first`` to ``last``, as they come from storage."""
-        return self.store.read(self.digest, first, last)
+        return self.store.read(self.digest, first, last, self.size)
 
     async def presigned(self) -> str | None:
         """A short-lived URL clients can GET it from, or None if storage cannot say."""
-        return await self.store.presigned(self.digest)
+        return await self.store.presigned(self.digest, self.size)
 
 
 class S3Store:
@@ -195,7 +201,10 @@ class S3Store:
         return object_key(self._prefix, kind, digest)
 
     def failed(self, error: BaseException) -> None:
-        """Storage failed: lookups miss and blobs are relayed uncached for a while."""
+        """Storage failed: lookups miss and blobs are relayed uncached for a while. An
+        object found missing is no failure: another replica evicted it a moment ago."""
+        if isinstance(error, ClientError) and _code(error) in _MISSING:
+            return
         now = time.monotonic()
         self._paused_until = now + STORAGE_PAUSE_SECONDS
         self._metrics.cache_infrastructure_errors.labels("storage").inc()
@@ -219,7 +228,8 @@ class S3Store:
         self._spool_refused_until = time.monotonic() + STORAGE_PAUSE_SECONDS
 
     async def kept(self, digest: str) -> StoredBlob | None:
-        """Blob ``digest`` if the bucket holds it (noted as just used), or None."""
+        """Blob ``digest`` if the bucket holds it, or None. Not yet noted as used: the client
+        asking may be refused, and must not keep objects from eviction."""
         if not self.available:
             return None
         try:
@@ -234,21 +244,24 @@ class S3Store:
         except STORAGE_ERRORS as error:
             self.failed(error)
             return None
-        size = int(head["ContentLength"])
+        return StoredBlob(digest, int(head["ContentLength"]), self)
+
+    async def read(
+        self, digest: str, first: int, last: int, size: int
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes ``first`` to ``last`` of blob ``digest`` (of ``size`` bytes), noted as used
+        and kept from eviction while a client reads it; storage errors are raised."""
         if self.coordination is not None:
             await self.coordination.used(Kind.BLOB, digest, size, PIN_SECONDS)
-        return StoredBlob(digest, size, self)
-
-    async def read(self, digest: str, first: int, last: int) -> AsyncGenerator[bytes, None]:
-        """Bytes ``first`` to ``last`` of blob ``digest``; storage errors are raised."""
-        answer = await self._s3().get_object(
-            Bucket=self._bucket, Key=self._key(Kind.BLOB, digest), Range=f"bytes={first}-{last}"
-        )
+        async with asyncio.timeout(QUICK_SECONDS):
+            answer = await self._s3().get_object(
+                Bucket=self._bucket, Key=self._key(Kind.BLOB, digest), Range=f"bytes={first}-{last}"
+            )
         async with answer["Body"] as body:
             while chunk := await body.read(READ_BYTES):
                 yield chunk
 
-    async def presigned(self, digest: str) -> str | None:
+    async def presigned(self, digest: str, size: int) -> str | None:
         """A URL for GET of blob ``digest`` for ``PRESIGN_SECONDS``, kept from eviction as
         long; None if storage cannot say."""
         assert self._signer is not None
@@ -262,7 +275,7 @@ class S3Store:
             self.failed(error)
             return None
         if self.coordination is not None:
-            await self.coordination.used(Kind.BLOB, digest, 0, PRESIGN_SECONDS)
+            await self.coordination.used(Kind.BLOB, digest, size, PRESIGN_SECONDS)
         return url
 
     def holds_manifest(self, digest: str) -> bool:
@@ -355,9 +368,10 @@ class S3Store:
         Aborted (no parts left behind) if anything fails or the download stops.
         """
         key = self._key(Kind.BLOB, download.digest)
-        created = await self._s3().create_multipart_upload(
-            Bucket=self._bucket, Key=key, ContentType="application/octet-stream"
-        )
+        async with asyncio.timeout(QUICK_SECONDS):
+            created = await self._s3().create_multipart_upload(
+                Bucket=self._bucket, Key=key, ContentType="application/octet-stream"
+            )
         upload_id = created["UploadId"]
         uploaded: list[dict[str, Any]] = []
         try:
@@ -368,13 +382,14 @@ class S3Store:
                         raise DownloadFailed("the download stopped")
                     # One part in memory at a time: at most PART_BYTES per fill.
                     data = await asyncio.to_thread(os.pread, descriptor, last - first + 1, first)
-                    answer = await self._s3().upload_part(
-                        Bucket=self._bucket,
-                        Key=key,
-                        PartNumber=number,
-                        UploadId=upload_id,
-                        Body=data,
-                    )
+                    async with asyncio.timeout(WRITE_SECONDS):
+                        answer = await self._s3().upload_part(
+                            Bucket=self._bucket,
+                            Key=key,
+                            PartNumber=number,
+                            UploadId=upload_id,
+                            Body=data,
+                        )
                     uploaded.append({"PartNumber": number, "ETag": answer["ETag"]})
             finally:
                 os.close(descriptor)
@@ -433,18 +448,23 @@ class S3Store:
         try:
             if uploader is None:
                 data = await asyncio.to_thread(download.temporary.read_bytes)
-                await self._s3().put_object(
-                    Bucket=self._bucket, Key=key, Body=data, ContentType="application/octet-stream"
-                )
+                async with asyncio.timeout(WRITE_SECONDS):
+                    await self._s3().put_object(
+                        Bucket=self._bucket,
+                        Key=key,
+                        Body=data,
+                        ContentType="application/octet-stream",
+                    )
                 return True
             upload_id, uploaded = await uploader
             try:
-                await self._s3().complete_multipart_upload(
-                    Bucket=self._bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": uploaded},  # type: ignore[typeddict-item]
-                )
+                async with asyncio.timeout(WRITE_SECONDS):
+                    await self._s3().complete_multipart_upload(
+                        Bucket=self._bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": uploaded},  # type: ignore[typeddict-item]
+                    )
             except BaseException:
                 await asyncio.shield(self._abort(key, upload_id))
                 raise
@@ -463,9 +483,10 @@ class S3Store:
         await self.coordination.used(kind, digest, size)
         for victim_kind, victim in await self.coordination.evict(self.max_bytes):
             try:
-                await self._s3().delete_object(
-                    Bucket=self._bucket, Key=self._key(victim_kind, victim)
-                )
+                async with asyncio.timeout(QUICK_SECONDS):
+                    await self._s3().delete_object(
+                        Bucket=self._bucket, Key=self._key(victim_kind, victim)
+                    )
             except STORAGE_ERRORS as error:
                 self.failed(error)
                 return
@@ -475,23 +496,33 @@ class S3Store:
             await self.sweep_uploads()
             await asyncio.sleep(SWEEP_SECONDS)
 
-    async def sweep_uploads(self, older_than: float = 4 * LEASE_SECONDS) -> int:
+    async def sweep_uploads(self, older_than: float | None = None) -> int:
         """Abort uploads under the prefix that no replica is completing: those of replicas
-        that died mid-fill. An upload is left alone while a lease on its digest is held or
-        while it is younger than ``older_than`` seconds. How many were aborted."""
+        that died mid-fill. How many were aborted.
+
+        An upload is left alone while this replica fills its digest, while a lease on it is
+        held, or while it is younger than ``older_than`` seconds: by default a few leases'
+        time with Redis to say who fills what, and a day without (a fill of another replica
+        cannot be told from an orphan then; a bucket lifecycle rule is the better sweep).
+        Nothing is swept while Redis cannot answer."""
+        if older_than is None:
+            older_than = ORPHAN_SECONDS if self.coordination is None else 4 * LEASE_SECONDS
         aborted = 0
         limit = datetime.now(UTC) - timedelta(seconds=older_than)
         try:
-            listing = await self._s3().list_multipart_uploads(
-                Bucket=self._bucket, Prefix=self._key(Kind.BLOB, "")
-            )
+            async with asyncio.timeout(QUICK_SECONDS):
+                listing = await self._s3().list_multipart_uploads(
+                    Bucket=self._bucket, Prefix=self._key(Kind.BLOB, "")
+                )
             for upload in listing.get("Uploads", []):
                 key, started = upload.get("Key", ""), upload.get("Initiated")
                 digest = "sha256:" + key.rsplit("/", 1)[-1]
-                if started is None or started > limit:
+                if started is None or started > limit or digest in self.downloads:
                     continue
-                if self.coordination is not None and await self.coordination.holder(digest):
-                    continue
+                if self.coordination is not None:
+                    held = await self.coordination.holder(digest)
+                    if held is not None or not self.coordination.available:
+                        continue
                 await self._abort(key, upload["UploadId"])
                 aborted += 1
         except STORAGE_ERRORS as error:

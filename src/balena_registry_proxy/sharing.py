@@ -146,6 +146,10 @@ def peer_signature(secret: str, digest: str, expires: int) -> str:
 
 def peer_signature_valid(secret: str, digest: str, value: str, now: float) -> bool:
     """Whether ``value`` is a signature of ``digest`` by ``secret`` that is good at ``now``."""
+    # Anyone can send this header: text that is no signature (digits of other scripts,
+    # which int() refuses; non-ASCII, which compare_digest refuses) is simply not one.
+    if not value.isascii():
+        return False
     expires, _, _ = value.partition(".")
     if not expires.isdigit() or len(expires) > 12:
         return False

@@ -18,11 +18,25 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
+from balena_registry_proxy import edge_cache
 from balena_registry_proxy.app import create_app, runner_options
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.sandbox.ports import free_port
-from balena_registry_proxy.sharing import LEASE_SECONDS, PEER_HEADER, PEER_PATH, peer_signature
+from balena_registry_proxy.sharing import (
+    LEASE_SECONDS,
+    PEER_HEADER,
+    PEER_PATH,
+    Holder,
+    Kind,
+    index_member,
+    lease_key,
+    lease_value,
+    namespace,
+    peer_signature,
+    pin_key,
+)
 
 from ..conftest import missing
 from ..e2e.moto_s3 import MOTO_MISSING, MotoS3, moto_available, run_moto_s3
@@ -244,14 +258,19 @@ async def test_a_private_layer_filled_at_one_replica_is_refused_at_another(clust
     assert shared.upstream.gets == [digest]
 
 
-def die(replica: Replica) -> None:
-    """What a replica's death looks like to the others: its connections reset, its downloads
-    stopped, its lease left to lapse (a process killed releases nothing)."""
-    cache: Any = next(
+def cache_of(replica: Replica) -> Any:
+    """The replica's edge cache (the object behind its replicas' endpoint)."""
+    return next(
         getattr(route.handler, "__self__", None)
         for route in replica.server.app.router.routes()
         if getattr(route.handler, "__name__", "") == "serve_peer"
     )
+
+
+def die(replica: Replica) -> None:
+    """What a replica's death looks like to the others: its connections reset, its downloads
+    stopped, its lease left to lapse (a process killed releases nothing)."""
+    cache = cache_of(replica)
 
     async def never(digest: str) -> None:
         return None
@@ -390,3 +409,153 @@ async def test_the_replicas_endpoint_needs_the_shared_secrets_signature(cluster:
     status, body, _ = await replica.get(PEER_PATH + digest, **signed)
     assert (status, body == BIG[5:]) == (206, True)
     assert (await filling)[1] == BIG
+
+
+async def test_the_sweep_leaves_a_live_upload_alone_without_redis(cluster: Any) -> None:
+    shared: Cluster = await cluster(1, delay=0.15, cache_redis_url=None, cache_peer_secret=None)
+    (replica,) = shared.replicas
+    store = cache_of(replica).store
+    digest = digest_of(BIG)
+    pull = asyncio.create_task(replica.get(blob(digest)))
+    for _ in range(200):
+        if shared.uploads():
+            break
+        await asyncio.sleep(0.05)
+    assert shared.uploads(), "the fill never started its upload"
+    # What the periodic sweep does to an upload as old as it wants, and this one's own.
+    assert await store.sweep_uploads(older_than=0) == 0
+    status, body, _ = await pull
+    assert (status, body == BIG) == (200, True)
+    await settled(shared, 1)
+    assert shared.objects() == [f"blobs/sha256/{digest.removeprefix('sha256:')}"]
+    assert store.available
+
+
+async def test_a_failing_upstream_after_the_holder_died_is_not_asked_in_a_loop(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short patience: the lease lapses (10 s), then every new download the reading replica
+    # starts is refused; before the fix it asked again at once, hundreds of times.
+    monkeypatch.setattr(edge_cache, "SOURCE_PATIENCE_SECONDS", LEASE_SECONDS + 6)
+    refused = 0
+    serve = Upstream.blob
+
+    async def blob_or_refuse(self: Upstream, request: web.Request) -> web.StreamResponse:
+        nonlocal refused
+        if failing.is_set():
+            refused += 1
+            return web.json_response({"errors": [{"code": "UNAVAILABLE"}]}, status=503)
+        return await serve(self, request)
+
+    failing = asyncio.Event()
+    monkeypatch.setattr(Upstream, "blob", blob_or_refuse)
+    shared: Cluster = await cluster(2, delay=0.1)
+    holder, other = shared.replicas
+    digest = digest_of(BIG)
+    filling = asyncio.create_task(holder.get(blob(digest)))
+    await upstream_asked(shared.upstream)
+    reading = asyncio.create_task(other.get(blob(digest)))
+    await asyncio.sleep(0.8)
+    failing.set()
+    die(holder)
+    status, body, _ = await reading
+    await asyncio.gather(filling, return_exceptions=True)
+    assert status == 200
+    assert body == b"<cut>" or len(body) < len(BIG)
+    assert 1 <= refused <= 8
+
+
+async def test_a_refused_client_neither_pins_nor_refreshes_an_object(
+    cluster: Any, redis: RedisServer
+) -> None:
+    shared: Cluster = await cluster(2)
+    first, second = shared.replicas
+    digest = digest_of(SMALL)
+    assert (await first.get(blob(digest, "private/app"), Authorization=GOOD))[0] == 200
+    await settled(shared, 1)
+    space = namespace(shared.bucket, "")
+    member = index_member(Kind.BLOB, digest)
+    async with Redis.from_url(redis.url, decode_responses=True) as connection:
+        await connection.delete(pin_key(space, member))
+        before = await connection.zscore(space + "lru", member)
+        assert before is not None
+        await asyncio.sleep(1.1)
+        assert (await second.get(blob(digest, "private/app")))[0] == 401
+        assert await connection.exists(pin_key(space, member)) == 0
+        assert await connection.zscore(space + "lru", member) == before
+        # A client that may read it does both.
+        assert (await second.get(blob(digest, "private/app"), Authorization=GOOD))[0] == 200
+        assert await connection.exists(pin_key(space, member)) == 1
+
+
+async def test_an_object_evicted_between_lookup_and_read_is_a_miss_not_a_failure(
+    cluster: Any,
+) -> None:
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    digest = digest_of(SMALL)
+    assert (await replica.get(blob(digest)))[0] == 200
+    await settled(shared, 1)
+    store = cache_of(replica).store
+    read = store.read
+
+    async def evicted_first(digest: str, first: int, last: int, size: int) -> AsyncIterator[bytes]:
+        # Another replica's eviction, between this one's lookup and its read.
+        await store._s3().delete_object(Bucket=shared.bucket, Key=shared.objects()[0])
+        async for chunk in read(digest, first, last, size):
+            yield chunk
+
+    store.read = evicted_first
+    status, body, _ = await replica.get(blob(digest))
+    assert (status, body == SMALL) == (200, True)
+    assert store.available
+
+
+async def test_the_lease_outlasts_a_slow_first_answer_from_upstream(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve = Upstream.blob
+    slow = [True]
+
+    async def slow_headers(self: Upstream, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and slow:
+            slow.pop()
+            await asyncio.sleep(LEASE_SECONDS + 2)
+        return await serve(self, request)
+
+    monkeypatch.setattr(Upstream, "blob", slow_headers)
+    shared: Cluster = await cluster(2)
+    first, second = shared.replicas
+    digest = digest_of(SMALL)
+    early = asyncio.create_task(first.get(blob(digest)))
+    await asyncio.sleep(LEASE_SECONDS + 1)
+    late = asyncio.create_task(second.get(blob(digest)))
+    answers = await asyncio.gather(early, late)
+    assert [(status, body == SMALL) for status, body, _ in answers] == [(200, True)] * 2
+    assert shared.upstream.gets == [digest]
+
+
+async def test_a_silent_holder_holds_a_client_no_longer_than_its_lease(
+    cluster: Any, redis: RedisServer
+) -> None:
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    digest = digest_of(SMALL)
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    space = namespace(shared.bucket, "")
+    async with Redis.from_url(redis.url, decode_responses=True) as connection:
+        lease = lease_value(Holder("deadbeefdeadbeef", f"http://127.0.0.1:{port}"))
+        await connection.set(lease_key(space, digest), lease, px=int(LEASE_SECONDS * 1000))
+    started = time.monotonic()
+    status, body, _ = await replica.get(blob(digest))
+    assert (status, body == SMALL) == (200, True)
+    assert time.monotonic() - started < 2 * LEASE_SECONDS
+    silent.close()
+    for writer in held:
+        writer.close()

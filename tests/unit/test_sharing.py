@@ -109,8 +109,25 @@ def test_a_signature_opens_one_digest_for_a_while() -> None:
     assert not peer_signature_valid(SECRET, DIGEST, far, now)
 
 
-@pytest.mark.parametrize("value", ["", ".", "x.y", "123", "1" * 13 + ".ab", "Bearer token"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        ".",
+        "x.y",
+        "123",
+        "1" * 13 + ".ab",
+        "Bearer token",
+        "\u00b2",  # a digit to str.isdigit(), none to int()
+        "1800000030.\u00e9abc",  # compare_digest refuses non-ASCII text
+    ],
+)
 def test_what_is_no_signature_opens_nothing(value: str) -> None:
+    assert not peer_signature_valid(SECRET, DIGEST, value, 1_800_000_000)
+
+
+@given(st.text(max_size=120))
+def test_no_header_value_makes_the_check_fail_other_than_by_refusing(value: str) -> None:
     assert not peer_signature_valid(SECRET, DIGEST, value, 1_800_000_000)
 
 
