@@ -283,16 +283,28 @@ def die(replica: Replica) -> None:
         connection.transport.abort()
 
 
+Answer = tuple[int, bytes, dict[str, str]]
+
+
+async def read_through_a_holder(
+    cluster: Any, seconds: float
+) -> tuple[Cluster, Replica, asyncio.Task[Answer], asyncio.Task[Answer]]:
+    """Two replicas: the first filling the big blob for its client, the second's client
+    reading it from the first for ``seconds``."""
+    shared: Cluster = await cluster(2, delay=0.1)
+    holder, other = shared.replicas
+    filling = asyncio.create_task(holder.get(blob(digest_of(BIG))))
+    await upstream_asked(shared.upstream)
+    reading = asyncio.create_task(other.get(blob(digest_of(BIG))))
+    await asyncio.sleep(seconds)
+    return shared, holder, filling, reading
+
+
 async def test_the_holder_gone_mid_fill_another_replica_completes_its_clients(
     cluster: Any,
 ) -> None:
-    shared: Cluster = await cluster(2, delay=0.1)
-    holder, other = shared.replicas
+    shared, holder, filling, reading = await read_through_a_holder(cluster, 0.5)
     digest = digest_of(BIG)
-    filling = asyncio.create_task(holder.get(blob(digest)))
-    await upstream_asked(shared.upstream)
-    reading = asyncio.create_task(other.get(blob(digest)))
-    await asyncio.sleep(0.5)
     died = time.monotonic()
     die(holder)
     status, body, _ = await reading
@@ -449,13 +461,7 @@ async def test_a_failing_upstream_after_the_holder_died_is_not_asked_in_a_loop(
 
     failing = asyncio.Event()
     monkeypatch.setattr(Upstream, "blob", blob_or_refuse)
-    shared: Cluster = await cluster(2, delay=0.1)
-    holder, other = shared.replicas
-    digest = digest_of(BIG)
-    filling = asyncio.create_task(holder.get(blob(digest)))
-    await upstream_asked(shared.upstream)
-    reading = asyncio.create_task(other.get(blob(digest)))
-    await asyncio.sleep(0.8)
+    _, holder, filling, reading = await read_through_a_holder(cluster, 0.8)
     failing.set()
     die(holder)
     status, body, _ = await reading
