@@ -188,7 +188,8 @@ def _redis_url(text: str) -> str:
         parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
     except ValueError:
         raise ValueError("has an invalid port") from None
-    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+    database = parts.path.strip("/")
+    if database and not (database.isascii() and database.isdigit()):
         raise ValueError("must name a database by its number (redis://host:6379/0)")
     return text
 

@@ -79,6 +79,8 @@ class Sharing:
     peers: Peers | None
     space: str
     redirect: bool = False
+    secret: str = ""
+    """The replicas' shared secret: confirmations in Redis are keyed by an HMAC under it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +299,9 @@ class EdgeCache:
         credentials = _credentials(headers)
         self.confirmations.remember(key(credentials, repository, digest), time.monotonic())
         if self.coordination is not None and self.sharing is not None:
-            shared = confirmation_key(self.sharing.space, credentials, repository, digest)
+            shared = confirmation_key(
+                self.sharing.secret, self.sharing.space, credentials, repository, digest
+            )
             await self.coordination.confirm(shared)
 
     def _manifest_response(
@@ -332,7 +336,9 @@ class EdgeCache:
         if self.confirmations.fresh(confirmation, now):
             return True
         if self.coordination is not None and self.sharing is not None:
-            shared = confirmation_key(self.sharing.space, _credentials(headers), repository, digest)
+            shared = confirmation_key(
+                self.sharing.secret, self.sharing.space, _credentials(headers), repository, digest
+            )
             if await self.coordination.confirmed(shared):
                 self.confirmations.remember(confirmation, now)
                 return True

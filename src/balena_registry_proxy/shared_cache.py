@@ -50,7 +50,13 @@ def shared_edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) 
         public_endpoint=settings.cache_s3_public_url,
     )
     metrics.watch_cache(lambda: store.size, lambda: store.evictions)
-    sharing = Sharing(coordination, peers, space, redirect=settings.cache_s3_redirect)
+    sharing = Sharing(
+        coordination,
+        peers,
+        space,
+        redirect=settings.cache_s3_redirect,
+        secret=settings.cache_peer_secret or "",
+    )
     return EdgeCache(upstream, store, metrics, send_timeout=settings.send_timeout, sharing=sharing)
 
 

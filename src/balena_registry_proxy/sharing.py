@@ -79,12 +79,14 @@ def member_object(member: str) -> tuple[Kind, str] | None:
     return Kind(kind), digest
 
 
-def confirmation_key(space: str, credentials: str, repository: str, digest: str) -> str:
+def confirmation_key(
+    secret: str, space: str, credentials: str, repository: str, digest: str
+) -> str:
     """The Redis key that says the upstream let ``credentials`` read ``digest`` under
-    ``repository``: a hash of the three, so no credential is ever stored."""
-    hashed = hashlib.sha256(
-        "\n".join((credentials, repository, digest)).encode("utf-8", "surrogateescape")
-    ).hexdigest()
+    ``repository``: an HMAC of the three under the replicas' ``secret``, so no credential is
+    ever stored, and whoever can list Redis's keys cannot test guesses of one."""
+    message = "\n".join((credentials, repository, digest)).encode("utf-8", "surrogateescape")
+    hashed = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
     return f"{space}confirmed:{hashed}"
 
 

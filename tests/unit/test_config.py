@@ -173,6 +173,7 @@ def test_a_shared_cache_follows_redirects_and_keeps_the_sendfile_loop() -> None:
         ({**S3, "CACHE_S3_PREFIX": "../up"}, "CACHE_S3_PREFIX"),
         ({**S3, **REDIS, "CACHE_REDIS_URL": "http://redis:6379"}, "CACHE_REDIS_URL"),
         ({**S3, **REDIS, "CACHE_REDIS_URL": "redis://redis:6379/zero"}, "CACHE_REDIS_URL"),
+        ({**S3, **REDIS, "CACHE_REDIS_URL": "redis://redis:6379/\u00b2"}, "CACHE_REDIS_URL"),
     ],
 )
 def test_shared_cache_settings_that_do_not_go_together(env: dict[str, str], names: str) -> None:

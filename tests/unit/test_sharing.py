@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import hypothesis.strategies as st
@@ -57,16 +58,20 @@ def test_anything_else_in_the_index_names_nothing(member: str) -> None:
 
 
 def test_confirmations_are_keyed_by_a_hash_of_all_three_never_the_token() -> None:
-    key = confirmation_key("brp:x:", "Bearer secret-token", "v2/abc", DIGEST)
+    key = confirmation_key(SECRET, "brp:x:", "Bearer secret-token", "v2/abc", DIGEST)
     assert "secret-token" not in key
     assert key.startswith("brp:x:confirmed:")
     others = {
-        confirmation_key("brp:x:", "Bearer other-token", "v2/abc", DIGEST),
-        confirmation_key("brp:x:", "Bearer secret-token", "v2/def", DIGEST),
-        confirmation_key("brp:x:", "Bearer secret-token", "v2/abc", OTHER),
+        confirmation_key(SECRET, "brp:x:", "Bearer other-token", "v2/abc", DIGEST),
+        confirmation_key(SECRET, "brp:x:", "Bearer secret-token", "v2/def", DIGEST),
+        confirmation_key(SECRET, "brp:x:", "Bearer secret-token", "v2/abc", OTHER),
+        # Keyed by the replicas' secret: without it, a guess cannot be checked.
+        confirmation_key("another-secret-xx", "brp:x:", "Bearer secret-token", "v2/abc", DIGEST),
     }
     assert key not in others
-    assert len(others) == 3
+    assert len(others) == 4
+    plain = hashlib.sha256(f"Bearer secret-token\nv2/abc\n{DIGEST}".encode()).hexdigest()
+    assert plain not in key
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=["Zs", "Cc"]), min_size=1))
