@@ -38,7 +38,6 @@ from .requestid import request_id
 from .resolver import Resolver
 from .resources import connections_for
 from .server import QUIET, SERVER_NAME, ConnectionLimits
-from .shared_cache import shared_edge_cache
 from .sharing import PEER_PATH
 from .token_relay import TokenRelay
 from .upstream import Upstream
@@ -322,6 +321,9 @@ def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> Edg
     """The edge cache for ``CACHE_S3_URL`` or ``CACHE_DIR``, if set; ConfigError if the
     folder is unusable."""
     if settings.cache_s3_url is not None:
+        # Imported here: botocore and redis-py cost every other process ~17 MiB for nothing.
+        from .shared_cache import shared_edge_cache
+
         return shared_edge_cache(settings, upstream, metrics)
     if settings.cache_dir is None:
         return None

@@ -24,19 +24,17 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .confirmations import Confirmations, key
-from .coordination import Coordination
 from .download import Download, DownloadFailed
 from .errors import RegistryError
 from .file_answer import answer_from_file, answer_from_stream, blob_headers, send_part
 from .headers import REDIRECT_STATUSES, accepts, unconditional
 from .metrics import Metrics
-from .peers import Peers
 from .request_state import BODY_BYTES, REQUEST_ID
-from .s3_store import STORAGE_ERRORS
 from .sharing import (
     LEASE_SECONDS,
     PEER_HEADER,
@@ -46,9 +44,15 @@ from .sharing import (
     confirmation_key,
     source,
 )
-from .store import Store, StoredObject
+from .store import StorageError, Store, StoredObject
 from .upstream import Response, Upstream
 from .upstream_errors import UpstreamError
+
+if TYPE_CHECKING:
+    # Only the shared cache has these, and it imports them itself: a cache on local disk
+    # loads neither Redis's client nor botocore (about 17 MiB of memory).
+    from .coordination import Coordination
+    from .peers import Peers
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -198,8 +202,8 @@ class EdgeCache:
             response, sent = await answer_from_stream(
                 request, digest, stored.size, stored.read, send_timeout=self.send_timeout
             )
-        except STORAGE_ERRORS as error:
-            self._storage_failed(error)
+        except StorageError as error:
+            self._storage_failed(error.cause)
             return None
         request[BODY_BYTES] = sent
         self.metrics.cache_served_bytes.inc(sent)
@@ -684,7 +688,7 @@ class _Continued:
         try:
             async for chunk in chunks:
                 await self._write(chunk)
-        except STORAGE_ERRORS as error:
+        except StorageError as error:
             raise _SourceBroke from error
         finally:
             await chunks.aclose()

@@ -40,6 +40,7 @@ from .digests import MAX_MANIFEST_BYTES
 from .download import Download, DownloadFailed
 from .metrics import Metrics
 from .sharing import LEASE_SECONDS, PART_BYTES, PIN_SECONDS, Kind, object_key, parts
+from .store import StorageError
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -250,16 +251,21 @@ class S3Store:
         self, digest: str, first: int, last: int, size: int
     ) -> AsyncGenerator[bytes, None]:
         """Bytes ``first`` to ``last`` of blob ``digest`` (of ``size`` bytes), noted as used
-        and kept from eviction while a client reads it; storage errors are raised."""
+        and kept from eviction while a client reads it; ``StorageError`` when storage fails."""
         if self.coordination is not None:
             await self.coordination.used(Kind.BLOB, digest, size, PIN_SECONDS)
-        async with asyncio.timeout(QUICK_SECONDS):
-            answer = await self._s3().get_object(
-                Bucket=self._bucket, Key=self._key(Kind.BLOB, digest), Range=f"bytes={first}-{last}"
-            )
-        async with answer["Body"] as body:
-            while chunk := await body.read(READ_BYTES):
-                yield chunk
+        try:
+            async with asyncio.timeout(QUICK_SECONDS):
+                answer = await self._s3().get_object(
+                    Bucket=self._bucket,
+                    Key=self._key(Kind.BLOB, digest),
+                    Range=f"bytes={first}-{last}",
+                )
+            async with answer["Body"] as body:
+                while chunk := await body.read(READ_BYTES):
+                    yield chunk
+        except STORAGE_ERRORS as error:
+            raise StorageError(error) from error
 
     async def presigned(self, digest: str, size: int) -> str | None:
         """A URL for GET of blob ``digest`` for ``PRESIGN_SECONDS``, kept from eviction as

@@ -15,6 +15,15 @@ from typing import Protocol
 from .download import Download
 
 
+class StorageError(Exception):
+    """Object storage failed while a blob was read from it; ``cause`` says how."""
+
+    def __init__(self, cause: BaseException) -> None:
+        """Wrap the storage client's own error."""
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class StoredObject(Protocol):
     """A blob kept where no file of this process holds it (object storage): read as a
     stream, or fetched by clients themselves from a presigned URL."""
@@ -24,7 +33,7 @@ class StoredObject(Protocol):
         """Its length in bytes."""
 
     def read(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
-        """Its bytes ``first`` to ``last``; the storage's errors are raised."""
+        """Its bytes ``first`` to ``last``; ``StorageError`` when storage fails."""
 
     async def presigned(self) -> str | None:
         """A short-lived URL to GET it from, or None."""

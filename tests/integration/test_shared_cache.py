@@ -7,6 +7,9 @@ import asyncio
 import hashlib
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -565,3 +568,19 @@ async def test_a_silent_holder_holds_a_client_no_longer_than_its_lease(
     silent.close()
     for writer in held:
         writer.close()
+
+
+def test_a_proxy_without_the_shared_cache_loads_none_of_its_clients() -> None:
+    # botocore and redis-py cost a process about 17 MiB: a device's proxy has no use for them.
+    code = (
+        "import sys\n"
+        "from balena_registry_proxy.app import create_app\n"
+        "from balena_registry_proxy.config import Settings\n"
+        "create_app(Settings(cache_dir=sys.argv[1]))\n"
+        "print(sorted({'botocore', 'aiobotocore', 'redis'} & set(sys.modules)))\n"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = subprocess.run(
+            [sys.executable, "-c", code, folder], capture_output=True, text=True, check=True
+        )
+    assert loaded.stdout.strip() == "[]"
