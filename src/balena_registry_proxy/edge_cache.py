@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .confirmations import Confirmations, key
+from .continued_answer import ClientGone, ContinuedAnswer, SourceBroke
 from .download import Download, DownloadFailed
 from .errors import RegistryError
-from .file_answer import answer_from_file, answer_from_stream, blob_headers, send_part
+from .file_answer import answer_from_file, answer_from_stream
 from .headers import REDIRECT_STATUSES, accepts, unconditional
 from .metrics import Metrics
 from .request_state import BODY_BYTES, REQUEST_ID
@@ -64,14 +65,6 @@ SOURCE_RETRY_SECONDS = 0.25
 # Retries without progress back off up to this: a source that fails at once (an upstream
 # answering 503 to every new download) is asked a few times a minute, not in a tight loop.
 SOURCE_RETRY_MAX_SECONDS = 4.0
-
-
-class _SourceBroke(Exception):
-    """The source a client's answer was being read from failed: try the next."""
-
-
-class _ClientGone(Exception):
-    """The client left, or took nothing for the send timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,7 +540,7 @@ class EdgeCache:
         reached. None (relayed) or the upstream's answer if no byte was sent yet."""
         assert self.coordination is not None
         assert self.sharing is not None
-        answer = _Continued(request, digest, self.send_timeout)
+        answer = ContinuedAnswer(request, digest, self.send_timeout)
         current: Holder | None = holder
         progress = time.monotonic()
         delay = SOURCE_RETRY_SECONDS
@@ -556,7 +549,7 @@ class EdgeCache:
                 before = answer.position
                 try:
                     switched = await self._next_source(answer, repository, digest, headers, current)
-                except _SourceBroke:
+                except SourceBroke:
                     switched = False
                 if answer.done:
                     return answer.response
@@ -573,7 +566,7 @@ class EdgeCache:
                 elif not switched:
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, SOURCE_RETRY_MAX_SECONDS)
-        except _ClientGone:
+        except ClientGone:
             return answer.cut()
         finally:
             request[BODY_BYTES] = answer.position
@@ -583,7 +576,7 @@ class EdgeCache:
 
     async def _next_source(
         self,
-        answer: _Continued,
+        answer: ContinuedAnswer,
         repository: str,
         digest: str,
         headers: list[tuple[str, str]],
@@ -591,7 +584,7 @@ class EdgeCache:
     ) -> bool | Uncached:
         """Send ``answer`` what the blob's best source has, from where it stands; True if
         it only found a new source (a download started here, a new holder) to read next, the
-        upstream's answer if it gave no blob to keep. ``_SourceBroke`` if the source failed."""
+        upstream's answer if it gave no blob to keep. ``SourceBroke`` if the source failed."""
         assert self.coordination is not None
         assert self.sharing is not None
         stored = await self.store.kept(digest)
@@ -605,7 +598,7 @@ class EdgeCache:
             replica=self.coordination.me.replica,
         )
         if where is Source.STORAGE and isinstance(stored, Path | None):
-            raise _SourceBroke("a store of files is not shared")
+            raise SourceBroke("a store of files is not shared")
         if where is Source.STORAGE:
             assert stored is not None
             assert not isinstance(stored, Path)
@@ -629,139 +622,6 @@ class EdgeCache:
                 self.metrics.cache_requests.labels("blob", "miss").inc()
             return True
         return False
-
-
-class _Continued:
-    """A client's answer for a whole blob, written from one source after another."""
-
-    def __init__(self, request: web.Request, digest: str, send_timeout: float) -> None:
-        self.request = request
-        self.digest = digest
-        self.send_timeout = send_timeout
-        self.response: web.StreamResponse | None = None
-        self.size: int | None = None
-        self.position = 0
-        """Bytes the client has been sent."""
-
-    @property
-    def started(self) -> bool:
-        """Whether the headers are out."""
-        return self.response is not None
-
-    @property
-    def done(self) -> bool:
-        """Whether every byte was sent."""
-        return self.size is not None and self.position >= self.size
-
-    def cut(self) -> web.StreamResponse | None:
-        """End an answer that cannot be completed: the client sees a short body."""
-        if self.request.transport is not None and self.started:
-            self.request.transport.close()
-        return self.response
-
-    async def _start(self, size: int) -> None:
-        if self.response is None:
-            response = web.StreamResponse(status=200, headers=blob_headers(self.digest))
-            response.content_length = size
-            self.size = size
-            try:
-                await response.prepare(self.request)
-            except ConnectionError as error:
-                raise _ClientGone from error
-            self.response = response
-        elif size != self.size:
-            raise _SourceBroke("a source disagrees on the blob's size")
-
-    async def _write(self, chunk: bytes) -> None:
-        assert self.response is not None
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await self.response.write(chunk)
-        except (ConnectionError, TimeoutError) as error:
-            raise _ClientGone from error
-        self.position += len(chunk)
-
-    async def from_stored(self, stored: StoredObject) -> None:
-        """The rest of the blob from storage."""
-        await self._start(stored.size)
-        chunks = stored.read(self.position, stored.size - 1)
-        try:
-            async for chunk in chunks:
-                await self._write(chunk)
-        except StorageError as error:
-            raise _SourceBroke from error
-        finally:
-            await chunks.aclose()
-        if not self.done:
-            raise _SourceBroke("storage ended the object early")
-
-    async def from_download(self, download: Download) -> None:
-        """The rest of the blob from a download of this replica's, as it arrives."""
-        try:
-            descriptor = download.open()
-        except DownloadFailed as error:
-            raise _SourceBroke from error
-        download.attach()
-
-        def sent(count: int) -> None:
-            self.position += count
-
-        try:
-            await self._start(download.size)
-            if self.position < download.size:
-                await send_part(
-                    self.request,
-                    descriptor,
-                    self.position,
-                    download.size - 1,
-                    download,
-                    self.send_timeout,
-                    sent,
-                )
-        except DownloadFailed as error:
-            raise _SourceBroke from error
-        except (ConnectionError, TimeoutError) as error:
-            raise _ClientGone from error
-        finally:
-            os.close(descriptor)
-            download.detach()
-
-    async def from_peer(self, peers: Peers, holder: Holder, request_id: str) -> None:
-        """The rest of the blob from the replica holding its lease, as it arrives there.
-
-        A holder silent for as long as its lease would take to lapse is taken for dead (the
-        upstream's own timeouts, minutes, are for registries, not for a replica next door)."""
-        try:
-            async with AsyncExitStack() as stack:
-                async with asyncio.timeout(LEASE_SECONDS):
-                    answer = await stack.enter_async_context(
-                        peers.read(holder, self.digest, self.position, request_id)
-                    )
-                size = _whole_size(answer, self.position)
-                if size is None:
-                    raise _SourceBroke(f"the holder answered {answer.status}")
-                await self._start(size)
-                while True:
-                    async with asyncio.timeout(LEASE_SECONDS):
-                        chunk = await answer.content.readany()
-                    if not chunk:
-                        break
-                    await self._write(chunk)
-        except (UpstreamError, TimeoutError) as error:
-            raise _SourceBroke from error
-        if not self.done:
-            raise _SourceBroke("the holder's answer ended early")
-
-
-def _whole_size(answer: Response, offset: int) -> int | None:
-    """The blob's size by a replica's answer from ``offset``, or None if it is no such
-    answer."""
-    if answer.status == 200 and offset == 0:
-        return answer.content_length
-    total = answer.headers.get("Content-Range", "").rpartition("/")[2]
-    if answer.status == 206 and total.isdigit():
-        return int(total)
-    return None
 
 
 def _credentials(headers: list[tuple[str, str]]) -> str:
