@@ -106,14 +106,15 @@ class S3Store:
         bucket: str,
         prefix: str,
         region: str,
-        spool: Path,
+        spool: Path | None,
         max_bytes: int,
         metrics: Metrics,
         coordination: Coordination | None = None,
         public_endpoint: str | None = None,
     ) -> None:
         """A store in ``bucket`` at ``endpoint`` under ``prefix``, holding at most
-        ``max_bytes`` (with ``coordination``), receiving downloads in ``spool``; call
+        ``max_bytes`` (with ``coordination``), receiving downloads in ``spool`` (None: a
+        temporary folder of its own, removed when it closes); call
         ``start`` before use. ``public_endpoint`` is where clients reach the storage, for
         presigned URLs."""
         self._endpoint = endpoint
@@ -121,7 +122,8 @@ class S3Store:
         self._bucket = bucket
         self._prefix = prefix
         self._region = region
-        self._spool = spool
+        self._spool = spool or Path()
+        self._own_spool = spool is None
         self.max_bytes = max_bytes
         self._metrics = metrics
         self.coordination = coordination
@@ -158,10 +160,18 @@ class S3Store:
         """Whether new downloads may be kept: storage and the spool folder both usable."""
         return self.available and time.monotonic() >= self._spool_refused_until
 
+    @property
+    def spool(self) -> Path:
+        """The folder downloads in progress are received in."""
+        return self._spool
+
     async def start(self) -> None:
         """Create the clients and the spool folder, emptied of an earlier run's downloads (a
         storage that does not answer yet is no reason not to start: it is tried at every
         lookup)."""
+        if self._own_spool:
+            folder = tempfile.TemporaryDirectory(prefix="registry-proxy-spool-")
+            self._spool = Path(self._exit.enter_context(folder))
         self._spool.mkdir(parents=True, exist_ok=True)
         for stale in self._spool.glob("*.part"):
             stale.unlink(missing_ok=True)

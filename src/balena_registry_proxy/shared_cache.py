@@ -4,7 +4,6 @@ the settings (``CACHE_S3_URL`` and what goes with it)."""
 from __future__ import annotations
 
 import socket
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -32,12 +31,8 @@ def shared_edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) 
         coordination = Coordination(settings.cache_redis_url, space, me, metrics)
         peers = Peers(settings.cache_peer_secret, upstream)
     # Downloads in progress: in CACHE_DIR if given (a volume sized for them), else in a
-    # folder of this process's own under the system's temporary folder.
-    spool = (
-        Path(settings.cache_dir)
-        if settings.cache_dir is not None
-        else Path(tempfile.mkdtemp(prefix="registry-proxy-spool-"))
-    )
+    # temporary folder of the store's own.
+    spool = Path(settings.cache_dir) if settings.cache_dir is not None else None
     store = S3Store(
         endpoint=settings.cache_s3_url,
         bucket=settings.cache_s3_bucket,

@@ -584,3 +584,12 @@ def test_a_proxy_without_the_shared_cache_loads_none_of_its_clients() -> None:
             [sys.executable, "-c", code, folder], capture_output=True, text=True, check=True
         )
     assert loaded.stdout.strip() == "[]"
+
+
+async def test_a_spool_folder_of_the_stores_own_goes_when_it_closes(cluster: Any) -> None:
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    spool = cache_of(replica).store.spool
+    assert spool.is_dir()
+    await replica.server.close()
+    assert not spool.exists()
