@@ -368,6 +368,11 @@ class EdgeCache:
                 holder = await self.coordination.acquire(digest)
                 if holder is not None and holder != self.coordination.me:
                     return holder
+                if holder is not None and await self.store.kept(digest) is not None:
+                    # Its holder kept it and let go just before this replica looked: the
+                    # lease is free, the bytes are in storage, and they are read from there.
+                    await self._release(digest, leased=True)
+                    return holder
             started = await self._start_fill(repository, digest, headers, leased=holder is not None)
             if isinstance(started, Download):
                 download = started

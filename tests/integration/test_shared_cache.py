@@ -593,3 +593,27 @@ async def test_a_spool_folder_of_the_stores_own_goes_when_it_closes(cluster: Any
     assert spool.is_dir()
     await replica.server.close()
     assert not spool.exists()
+
+
+async def test_a_blob_kept_just_before_the_lease_was_taken_is_not_fetched_again(
+    cluster: Any,
+) -> None:
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    digest = digest_of(SMALL)
+    assert (await replica.get(blob(digest)))[0] == 200
+    await settled(shared, 1)
+    store = cache_of(replica).store
+    look = store.kept
+    looked = 0
+
+    async def kept_after_the_first_look(digest: str) -> Any:
+        # The first look misses, as one a moment before another replica kept the blob.
+        nonlocal looked
+        looked += 1
+        return None if looked == 1 else await look(digest)
+
+    store.kept = kept_after_the_first_look
+    status, body, _ = await replica.get(blob(digest))
+    assert (status, body == SMALL) == (200, True)
+    assert shared.upstream.gets == [digest]
