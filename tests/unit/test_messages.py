@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from balena_registry_proxy.accesslog import AccessRecord, printable, redact_target
 from balena_registry_proxy.denial import explain
-from balena_registry_proxy.errors import error_body, first_error_code, unsupported_method
+from balena_registry_proxy.errors import (
+    RegistryError,
+    bad_request,
+    error_body,
+    first_error_code,
+    internal_error,
+    not_an_endpoint,
+    unsupported_method,
+)
 from balena_registry_proxy.requestid import request_id
 
 
@@ -20,15 +28,103 @@ def test_error_body_shape() -> None:
     assert body == {"errors": [{"code": "DENIED", "message": "no", "detail": {"a": 1}}]}
 
 
+def test_an_error_body_is_compact_json_on_the_wire() -> None:
+    assert error_body("DENIED", "no") == (
+        b'{"errors":[{"code":"DENIED","message":"no","detail":null}]}'
+    )
+
+
 def test_unsupported_method_is_405_with_allow() -> None:
     error = unsupported_method("PUT")
     assert (error.status, error.code, error.headers) == (405, "UNSUPPORTED", {"Allow": "GET, HEAD"})
+    assert error.message == "PUT is not supported: this registry proxy is read-only (pull only)"
+    assert error.detail is None
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code", "message"),
+    [
+        (not_an_endpoint("not a registry API path"), 404, "UNSUPPORTED", "not a registry API path"),
+        (internal_error(), 500, "UNKNOWN", "internal error in the registry proxy"),
+        (bad_request("NAME_INVALID", "bad name", {"name": "x"}), 400, "NAME_INVALID", "bad name"),
+    ],
+)
+def test_answers_of_the_proxys_own(
+    error: RegistryError, status: int, code: str, message: str
+) -> None:
+    assert (error.status, error.code, error.message, error.headers) == (status, code, message, {})
+    assert error.body() == error_body(code, message, error.detail)
+    assert message in str(error)
+
+
+def test_a_registry_error_carries_its_detail_and_headers() -> None:
+    error = RegistryError(401, "UNAUTHORIZED", "log in", {"name": "o/a"}, {"WWW-Authenticate": "x"})
+    assert json.loads(error.body()) == {
+        "errors": [{"code": "UNAUTHORIZED", "message": "log in", "detail": {"name": "o/a"}}]
+    }
+    assert error.headers == {"WWW-Authenticate": "x"}
+    assert bad_request("NAME_INVALID", "bad").detail is None
 
 
 def test_first_error_code() -> None:
     assert first_error_code(error_body("NAME_UNKNOWN", "x")) == "NAME_UNKNOWN"
+    two = b'{"errors":[{"code":"DENIED"},{"code":"NAME_UNKNOWN"}]}'
+    assert first_error_code(two) == "DENIED"
     for body in (b"", b"<html>", b"[]", b'{"errors":[]}', b'{"errors":[1]}', b'{"errors":"x"}'):
         assert first_error_code(body) is None
+    for body in (b'{"errors":[{"code":5}]}', b'{"errors":[{}]}', b"{}", b"\xff\xfe\xfd"):
+        assert first_error_code(body) is None
+
+
+PROXY = "proxy.example:8080"
+# What every helpful denial says after its first sentence.
+HINTS = (
+    " Use <org>/<app>[/<version|commit>] with the app slug as shown in the dashboard."
+    " Write versions without a leading 'v' and without '+rev' (1.2.3 pulls its newest revision);"
+    " drafts need the full version (1.2.3-1700000000000)."
+    f" Private apps need 'docker login {PROXY}' with your balena username and an API key as the"
+    " password."
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [
+        ("gh_acme", "'gh_acme' names no app: write the org and the app (gh_acme/<app>)."),
+        ("gh_acme/web", "app 'gh_acme/web' was not found, or you are not allowed to pull it."),
+        (
+            "gh_acme/web/1.2.3",
+            "release '1.2.3' of app 'gh_acme/web' was not found, or you are not allowed to pull"
+            " it, or it has several services (a release of several services cannot be pulled by"
+            " version or commit this way).",
+        ),
+        (
+            "gh_acme/web/v1.2.3",
+            "release 'v1.2.3' of app 'gh_acme/web' was not found: versions are written without"
+            " the 'v', did you mean gh_acme/web/1.2.3?",
+        ),
+        (
+            "gh_acme/web/1.2.3/frontend",
+            "'gh_acme/web/1.2.3/frontend' names a service: images of one service of a release"
+            " cannot be pulled by name, only releases of single-service apps"
+            " (gh_acme/web[/<version|commit>]).",
+        ),
+    ],
+)
+def test_each_denial_says_what_failed_and_how_to_write_it(name: str, first: str) -> None:
+    (error,) = json.loads(explain(name, "NAME_UNKNOWN", PROXY))["errors"]
+    assert error == {
+        "code": "NAME_UNKNOWN",
+        "message": first + HINTS,
+        "detail": {"name": name, "upstream_code": "NAME_UNKNOWN"},
+    }
+
+
+@pytest.mark.parametrize("release", ["vx1.2.3", "v1.2", "v1.2.3+rev1", "1.2.3"])
+def test_only_a_v_before_a_version_is_taken_for_one(release: str) -> None:
+    message = json.loads(explain(f"o/a/{release}", None, "p"))["errors"][0]["message"]
+    assert "did you mean" not in message
+    assert message.startswith(f"release '{release}' of app 'o/a' was not found, or")
 
 
 def test_explain_release() -> None:
@@ -129,6 +225,14 @@ def test_request_id_keeps_plain_tokens_and_replaces_the_rest() -> None:
         generated = request_id(sent)
         assert generated != sent
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+
+def test_new_request_ids_are_unique_and_use_all_128_bits() -> None:
+    ids = [request_id(None) for _ in range(256)]
+    assert len(set(ids)) == len(ids)
+    # Each of the 32 hex digits is random: the first one too (128 bits, not fewer). The chance
+    # that 256 ids all start below 8 by luck is 2**-256.
+    assert {generated[0] for generated in ids} & set("89abcdef")
 
 
 def test_a_v_prefixed_version_suggests_the_plain_one() -> None:

@@ -57,3 +57,16 @@ def test_the_service_of_a_challenge() -> None:
     assert challenge_service('Bearer realm="x", Service="s2"') == "s2"
     assert challenge_service('Bearer realm="x"') is None
     assert challenge_service('Bearer service=""') is None
+
+
+def test_a_plain_http_realm_is_a_realm_too() -> None:
+    assert challenge_realm('Bearer realm="http://10.0.0.2/token"') == "http://10.0.0.2/token"
+    assert challenge_realm('Bearer realm="ftp://10.0.0.2/token"') is None
+
+
+def test_only_the_first_realm_of_a_header_is_replaced() -> None:
+    # Two challenges in one header line: the Bearer one first, a Basic one after it.
+    challenge = 'Bearer realm="https://api.example/token",service="r", Basic realm="registry"'
+    assert replace_realm(challenge, "https://proxy/auth/v1/token") == (
+        'Bearer realm="https://proxy/auth/v1/token",service="r", Basic realm="registry"'
+    )
