@@ -49,3 +49,46 @@ def test_refused_requests_get_a_400_that_says_why(
     assert error.status == 400
     assert error.code == "UNSUPPORTED"
     assert message in error.message
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "message"),
+    [
+        ((0, 9), HOST, "HTTP/0.9 is not supported: send HTTP/1.1"),
+        (
+            (1, 0),
+            [("TRANSFER-ENCODING", "chunked")],
+            "Transfer-Encoding is not allowed in an HTTP/1.0 request",
+        ),
+        ((1, 1), [("HOST", "a.example"), ("Host", "a.example")], "more than one Host header"),
+        ((1, 1), [("X-Forwarded-Host", "a.example")], "an HTTP/1.1 request needs a Host header"),
+        ((2, 0), [], "an HTTP/1.1 request needs a Host header"),
+        ((1, 1), [("host", "a_b")], "the Host header is not a host name"),
+        (
+            (1, 1),
+            [*HOST, ("x-forwarded-host", "a.example"), ("X-Forwarded-Host", "b.example, c d")],
+            "X-Forwarded-Host is not a list of host names",
+        ),
+    ],
+)
+def test_each_refusal_says_exactly_why(
+    version: tuple[int, int], headers: list[tuple[str, str]], message: str
+) -> None:
+    error = refusal(version, headers)
+    assert error is not None
+    assert (error.status, error.code, error.message) == (400, "UNSUPPORTED", message)
+
+
+@pytest.mark.parametrize(
+    ("version", "headers"),
+    [
+        ((1, 0), [("Host", "a.example")]),
+        ((1, 0), [("X-Forwarded-Host", " a.example , b.example ")]),
+        ((1, 1), [("Host", "a.example"), ("Transfer-Encoding", "chunked")]),
+        ((1, 1), [("host", "a.example"), ("x-forwarded-host", "b.example:8443")]),
+    ],
+)
+def test_what_http_1_0_and_1_1_may_send(
+    version: tuple[int, int], headers: list[tuple[str, str]]
+) -> None:
+    assert refusal(version, headers) is None

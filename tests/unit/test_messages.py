@@ -250,3 +250,71 @@ def test_a_release_that_did_not_resolve_may_have_several_services() -> None:
 def test_an_org_alone_is_told_an_app_is_missing() -> None:
     message = json.loads(explain("gh_acme", None, "p"))["errors"][0]["message"]
     assert message.startswith("'gh_acme' names no app: write the org and the app (gh_acme/<app>)")
+
+
+# The query names the README says are shown: pagination, token requests, containerd's ns, mounts.
+HARMLESS = ["n", "last", "service", "scope", "account", "ns", "digest", "mount", "from"]
+
+
+@pytest.mark.parametrize("name", [*HARMLESS, "artifactType", "N", "Scope"])
+def test_each_harmless_query_value_is_shown(name: str) -> None:
+    assert redact_target(f"/v2/x?{name}=v&token=t") == f"/v2/x?{name}=v&token=***"
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        ("/v2/x?", "/v2/x?"),
+        ("/v2/x?a=&n=", "/v2/x?a=***&n="),
+        ("/v2/x?a%20b=1", "/v2/x?a%20b=***"),
+        ("/v2/x?scope=repository:o/a:pull,push", "/v2/x?scope=repository:o/a:pull%2Cpush"),
+        ("/v2/x?last=a*b c", "/v2/x?last=a*b%20c"),
+    ],
+)
+def test_redacted_targets_are_still_well_formed(target: str, logged: str) -> None:
+    assert redact_target(target) == logged
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("tab\there", "tab\\there"), ("é", "\\xe9"), ("\x1b[31m", "\\x1b[31m"), ("a\rb", "a\\rb")],
+)
+def test_printable_escapes_what_is_not_printable_ascii(text: str, shown: str) -> None:
+    assert printable(text) == shown
+
+
+def test_an_access_record_of_an_unrewritten_request_without_an_id() -> None:
+    record = AccessRecord.of(
+        client="::1",
+        method="HEAD",
+        target="/v2/",
+        upstream_target=None,
+        status=401,
+        size=0,
+        elapsed_ms=0.04,
+    )
+    assert record.line() == '::1 "HEAD /v2/" 401 0 0.0ms'
+    assert record.fields() == {
+        "client": "::1",
+        "method": "HEAD",
+        "path": "/v2/",
+        "upstream_path": None,
+        "status": 401,
+        "bytes": 0,
+        "ms": 0.0,
+        "request_id": None,
+    }
+
+
+def test_an_access_record_makes_every_text_printable() -> None:
+    record = AccessRecord.of(
+        client="a\nb",
+        method="G\x00T",
+        target="/v2/\x7f",
+        upstream_target="/v2/é",
+        status=200,
+        size=5,
+        elapsed_ms=12.345,
+        request_id="r",
+    )
+    assert record.line() == 'a\\nb "G\\x00T /v2/\\x7f -> /v2/\\xe9" 200 5 12.3ms rid=r'
