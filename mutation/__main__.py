@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import re
@@ -152,6 +153,7 @@ def imported(source: str, importer: str) -> set[str]:
     return found
 
 
+@functools.cache
 def package_modules(root: Path) -> dict[str, set[str]]:
     """Each module of the package (dotted within it) and the package modules it imports."""
     source = root / "src" / PACKAGE
@@ -174,6 +176,15 @@ def dependents(module: str, graph: dict[str, set[str]]) -> set[str]:
         found |= more
 
 
+@functools.cache
+def unit_test_imports(root: Path) -> dict[str, set[str]]:
+    """Each unit test file (relative to ``root``) and the package modules it imports."""
+    return {
+        str(path.relative_to(root)): imported(path.read_text(encoding="utf-8"), "")
+        for path in sorted((root / UNIT_TESTS).glob("test_*.py"))
+    }
+
+
 def unit_tests_seeing(module: str, root: Path = ROOT) -> list[str]:
     """The unit test files that can see ``module``: those that import it first (the likeliest
     to kill its mutants, and the run stops at the first failure), then those that import a
@@ -181,12 +192,11 @@ def unit_tests_seeing(module: str, root: Path = ROOT) -> list[str]:
     seeing = dependents(module, package_modules(root))
     direct: list[str] = []
     indirect: list[str] = []
-    for path in sorted((root / UNIT_TESTS).glob("test_*.py")):
-        imports = imported(path.read_text(encoding="utf-8"), "")
+    for path, imports in unit_test_imports(root).items():
         if module in imports:
-            direct.append(str(path.relative_to(root)))
+            direct.append(path)
         elif imports & seeing:
-            indirect.append(str(path.relative_to(root)))
+            indirect.append(path)
     return direct + indirect
 
 

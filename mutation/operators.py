@@ -102,7 +102,7 @@ class ReplaceString(Operator):  # type: ignore[misc]  # Cosmic Ray is untyped
             Example(
                 'def f():\n    """Doc."""\n    return ""\n',
                 'def f():\n    """Doc."""\n    return "XXXX"\n',
-            ),  # noqa: E501
+            ),
         )
 
 
