@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"not a pure module of MODULES: {', '.join(unknown)}")
     modules = args.modules or list(MODULES)
     equivalents = load_equivalents()
-    runner = Runner(args.tools, sys.executable)
+    runner = Runner(args.tools.resolve(), sys.executable)
     started = time.monotonic()
     # Biggest first, so that the last one to finish is a small one.
     order = sorted(modules, key=lambda m: -(ROOT / "src" / PACKAGE / f"{m}.py").stat().st_size)
