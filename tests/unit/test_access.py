@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
 
@@ -238,3 +239,13 @@ def test_an_invalid_alias_target_is_refused_naming_the_alias() -> None:
 def test_an_alias_to_a_valid_name_of_any_shape_is_followed() -> None:
     entries = (AccessEntry("a" * 255, "org/app", ("pull",)),)
     assert find_access(entries, "org/app") == Match(Verdict.ALIASED, "a" * 255)
+
+
+def test_the_entries_of_a_token_are_shared_and_cannot_be_changed() -> None:
+    # token_entries keeps its answers: an entry changed by one request would be the next one's.
+    token = make_token(alias_entry("org/app", "v2/abc"))
+    (entry,) = token_entries(token)
+    assert token_entries(token)[0] is entry
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "v2/other"  # type: ignore[misc]
+    assert {entry: 1}[AccessEntry("v2/abc", "org/app", ("pull",))] == 1

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from balena_registry_proxy.headers import (
+    REDIRECT_STATUSES,
+    SECURITY_HEADERS,
     accepts,
     client_response_headers,
     redirect_request_headers,
@@ -341,3 +345,17 @@ def test_a_location_on_the_upstream_without_a_path_points_at_the_proxys_root(
     location: str, expected: str
 ) -> None:
     assert rewrite_location(location, UPSTREAM) == expected
+
+
+def test_the_security_headers_are_the_ones_the_readme_promises() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    promise = re.search(r"Every response carries (.*?) and an `X-Request-Id`", readme, re.DOTALL)
+    assert promise is not None
+    promised = re.findall(r"`([\w-]+):\s+(\w+)`", promise[1])
+    assert promised == list(SECURITY_HEADERS)
+
+
+def test_the_redirects_followed_are_those_of_rfc_9110() -> None:
+    # 15.4: 301, 302, 303, 307 and 308 carry a Location to follow; 300 (a choice), 304 (not
+    # modified) and 305/306 (deprecated, unused) do not.
+    assert sorted(REDIRECT_STATUSES) == [301, 302, 303, 307, 308]

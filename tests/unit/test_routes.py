@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -380,3 +382,26 @@ def test_names_of_the_oci_grammar_are_valid(name: str) -> None:
 @pytest.mark.parametrize("name", ["", "A", "a/", "/a", "a..b", "a___b", "a.-b", "_a", "a-", "a b"])
 def test_names_outside_the_oci_grammar_are_not(name: str) -> None:
     assert not is_valid_name(name)
+
+
+@pytest.mark.parametrize("target", ["/v2/tags/list", "/v2/o/a/tags/x", "/v2/o/a/tags/lists"])
+def test_only_a_name_then_tags_list_lists_tags(target: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_target(target)
+    assert (caught.value.status, caught.value.message) == (404, "not a registry API endpoint")
+
+
+def test_a_name_of_the_longest_length_is_refused_for_what_else_is_wrong() -> None:
+    name = "o/" + "A" * 253
+    with pytest.raises(RegistryError) as caught:
+        parse_target(f"/v2/{name}/manifests/latest")
+    assert caught.value.message == "invalid repository name: image names are lower case"
+
+
+def test_a_parsed_route_is_shared_and_cannot_be_changed() -> None:
+    # parse_target keeps its answers: a route changed by one caller would be another's too.
+    route = parse_target("/v2/o/a/manifests/latest")
+    assert parse_target("/v2/o/a/manifests/latest") is route
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        route.reference = "other"  # type: ignore[misc]
+    assert {route: 1}[Route(Kind.MANIFEST, "o/a", "latest")] == 1
