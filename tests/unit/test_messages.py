@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -192,31 +193,87 @@ def test_printable_keeps_plain_text() -> None:
     assert printable("a\nb") == "a\\nb"
 
 
-def test_access_record_fields_and_line() -> None:
-    record = AccessRecord.of(
-        client="203.0.113.9",
-        method="GET",
-        target="/v2/o/a/manifests/latest?token=secret",
-        upstream_target="/v2/v2/abc/manifests/latest?token=secret",
-        status=200,
-        size=529,
-        elapsed_ms=3.14159,
-        request_id="abc123",
-    )
-    assert record.line() == (
-        '203.0.113.9 "GET /v2/o/a/manifests/latest?token=*** -> '
-        '/v2/v2/abc/manifests/latest?token=***" 200 529 3.1ms rid=abc123'
-    )
-    assert record.fields() == {
-        "client": "203.0.113.9",
-        "method": "GET",
-        "path": "/v2/o/a/manifests/latest?token=***",
-        "upstream_path": "/v2/v2/abc/manifests/latest?token=***",
-        "status": 200,
-        "bytes": 529,
-        "ms": 3.1,
-        "request_id": "abc123",
-    }
+REWRITTEN = {
+    "client": "203.0.113.9",
+    "method": "GET",
+    "target": "/v2/o/a/manifests/latest?token=secret",
+    "upstream_target": "/v2/v2/abc/manifests/latest?token=secret",
+    "status": 200,
+    "size": 529,
+    "elapsed_ms": 3.14159,
+    "request_id": "abc123",
+}
+UNREWRITTEN = {
+    "client": "::1",
+    "method": "HEAD",
+    "target": "/v2/",
+    "upstream_target": None,
+    "status": 401,
+    "size": 0,
+    "elapsed_ms": 0.04,
+}
+
+
+@pytest.mark.parametrize(
+    ("facts", "line"),
+    [
+        (
+            REWRITTEN,
+            '203.0.113.9 "GET /v2/o/a/manifests/latest?token=*** -> '
+            '/v2/v2/abc/manifests/latest?token=***" 200 529 3.1ms rid=abc123',
+        ),
+        (UNREWRITTEN, '::1 "HEAD /v2/" 401 0 0.0ms'),
+        (
+            {
+                **REWRITTEN,
+                "client": "a\nb",
+                "method": "G\x00T",
+                "target": "/v2/\x7f",
+                "upstream_target": "/v2/é",
+                "elapsed_ms": 12.345,
+                "request_id": "r",
+            },
+            'a\\nb "G\\x00T /v2/\\x7f -> /v2/\\xe9" 200 529 12.3ms rid=r',
+        ),
+    ],
+)
+def test_access_lines(facts: dict[str, Any], line: str) -> None:
+    assert AccessRecord.of(**facts).line() == line
+
+
+@pytest.mark.parametrize(
+    ("facts", "fields"),
+    [
+        (
+            REWRITTEN,
+            {
+                "client": "203.0.113.9",
+                "method": "GET",
+                "path": "/v2/o/a/manifests/latest?token=***",
+                "upstream_path": "/v2/v2/abc/manifests/latest?token=***",
+                "status": 200,
+                "bytes": 529,
+                "ms": 3.1,
+                "request_id": "abc123",
+            },
+        ),
+        (
+            UNREWRITTEN,
+            {
+                "client": "::1",
+                "method": "HEAD",
+                "path": "/v2/",
+                "upstream_path": None,
+                "status": 401,
+                "bytes": 0,
+                "ms": 0.0,
+                "request_id": None,
+            },
+        ),
+    ],
+)
+def test_access_fields(facts: dict[str, Any], fields: dict[str, object]) -> None:
+    assert AccessRecord.of(**facts).fields() == fields
 
 
 def test_request_id_keeps_plain_tokens_and_replaces_the_rest() -> None:
@@ -281,40 +338,3 @@ def test_redacted_targets_are_still_well_formed(target: str, logged: str) -> Non
 )
 def test_printable_escapes_what_is_not_printable_ascii(text: str, shown: str) -> None:
     assert printable(text) == shown
-
-
-def test_an_access_record_of_an_unrewritten_request_without_an_id() -> None:
-    record = AccessRecord.of(
-        client="::1",
-        method="HEAD",
-        target="/v2/",
-        upstream_target=None,
-        status=401,
-        size=0,
-        elapsed_ms=0.04,
-    )
-    assert record.line() == '::1 "HEAD /v2/" 401 0 0.0ms'
-    assert record.fields() == {
-        "client": "::1",
-        "method": "HEAD",
-        "path": "/v2/",
-        "upstream_path": None,
-        "status": 401,
-        "bytes": 0,
-        "ms": 0.0,
-        "request_id": None,
-    }
-
-
-def test_an_access_record_makes_every_text_printable() -> None:
-    record = AccessRecord.of(
-        client="a\nb",
-        method="G\x00T",
-        target="/v2/\x7f",
-        upstream_target="/v2/é",
-        status=200,
-        size=5,
-        elapsed_ms=12.345,
-        request_id="r",
-    )
-    assert record.line() == 'a\\nb "G\\x00T /v2/\\x7f -> /v2/\\xe9" 200 5 12.3ms rid=r'
