@@ -126,9 +126,12 @@ bench-profile: $(STAMP) bench-packages
 # from the hashed lock requirements/mutation.txt; the tests run in this one. Not part of `make
 # test` (about 40 minutes on 2 cores). `make mutation MUTATION_MODULES="routes access"` runs
 # some modules only (and leaves the docs alone); the list of pure modules is in mutation/.
+# `make mutation MUTATION_ARGS=--stored` judges the last run's sessions again, running nothing
+# (after mutation/equivalent.toml changed).
 MUTATION_VENV := $(VENV)/mutation-tools
 MUTATION_JOBS ?= 2
 MUTATION_MODULES ?=
+MUTATION_ARGS ?=
 
 $(MUTATION_VENV)/.installed: requirements/mutation.txt | venv-support
 	$(PYTHON) -m venv $(MUTATION_VENV)
@@ -137,7 +140,8 @@ $(MUTATION_VENV)/.installed: requirements/mutation.txt | venv-support
 	touch $@
 
 mutation: $(STAMP) $(MUTATION_VENV)/.installed
-	$(BIN)/python -m mutation --tools $(MUTATION_VENV) --jobs $(MUTATION_JOBS) $(MUTATION_MODULES)
+	$(BIN)/python -m mutation --tools $(MUTATION_VENV) --jobs $(MUTATION_JOBS) $(MUTATION_ARGS) \
+		$(MUTATION_MODULES)
 
 # Hashed lock files from pyproject.toml, by pip-compile (pip-tools, in a venv of its own):
 # runtime.txt for the image, build.txt for building the wheel, dev.txt (dev and bench extras,

@@ -360,3 +360,15 @@ def test_the_default_cache_size_is_20_gib() -> None:
 def test_a_switch_is_turned_off_by_its_negative_flag(option: Option, flag: str) -> None:
     assert option.negative_flag == "--no-" + flag.removeprefix("--")
     assert getattr(settings({option.env: "true"}, option.negative_flag), option.field) is False
+
+
+def test_every_default_is_the_one_the_readme_and_help_show() -> None:
+    defaults = Settings()
+    for option in OPTIONS:
+        if not option.shown_default:
+            assert getattr(defaults, option.field) is None or option.field == "registry_url"
+        elif option.field == "registry2_host":
+            # Shown as the host it stands for: the upstream when nothing else is set.
+            assert defaults.registry_url == f"https://{option.shown_default}"
+        else:
+            assert getattr(defaults, option.field) == option.parse(option.shown_default), option

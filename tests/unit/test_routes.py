@@ -229,6 +229,8 @@ def test_the_target_length_limit_is_4096_characters() -> None:
         ),
         ("/v2/o//a/manifests/x", "request path has empty, '.' or '..' segments", None),
         ("/v2/o/../a/manifests/x", "request path has empty, '.' or '..' segments", None),
+        ("/v2/o/./a/manifests/x", "request path has empty, '.' or '..' segments", None),
+        ("/v2/o/a/manifests/.", "request path has empty, '.' or '..' segments", None),
         ("/v3/", "not a registry API path", None),
         ("/v2/o/a/whatever/x", "not a registry API endpoint", None),
         (
