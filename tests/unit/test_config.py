@@ -202,6 +202,11 @@ def refusal(env: dict[str, str]) -> str:
             "seconds",
         ),
         (
+            {"UPSTREAM_FIRST_BYTE_TIMEOUT": "700000"},
+            "UPSTREAM_FIRST_BYTE_TIMEOUT (--first-byte-timeout) '700000': must be a positive "
+            "number of seconds",
+        ),
+        (
             {"SHUTDOWN_TIMEOUT": "soon"},
             "SHUTDOWN_TIMEOUT (--shutdown-timeout) 'soon': must be a number of seconds",
         ),
