@@ -79,6 +79,15 @@ class Equivalent:
     line: str
     mutant: str
     reason: str
+    near: str = ""
+    """Text of the lines around it, where the same line occurs twice (a dataclass decorator)."""
+
+    def matches(self, mutant: Mutant) -> bool:
+        return (self.module, self.line, self.mutant) == (
+            mutant.module,
+            mutant.line,
+            mutant.mutant,
+        ) and self.near in mutant.context
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,8 @@ class Mutant:
     outcome: str  # killed, survived, skipped, incompetent
     line: str
     mutant: str
+    context: str = ""
+    """The unchanged lines the diff shows around it."""
 
 
 @dataclass
@@ -124,7 +135,13 @@ def normalised(text: str) -> str:
 def load_equivalents(path: Path = EQUIVALENT) -> list[Equivalent]:
     entries = tomllib.loads(path.read_text(encoding="utf-8")).get("mutant", [])
     return [
-        Equivalent(e["module"], normalised(e["line"]), normalised(e["mutant"]), e["reason"])
+        Equivalent(
+            e["module"],
+            normalised(e["line"]),
+            normalised(e["mutant"]),
+            e["reason"],
+            normalised(e.get("near", "")),
+        )
         for e in entries
     ]
 
@@ -214,6 +231,11 @@ def changed_lines(diff: str) -> tuple[str, str]:
     return normalised(" ".join(before)), normalised(" ".join(after))
 
 
+def context_lines(diff: str) -> str:
+    """The unchanged lines a unified diff shows around the change, joined."""
+    return normalised(" ".join(line[1:] for line in diff.splitlines() if line.startswith(" ")))
+
+
 def outcome(result: dict[str, str | None] | None) -> str:
     if result is None:
         return "pending"
@@ -230,7 +252,8 @@ def read_session(module: str, dump: str) -> list[Mutant]:
     for text in dump.splitlines():
         item, result = json.loads(text)
         (mutation,) = item["mutations"]
-        before, after = changed_lines((result or {}).get("diff") or "")
+        diff = (result or {}).get("diff") or ""
+        before, after = changed_lines(diff)
         mutants.append(
             Mutant(
                 module=module,
@@ -240,6 +263,7 @@ def read_session(module: str, dump: str) -> list[Mutant]:
                 outcome=outcome(result),
                 line=before,
                 mutant=after,
+                context=context_lines(diff),
             )
         )
     return mutants
@@ -248,9 +272,9 @@ def read_session(module: str, dump: str) -> list[Mutant]:
 def judge(score: Score, equivalents: Iterable[Equivalent]) -> None:
     """Sort the listed equivalent mutants out of ``score``'s survivors; a listed one that was
     killed is not equivalent, and goes to ``wrongly_listed``."""
-    listed = {(e.line, e.mutant) for e in equivalents if e.module == score.module}
+    listed = [e for e in equivalents if e.module == score.module]
     for mutant in score.mutants:
-        if (mutant.line, mutant.mutant) not in listed:
+        if not any(e.matches(mutant) for e in listed):
             continue
         if mutant.outcome == "survived":
             score.equivalent.append(mutant)
@@ -365,7 +389,8 @@ def equivalents_list(equivalents: Sequence[Equivalent]) -> str:
     rows = ["| module | line | mutant | why it is equivalent |", "| --- | --- | --- | --- |"]
     for e in sorted(equivalents, key=lambda e: e.module):
         line, mutant = (text.replace("|", "\\|") for text in (e.line, e.mutant))
-        rows.append(f"| `{e.module}` | `{line}` | `{mutant}` | {e.reason} |")
+        near = f" (near `{e.near}`)" if e.near else ""
+        rows.append(f"| `{e.module}` | `{line}`{near} | `{mutant}` | {e.reason} |")
     return "\n".join(rows)
 
 
@@ -457,9 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{table(ordered)}\n\n{minutes:.1f} minutes")
     if not args.modules:
         write_doc(ordered, equivalents, minutes, args.jobs)
-        matched = {(m.module, m.line, m.mutant) for s in ordered for m in s.equivalent}
+        matched = [m for s in ordered for m in s.equivalent]
         for e in equivalents:
-            if (e.module, e.line, e.mutant) not in matched:
+            if not any(e.matches(m) for m in matched):
                 print(f"listed as equivalent but no such survivor: {e.module}: {e.line}")
     low = [s.module for s in ordered if s.percent < args.fail_under]
     if low:

@@ -108,11 +108,50 @@ def test_listed_survivors_leave_the_score_and_listed_kills_are_reported() -> Non
     assert "| `m` | 3 | 1 | 1 | 1 | 50.0 % |" in table([score])
 
 
+def test_a_line_that_occurs_twice_is_told_apart_by_the_lines_near_it() -> None:
+    diff = (
+        "--- a/m.py\n+++ b/m.py\n@@ -1,2 +1,2 @@\n"
+        "-@dataclass(frozen=True)\n+@dataclass(frozen=False)\n class Match:\n"
+    )
+    (found,) = read_session(
+        "m",
+        json.dumps(
+            [
+                {
+                    "mutations": [
+                        {"operator_name": "o", "start_pos": [1, 0], "definition_name": None}
+                    ]
+                },
+                {"worker_outcome": "normal", "test_outcome": "survived", "diff": diff},
+            ]
+        ),
+    )
+    assert found.context == "class Match:"
+    listed = Equivalent(
+        "m", "@dataclass(frozen=True)", "@dataclass(frozen=False)", "why", "class Match"
+    )
+    assert listed.matches(found)
+    other = Equivalent(
+        "m", "@dataclass(frozen=True)", "@dataclass(frozen=False)", "why", "class Entry"
+    )
+    assert not other.matches(found)
+
+
 def test_every_listed_equivalent_mutant_has_a_module_and_a_reason() -> None:
     entries = tomllib.loads(EQUIVALENT.read_text(encoding="utf-8")).get("mutant", [])
     assert len(load_equivalents()) == len(entries)
     for entry in entries:
-        assert set(entry) == {"module", "line", "mutant", "reason"}, entry
+        assert (
+            {"module", "line", "mutant", "reason"}
+            <= set(entry)
+            <= {
+                "module",
+                "line",
+                "mutant",
+                "reason",
+                "near",
+            }
+        ), entry
         assert entry["module"] in MODULES, entry
         assert entry["reason"].strip(), entry
 

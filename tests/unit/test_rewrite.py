@@ -207,7 +207,14 @@ def test_every_scope_of_the_real_name_in_a_challenge_is_mapped() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"tags":["latest"]}', b"[" * 100_000 + b"]" * 100_000, b'"v2/abc"']
+    "body",
+    [
+        b'{"tags":["latest"]}',
+        b'{"name":"v2/abd","tags":[]}',
+        b'{"name":"v2/ab","tags":[]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'"v2/abc"',
+    ],
 )
 def test_tags_bodies_without_the_real_name_are_left_alone(body: bytes) -> None:
     assert map_tags_body(body, "v2/abc", "org/app") is None
