@@ -207,3 +207,16 @@ def test_an_own_host_that_is_no_host_is_never_repeated(peer: str) -> None:
     trust = parse_trust_proxy("loopback")
     origin = effective_origin(peer, "https", 'x", realm="evil', None, "bad host", trust)
     assert origin == ("https", "-")
+
+
+def test_a_single_trusted_hop_is_the_peer_itself() -> None:
+    # TRUST_PROXY=1: the peer is the one hop trusted, so its X-Forwarded-Proto/-Host count.
+    trust = parse_trust_proxy("1")
+    assert effective_origin("10.0.0.1", "http", "own", "https", "a.example", trust) == (
+        "https",
+        "a.example",
+    )
+    assert effective_origin("10.0.0.1", "http", "own", None, None, parse_trust_proxy("0")) == (
+        "http",
+        "own",
+    )
