@@ -359,3 +359,10 @@ def test_the_redirects_followed_are_those_of_rfc_9110() -> None:
     # 15.4: 301, 302, 303, 307 and 308 carry a Location to follow; 300 (a choice), 304 (not
     # modified) and 305/306 (deprecated, unused) do not.
     assert sorted(REDIRECT_STATUSES) == [301, 302, 303, 307, 308]
+
+
+def test_only_the_connection_header_names_hop_by_hop_headers() -> None:
+    # Headers sorting before and after "connection" whose values look like header names.
+    headers = [("Accept", "x-b"), ("X-A", "x-b"), ("Cache-Control", "accept"), ("X-B", "1")]
+    assert client_response_headers(headers) == headers
+    assert upstream_request_headers(headers, "rid")[:-1] == headers
