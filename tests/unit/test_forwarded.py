@@ -220,3 +220,8 @@ def test_a_single_trusted_hop_is_the_peer_itself() -> None:
         "http",
         "own",
     )
+
+
+def test_a_trusted_peer_may_say_the_client_used_plain_http() -> None:
+    trust = parse_trust_proxy("loopback")
+    assert effective_origin("127.0.0.1", "https", "own", "http", None, trust) == ("http", "own")

@@ -246,3 +246,15 @@ def test_an_unresolved_name_is_explained_whatever_it_asks_for() -> None:
         frozenset({401, 403, 404}),
         False,
     )
+
+
+def test_only_location_link_and_challenges_are_mapped() -> None:
+    # Other headers that happen to hold the real name, sorting before and after those three.
+    plan = Plan(f"/v2/{REAL}/tags/list", names=Names("org/app", REAL))
+    headers = [
+        ("Content-Location", f"/v2/{REAL}/tags/list"),
+        ("Docker-Upload-UUID", f"repository:{REAL}:pull"),
+        ("X-Link", f"</v2/{REAL}/tags/list>"),
+        ("Zz-Scope", f'scope="repository:{REAL}:pull"'),
+    ]
+    assert map_response_headers(headers, plan, "https://registry.test") == headers
