@@ -48,6 +48,7 @@ def test_the_most_recent_ten_thousand_are_remembered() -> None:
     assert not memory.ever(keys[1])
     assert not memory.linked("v2/r1", DIGEST)
     assert all(memory.ever(confirmation) for confirmation in keys[2:])
+    assert all(memory.linked(f"v2/r{number}", DIGEST) for number in range(2, 10_001))
 
 
 def test_links_are_remembered_apart_from_who_confirmed_them() -> None:

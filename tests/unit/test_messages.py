@@ -71,6 +71,7 @@ def test_first_error_code() -> None:
     assert first_error_code(error_body("NAME_UNKNOWN", "x")) == "NAME_UNKNOWN"
     two = b'{"errors":[{"code":"DENIED"},{"code":"NAME_UNKNOWN"}]}'
     assert first_error_code(two) == "DENIED"
+    assert first_error_code(b'{"errors":[{"code":"DENIED"},1]}') == "DENIED"
     for body in (b"", b"<html>", b"[]", b'{"errors":[]}', b'{"errors":[1]}', b'{"errors":"x"}'):
         assert first_error_code(body) is None
     for body in (b'{"errors":[{"code":5}]}', b'{"errors":[{}]}', b"{}", b"\xff\xfe\xfd"):
