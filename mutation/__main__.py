@@ -395,10 +395,10 @@ def equivalents_list(equivalents: Sequence[Equivalent]) -> str:
 
 
 def replace_between(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.DOTALL)
-    if not pattern.search(text):
-        raise RuntimeError(f"{DOC} has no {name} markers")
-    return pattern.sub(lambda match: f"{match[1]}{body}{match[2]}", text)
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
+    if len(pattern.findall(text)) != 1:
+        raise RuntimeError(f"{DOC} has not one pair of {name} markers")
+    return pattern.sub(lambda match: f"{match[1]}{body}\n{match[2]}", text)
 
 
 def write_doc(

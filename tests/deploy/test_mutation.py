@@ -22,6 +22,7 @@ from mutation.__main__ import (
     judge,
     load_equivalents,
     read_session,
+    replace_between,
     table,
     unit_tests_seeing,
 )
@@ -172,3 +173,12 @@ def test_every_listed_equivalent_mutant_has_a_module_and_a_reason() -> None:
 )
 def test_operators_left_out(operator: str, excluded: bool) -> None:
     assert any(re.match(pattern, operator) for pattern in EXCLUDED_OPERATORS) is excluded
+
+
+def test_a_section_of_the_docs_is_replaced_between_its_markers_whatever_it_held() -> None:
+    empty = "a\n<!-- s:begin -->\n<!-- s:end -->\nb\n"
+    written = replace_between(empty, "s", "new")
+    assert written == "a\n<!-- s:begin -->\nnew\n<!-- s:end -->\nb\n"
+    assert replace_between(written, "s", "newer") == written.replace("new", "newer")
+    with pytest.raises(RuntimeError, match="not one pair"):
+        replace_between("no markers", "s", "new")
