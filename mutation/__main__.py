@@ -394,6 +394,16 @@ def equivalents_list(equivalents: Sequence[Equivalent]) -> str:
     return "\n".join(rows)
 
 
+def survivors_list(scores: Sequence[Score]) -> str:
+    rows = ["| module | line | mutant |", "| --- | --- | --- |"]
+    for score in scores:
+        for m in score.survivors:
+            line, mutant = (text.replace("|", "\\|") for text in (m.line, m.mutant))
+            where = f"{score.module}.py:{m.line_number}"
+            rows.append(f"| `{where}` | `{line}` | `{mutant}` |")
+    return "\n".join(rows) if len(rows) > 2 else "None."
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
     if len(pattern.findall(text)) != 1:
@@ -415,6 +425,7 @@ def write_doc(
     )
     text = DOC.read_text(encoding="utf-8")
     text = replace_between(text, "mutation-scores", summary)
+    text = replace_between(text, "mutation-survivors", survivors_list(scores))
     text = replace_between(text, "mutation-equivalent", equivalents_list(equivalents))
     DOC.write_text(text, encoding="utf-8")
 

@@ -23,6 +23,7 @@ from mutation.__main__ import (
     load_equivalents,
     read_session,
     replace_between,
+    survivors_list,
     table,
     unit_tests_seeing,
 )
@@ -182,3 +183,9 @@ def test_a_section_of_the_docs_is_replaced_between_its_markers_whatever_it_held(
     assert replace_between(written, "s", "newer") == written.replace("new", "newer")
     with pytest.raises(RuntimeError, match="not one pair"):
         replace_between("no markers", "s", "new")
+
+
+def test_the_survivors_left_are_listed_with_where_they_are() -> None:
+    score = Score("m", 0.0, [mutant("survived", "a | b"), mutant("killed")])
+    assert survivors_list([score]).splitlines()[2:] == ["| `m.py:1` | `a \\| b` | `x = 2` |"]
+    assert survivors_list([Score("m", 0.0, [mutant("killed")])]) == "None."
