@@ -54,6 +54,7 @@ $(DEMO_STAMP): $(BIN)/python pyproject.toml requirements/sandbox.txt requirement
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench mutation
 	$(BIN)/ruff format --check src tests bench mutation
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy src tests

@@ -77,7 +77,8 @@ def skopeo() -> str:
 # Anything that looks like a credential: a JWT (their JSON header always encodes to "eyJ"),
 # an Authorization value, a demo API key of the sandbox's catalog, a password used in a test.
 _SECRET = re.compile(
-    r"eyJ[A-Za-z0-9_-]{8,}\.|Bearer [A-Za-z0-9]|Basic [A-Za-z0-9]|sandbox-api-key|hunter2"
+    r"eyJ[A-Za-z0-9_-]{8,}\.|brp1\.[A-Za-z0-9_-]{8}|Bearer [A-Za-z0-9]|Basic [A-Za-z0-9]"
+    r"|sandbox-api-key|hunter2|seal-secret"
 )
 PROXY_LOG_FILES: list[Path] = []
 
@@ -104,7 +105,8 @@ class _Collect(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_secret_in_any_log() -> Iterator[None]:
-    """After the whole suite: no log line of the proxy, in-process or as a process, has a secret.
+    """After the whole suite: no log line of the proxy, in-process or as a process, has a secret
+    or shows a fault of the proxy's own.
 
     Every token, API key and password the tests use passes through the proxy somewhere; this
     reads every line the proxy logged while they did.
@@ -120,11 +122,19 @@ def no_secret_in_any_log() -> Iterator[None]:
         root.removeHandler(collect)
         root.setLevel(previous)
     lines = list(collect.lines)
+    processes = []
     for path in PROXY_LOG_FILES:
         if path.exists():
-            lines += path.read_text(errors="replace").splitlines()
+            processes += path.read_text(errors="replace").splitlines()
+    lines += processes
     leaked = [line for line in lines if _SECRET.search(line)]
     assert not leaked, f"{len(leaked)} log lines carry secrets, e.g. {leaked[0][:200]}"
+    # Nor a fault of its own: whatever the tests did to it, the proxy answered or logged a
+    # warning, never a traceback or an unexpected error. (In this process aiohttp's own
+    # loggers serve the tests' fake upstreams too, whose faults are on purpose.)
+    own = [line for line in collect.lines if line.startswith("balena_registry_proxy")]
+    faults = [line for line in own + processes if "Traceback" in line or "unexpected error" in line]
+    assert not faults, f"{len(faults)} log lines show faults:\n" + "\n".join(faults)
 
 
 @pytest.hookimpl(wrapper=True)

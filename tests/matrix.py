@@ -1,7 +1,7 @@
 """The client matrix: which client, at which version, did what, against which registry.
 
 A test marked ``@pytest.mark.matrix(client, case)``, or ``matrix(case)`` when its
-``layout_client`` parameter names the client, is recorded with its outcome: ``pass``,
+``layout_client`` or ``ctr`` parameter names the client, is recorded with its outcome: ``pass``,
 ``fail``, ``xfail`` (a known defect, see the test's reason) or ``skip``. The upstream is the
 ``go_upstream`` parameter of the test, or Debian's registry for tests on the shared sandbox.
 Fixtures note the version of every program they hand out. At the end of the session the
@@ -74,7 +74,10 @@ def observe(item: pytest.Item, report: pytest.TestReport) -> None:
     if marker is None or settled is None:
         return
     params = item.callspec.params if hasattr(item, "callspec") else {}
-    client, case = marker.args if len(marker.args) == 2 else (params["layout_client"], *marker.args)
+    if len(marker.args) == 2:
+        client, case = marker.args
+    else:
+        client, case = params.get("layout_client", params.get("ctr")), *marker.args
     key = (client, case, params.get("go_upstream", DEFAULT_UPSTREAM))
     previous = _records.get(key, "pass")
     _records[key] = min(previous, settled, key=_RANK.index)

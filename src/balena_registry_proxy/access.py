@@ -67,7 +67,7 @@ def token_entries(token: str) -> tuple[AccessEntry, ...]:
     Returns an empty tuple for anything that is not a decodable JWT. Cached because clients send
     the same token on every request of a pull, and decoding is pure.
     """
-    claims = _unverified_claims(token)
+    claims = unverified_claims(token)
     if claims is None:
         return ()
     return tuple(_entries(claims.get("access")))
@@ -117,8 +117,8 @@ def _invalid_alias_target(repository: str) -> RegistryError:
     )
 
 
-def _unverified_claims(token: str) -> Mapping[str, Any] | None:
-    """Decode a JWT's claims without checking the signature (the registry checks it)."""
+def unverified_claims(token: str) -> Mapping[str, Any] | None:
+    """A JWT's claims, decoded without checking the signature (the registry checks it)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except (jwt.PyJWTError, ValueError, RecursionError):

@@ -7,8 +7,9 @@ unless their name is known to be harmless (pagination, a token request's scope).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote
+from urllib.parse import unquote_plus
 
 # Query parameters whose values are shown; every other value is masked. Guessing which names
 # carry secrets misses some (jwt=, hdnts=, st=, Policy=): only what is known to be harmless is
@@ -17,6 +18,13 @@ SHOWN_QUERY_NAMES = frozenset(
     {"n", "last", "service", "scope", "account", "ns", "digest", "mount", "from", "artifacttype"}
 )
 MASK = "***"
+# A shown value must look like one: a count, a tag, a scope, a host, a digest. Anything else
+# (an escaped "access_token=..." smuggled into n, say) is masked too.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:/@,+-]*")
+
+
+def _plain(value: str) -> bool:
+    return _PLAIN_VALUE.fullmatch(unquote_plus(value)) is not None
 
 
 def printable(text: str) -> str:
@@ -27,14 +35,23 @@ def printable(text: str) -> str:
 
 
 def redact_target(target: str) -> str:
-    """The request target with every query value masked but those of ``SHOWN_QUERY_NAMES``."""
+    """The request target with every query value masked but those of ``SHOWN_QUERY_NAMES``.
+
+    A parameter without a value (a bare token, say) is masked whole; ``;`` separates
+    parameters as ``&`` does, since some servers read it so.
+    """
     path, sep, query = target.partition("?")
     if not sep:
         return path
     items = []
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        shown = value if key.lower() in SHOWN_QUERY_NAMES else MASK
-        items.append(f"{quote(key, safe='')}={quote(shown, safe=':@/*')}")
+    for item in re.split("[&;]", query):
+        name, has_value, value = item.partition("=")
+        if not has_value:
+            items.append(MASK if item else "")
+        elif unquote_plus(name).lower() in SHOWN_QUERY_NAMES and _plain(value):
+            items.append(item)
+        else:
+            items.append(f"{name}={MASK}")
     return f"{path}?{'&'.join(items)}"
 
 

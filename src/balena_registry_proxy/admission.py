@@ -15,14 +15,21 @@ from .errors import RegistryError, bad_request
 from .forwarded import is_host
 
 
-def refusal(version: tuple[int, int], headers: Iterable[tuple[str, str]]) -> RegistryError | None:
-    """The 400 for a request of HTTP ``version`` with ``headers`` that must not be served.
+def refusal(
+    version: tuple[int, int], raw_headers: Iterable[tuple[bytes, bytes]], max_head: int
+) -> RegistryError | None:
+    """The 4xx for a request of HTTP ``version`` with ``raw_headers`` that must not be served.
 
-    A refused request's connection is closed: after it, where the next request starts is not
-    known.
+    ``max_head``: the most the headers may take together. A refused request's connection is
+    closed: after it, where the next request starts is not known.
     """
     if version < (1, 0):
         return bad_request("UNSUPPORTED", "HTTP/0.9 is not supported: send HTTP/1.1")
+    if version >= (2, 0):
+        return RegistryError(505, "UNSUPPORTED", "only HTTP/1.1 (and 1.0) is spoken here")
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
+    if sum(len(name) + len(value) + 4 for name, value in headers) > max_head:
+        return RegistryError(431, "UNSUPPORTED", "request head too large")
     hosts: list[str] = []
     forwarded_hosts: list[str] = []
     for name, value in headers:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -18,23 +19,29 @@ from aiohttp.typedefs import Handler
 from . import __version__
 from .accesslog import AccessRecord, redact_target
 from .admission import refusal
+from .balena_api import BalenaApi
 from .config import ConfigError, Settings
 from .disk_store import DiskStore, StoreInUse
 from .edge_cache import EdgeCache
+from .envelope import Sealer, derive_key
 from .errors import CONTENT_TYPE, RegistryError, internal_error
 from .forwarded import TrustProxy, client_address
 from .headers import SECURITY_HEADERS
+from .login import Login
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, status_class
-from .proxy import Proxy
+from .proxy import Proxy, Resolving
 from .realm import TOKEN_PATH
 from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, STARTED, UPSTREAM_TARGET
 from .requestid import HEADER as REQUEST_ID_HEADER
 from .requestid import request_id
+from .resolver import Resolver
 from .resources import connections_for
 from .server import QUIET, SERVER_NAME, ConnectionLimits
+from .token_relay import TokenRelay
 from .upstream import Upstream
 from .upstream_errors import UpstreamError
+from .upstream_tokens import UpstreamTokens
 from .verification import TokenVerifier, load_public_key
 
 log = logging.getLogger("balena_registry_proxy")
@@ -42,6 +49,7 @@ ACCESS_LOGGER = logging.getLogger("balena_registry_proxy.access")
 METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 TRUST = web.AppKey("trust_proxy", TrustProxy)
+MAX_HEAD = web.AppKey("max_head", int)
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_GONE = 499
 _OWN_ROUTES = {"/": "home", "/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
@@ -69,31 +77,46 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
-        refused = refusal(request.version, request.headers.items())
+        refused = refusal(request.version, request.raw_headers, request.app[MAX_HEAD])
         if refused is not None:
             response: web.StreamResponse = error_response(refused)
             response.force_close()
         else:
             response = await handler(request)
     except asyncio.CancelledError:
-        # The client left and aiohttp cancelled the handler: no access line would be written.
-        _count(request, CLIENT_GONE, request.get(BODY_BYTES, 0))
+        # The client left and aiohttp cancelled the handler: aiohttp writes no access line.
         elapsed = time.perf_counter() - started
-        line, fields = _access_line(request, request.app[TRUST], CLIENT_GONE, elapsed)
-        ACCESS_LOGGER.info(line, extra={"fields": fields})
+        finished(ACCESS_LOGGER, request, request.app[TRUST], CLIENT_GONE, elapsed)
         raise
     finally:
         metrics.in_flight.dec()
-    _count(request, response.status, _body_size(request, response))
     return response
 
 
-def _count(request: web.Request, status: int, size: int) -> None:
-    metrics = request.app[METRICS]
-    route = request[ROUTE]
-    method = request.method if request.method in ("GET", "HEAD") else "other"
-    metrics.requests.labels(method, route, status_class(status)).inc()
-    metrics.body_bytes.labels(route).inc(size)
+def finished(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    request: web.BaseRequest,
+    trust: TrustProxy,
+    status: int,
+    elapsed: float,
+    response: web.StreamResponse | None = None,
+) -> None:
+    """Count a finished request and write its access line: the one place that does both.
+
+    ``response`` is None for a request whose client left before it was answered.
+    """
+    size = _body_size(request, response)
+    if ROUTE in request:
+        # Requests the HTTP parser refused never reached the application or its metrics.
+        metrics = cast(web.Request, request).app[METRICS]
+        route = request[ROUTE]
+        method = request.method if request.method in ("GET", "HEAD") else "other"
+        metrics.requests.labels(method, route, status_class(status)).inc()
+        metrics.body_bytes.labels(route).inc(size)
+    level = logging.DEBUG if response is not None and response.get(QUIET) else logging.INFO
+    if logger.isEnabledFor(level):
+        line, fields = _access_line(request, trust, status, elapsed, size)
+        logger.log(level, line, extra={"fields": fields})
 
 
 @web.middleware
@@ -179,22 +202,19 @@ class AccessLogger(AbstractAccessLogger):
     trust_proxy = TrustProxy()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """Write the access-log line for ``request``.
+        """Count the request and write its access-log line, once its last byte is out.
 
         ``time`` is aiohttp's measure, from the event loop's clock (whole milliseconds on
         uvloop); a request that reached the application is timed by its own clock instead.
         """
-        size = _body_size(request, response)
         started = request.get(STARTED)
         elapsed = time if started is None else perf_counter() - started
-        line, fields = _access_line(request, self.trust_proxy, response.status, elapsed, size)
-        level = logging.DEBUG if response.get(QUIET) else logging.INFO
-        self.logger.log(level, line, extra={"fields": fields})
+        finished(self.logger, request, self.trust_proxy, response.status, elapsed, response)
 
     @property
     def enabled(self) -> bool:
-        """Whether lines would be written at all (skips the work when they would not)."""
-        return self.logger.isEnabledFor(logging.INFO)
+        """Always: the metrics are counted here, whatever the log level."""
+        return True
 
 
 def _access_line(
@@ -202,7 +222,7 @@ def _access_line(
     trust: TrustProxy,
     status: int,
     elapsed: float,
-    size: int | None = None,
+    size: int,
 ) -> tuple[str, dict[str, object]]:
     """The text line and the structured fields of one request's access-log entry."""
     record = AccessRecord.of(
@@ -211,7 +231,7 @@ def _access_line(
         target=request.raw_path,
         upstream_target=request.get(UPSTREAM_TARGET),
         status=status,
-        size=request.get(BODY_BYTES, 0) if size is None else size,
+        size=size,
         elapsed_ms=elapsed * 1000,
         request_id=request.get(REQUEST_ID),
     )
@@ -223,11 +243,11 @@ def _forwarded_for(request: web.BaseRequest) -> list[str]:
     return [v for k, v in request.headers.items() if k.lower() == "x-forwarded-for"]
 
 
-def _body_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
-    """Body bytes sent: counted while streaming, else the length of a buffered body."""
+def _body_size(request: web.BaseRequest, response: web.StreamResponse | None) -> int:
+    """Body bytes sent: noted while streaming, else the length of a buffered body."""
     if BODY_BYTES in request:
         return int(request[BODY_BYTES])
-    if request.method == "HEAD":
+    if request.method == "HEAD" or response is None:
         return 0
     return response.content_length or 0
 
@@ -269,10 +289,11 @@ def connection_limits(settings: Settings, open_files: int | None = None) -> Conn
         head_timeout=settings.request_head_timeout,
         max_request_line=settings.max_request_line,
         max_header_size=settings.max_header_size,
+        max_head=settings.max_head,
     )
 
 
-def _verifier(settings: Settings) -> TokenVerifier | None:
+def token_verifier(settings: Settings) -> TokenVerifier | None:
     """The token verifier for ``TOKEN_PUBLIC_KEY``, if set; ConfigError if it is unusable."""
     if settings.token_public_key is None:
         return None
@@ -301,7 +322,26 @@ def _edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) -> Edg
             f"CACHE_DIR (--cache-dir) {settings.cache_dir!r}: {error.strerror or error}"
         ) from None
     metrics.watch_cache(lambda: store.size, lambda: store.evictions)
-    return EdgeCache(upstream, store, metrics)
+    return EdgeCache(upstream, store, metrics, send_timeout=settings.send_timeout)
+
+
+def _resolving(
+    settings: Settings, upstream: Upstream, relay: TokenRelay, metrics: Metrics
+) -> Resolving:
+    """Resolver mode's parts for ``settings``."""
+    # Unset, a key of this process's own: the workers of one proxy share it (supervise
+    # makes it before they fork), separate replicas do not.
+    secret = settings.token_seal_key or secrets.token_urlsafe(32)
+    sealer = Sealer(derive_key(secret))
+    api = BalenaApi(
+        upstream,
+        settings.api_url,
+        metrics,
+        timeout=settings.api_timeout,
+        ttl=settings.api_cache_ttl,
+    )
+    resolver = Resolver(api, UpstreamTokens(relay, metrics), upstream)
+    return Resolving(Login(relay, sealer, metrics), sealer, resolver)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -317,30 +357,36 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
-    blobs = _edge_cache(settings, upstream, metrics)
+    app[MAX_HEAD] = settings.max_head
+    cache = _edge_cache(settings, upstream, metrics)
+    relay = TokenRelay(upstream) if settings.proxy_auth or settings.resolve else None
     proxy = Proxy(
         upstream,
         metrics,
-        verifier=_verifier(settings),
-        blobs=blobs,
+        verifier=token_verifier(settings),
+        cache=cache,
         follow_redirects=settings.follows_redirects,
-        proxy_auth=settings.proxy_auth,
+        token_relay=relay,
         trust=settings.trust_proxy,
+        send_timeout=settings.send_timeout,
+        resolving=(
+            _resolving(settings, upstream, relay, metrics) if relay and settings.resolve else None
+        ),
     )
     app.router.add_get("/", home)
     app.router.add_get("/ping", ping)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_route("*", "/v2{tail:.*}", proxy.handle)
-    if settings.proxy_auth:
+    if relay is not None:
         app.router.add_get(TOKEN_PATH, proxy.token)
     app.on_response_prepare.append(_security_headers)
 
     async def upstream_pool(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         yield
-        if blobs is not None:
-            await blobs.close()
+        if cache is not None:
+            await cache.close()
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_pool)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from .forwarded import TrustProxy, parse_trust_proxy
 
 DEFAULT_REGISTRY2_HOST = "registry2.balena-cloud.com"
+DEFAULT_API_URL = "https://api.balena-cloud.com"
 
 
 class ConfigError(Exception):
@@ -38,6 +39,8 @@ class Option:
     """The default as the README and ``--help`` show it ("" for none)."""
     switch: bool = False
     """An on/off setting: the flag alone means on, ``--no-<flag>`` off."""
+    secret: bool = False
+    """A value no message may show."""
 
     @property
     def negative_flag(self) -> str:
@@ -61,6 +64,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise ValueError("must be at least 16 characters (a random string; 32 or more is better)")
+    return text
+
+
 def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -69,7 +78,7 @@ def _url(text: str) -> str:
         # Credentials here would be sent upstream for every client, anonymous ones included.
         raise ValueError("must not carry credentials: clients bring their own")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("must be the registry's root URL, without a path")
+        raise ValueError("must be a root URL (scheme and host), without a path")
     try:
         parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
     except ValueError:
@@ -171,9 +180,17 @@ def _setting(
     shown: str | None = None,
     *,
     switch: bool = False,
+    secret: bool = False,
 ) -> Any:
     """A ``Settings`` field with its option's facts in the field's metadata."""
-    option = {"env": env, "flag": flag, "parse": parse, "help": help, "switch": switch}
+    option = {
+        "env": env,
+        "flag": flag,
+        "parse": parse,
+        "help": help,
+        "switch": switch,
+        "secret": secret,
+    }
     option["shown_default"] = shown if shown is not None else _shown_default(default)
     if isinstance(default, TrustProxy):
         return field(default_factory=TrustProxy, metadata=option)
@@ -272,6 +289,14 @@ class Settings:
         _seconds,
         "seconds a client may take to send a request's line and headers once it started; "
         "then the connection is closed",
+    )
+    send_timeout: float = _setting(
+        60.0,
+        "SEND_TIMEOUT",
+        "--send-timeout",
+        _seconds,
+        "seconds a client may take nothing of an answer the proxy is sending before its "
+        "connection is closed",
     )
     keepalive_timeout: float = _setting(
         60.0,
@@ -392,6 +417,54 @@ class Settings:
         "passed through, never logged or stored), and follows blob redirects",
         switch=True,
     )
+    resolve: bool = _setting(
+        False,
+        "RESOLVE",
+        "--resolve",
+        _boolean,
+        "resolver mode: the proxy resolves names through the balena API itself (versions "
+        "listed, `<org>/<app>:<version>` tags, services of multi-container releases); it is "
+        "the token realm and sees clients' API keys at login (see Resolver mode)",
+        switch=True,
+    )
+    api_url: str = _setting(
+        DEFAULT_API_URL,
+        "BALENA_API_URL",
+        "--api-url",
+        _url,
+        "the balena API resolver mode asks; `https://api.<DNS_TLD>` when DNS_TLD is set",
+    )
+    api_timeout: float = _setting(
+        10.0,
+        "API_TIMEOUT",
+        "--api-timeout",
+        _seconds,
+        "seconds resolver mode waits for the balena API before answering 503",
+    )
+    api_cache_ttl: float = _setting(
+        60.0,
+        "API_CACHE_TTL",
+        "--api-cache-ttl",
+        _seconds,
+        "seconds resolver mode keeps an API answer, per app and caller",
+    )
+    token_seal_key: str | None = _setting(
+        None,
+        "TOKEN_SEAL_KEY",
+        "--token-seal-key",
+        _secret,
+        "resolver mode's secret for sealing its tokens, the same on every replica (16+ "
+        "characters); unset, each start makes one (its workers share it), and clients log "
+        "in again after a restart",
+        "random",
+        secret=True,
+    )
+
+    @property
+    def max_head(self) -> int:
+        """The most a request's line and headers may take together: a line and two headers
+        of the largest size (a token in Authorization, say); aiohttp alone would take 128."""
+        return self.max_request_line + 2 * self.max_header_size
 
     @property
     def follows_redirects(self) -> bool:
@@ -409,6 +482,7 @@ OPTIONS = tuple(
         parse=item.metadata["parse"],
         shown_default=item.metadata["shown_default"],
         switch=item.metadata["switch"],
+        secret=item.metadata["secret"],
     )
     for item in dataclasses.fields(Settings)
 )
@@ -434,7 +508,8 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
         try:
             values[option.field] = option.parse(raw)
         except ValueError as error:
-            raise ConfigError(f"{option.env} ({option.flag}) {_shown(raw)!r}: {error}") from None
+            shown = "(hidden)" if option.secret else repr(_shown(raw))
+            raise ConfigError(f"{option.env} ({option.flag}) {shown}: {error}") from None
     if "registry_url" not in values:
         dns_tld = values.get("dns_tld")
         upstream_host = (
@@ -443,6 +518,9 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
             else values.get("registry2_host", DEFAULT_REGISTRY2_HOST)
         )
         values["registry_url"] = f"https://{upstream_host}"
+    if "api_url" not in values:
+        dns_tld = values.get("dns_tld")
+        values["api_url"] = f"https://api.{dns_tld}" if dns_tld else DEFAULT_API_URL
     if values.get("workers", 1) > 1 and values.get("cache_dir"):
         # Each worker would index, clean and fill the same folder on its own.
         raise ConfigError("CACHE_DIR (--cache-dir) works with one worker: set WORKERS=1")

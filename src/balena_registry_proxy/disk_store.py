@@ -18,25 +18,21 @@ with the upstream first (see ``edge_cache.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from .digests import MAX_MANIFEST_BYTES, SHA256_RE
 from .download import Download
 
 log = logging.getLogger("balena_registry_proxy")
 
-_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
-# The registry's own limit on a manifest's size; anything bigger is relayed, not kept.
-MAX_MANIFEST_BYTES = 4 << 20
 # A blob bigger than this share of the size limit is relayed, not kept: keeping it would evict
 # most of what the cache holds, for one blob.
 MAX_BLOB_FRACTION = 0.5
@@ -48,11 +44,6 @@ LOCK_FILE = "lock"
 
 class StoreInUse(Exception):
     """Another process holds the cache folder."""
-
-
-def cacheable(digest: str) -> bool:
-    """Whether content with this digest can be kept (sha256, the only algorithm verified)."""
-    return _DIGEST_RE.fullmatch(digest) is not None
 
 
 class DiskStore:
@@ -75,6 +66,9 @@ class DiskStore:
         self.downloads: dict[str, Download] = {}
         self._refused_until = 0.0
         self._lock: int | None = None
+        # Blobs found at start-up: kept by an earlier run, whose files are hashed once before
+        # this one serves them (a disk or an older version may have damaged them).
+        self._unverified: set[Path] = set()
 
     @property
     def filling(self) -> bool:
@@ -83,7 +77,10 @@ class DiskStore:
 
     def refused(self, error: OSError) -> None:
         """The disk refused a write: relay blobs without keeping them for a while."""
+        paused = not self.filling
         self._refused_until = time.monotonic() + FILL_PAUSE_SECONDS
+        if paused:
+            return  # said already, for this very failure or one just before
         log.warning(
             "the cache disk refused a write (%s): relaying blobs uncached for %g s",
             error.strerror or error,
@@ -112,12 +109,14 @@ class DiskStore:
         found = []
         for folder in (self._blobs, self._manifests):
             for path in folder.iterdir():
-                if _DIGEST_RE.fullmatch(f"sha256:{path.name}"):
+                if SHA256_RE.fullmatch(f"sha256:{path.name}"):
                     status = path.stat()
                     found.append((status.st_mtime, path, status.st_size))
         for _, path, size in sorted(found):
             self._entries[path] = size
             self.size += size
+            if path.parent == self._blobs:
+                self._unverified.add(path)
         self._evict(0)
 
     def close(self) -> None:
@@ -134,6 +133,23 @@ class DiskStore:
         """The kept file of blob ``digest`` (marked as just used), or None."""
         path = self.path(digest)
         return path if self._use(path) else None
+
+    async def kept(self, digest: str) -> Path | None:
+        """The kept file of blob ``digest``, verified (marked as just used), or None.
+
+        A blob kept by an earlier run is hashed before its first use in this one; one that no
+        longer matches its digest is dropped.
+        """
+        path = self.lookup(digest)
+        if path is None or path not in self._unverified:
+            return path
+        matches = await asyncio.to_thread(_hashes_to, path, digest)
+        self._unverified.discard(path)
+        if not matches:
+            log.warning("dropping cached blob %s: its file changed on disk", digest)
+            self._forget(path)
+            return None
+        return path
 
     def _manifest_path(self, digest: str) -> Path:
         return self._manifests / digest.removeprefix("sha256:")
@@ -206,13 +222,21 @@ class DiskStore:
         """Mark ``path`` as just used; False if it is not (or no longer) kept."""
         if path not in self._entries:
             return False
+        try:
+            # The order survives a restart through the files' times. A metadata update, in
+            # memory until written back: no wait on the disk here.
+            os.utime(path)
+        except FileNotFoundError:
+            self._forget(path)  # removed behind the proxy's back
+            return False
+        except OSError:
+            pass  # a read-only disk: still readable, only the order after a restart suffers
         self._entries.move_to_end(path)
-        # The order survives a restart through the files' times; the loop need not wait.
-        asyncio.get_running_loop().run_in_executor(None, _touch, path)
         return True
 
     def _forget(self, path: Path) -> None:
         self.size -= self._entries.pop(path, 0)
+        self._unverified.discard(path)
         _remove(path)
 
     def begin(
@@ -221,18 +245,25 @@ class DiskStore:
         """Begin receiving blob ``digest`` of ``size`` bytes; None if it is not to be kept.
 
         Not kept: a blob bigger than ``MAX_BLOB_FRACTION`` of the limit, or one that does not
-        fit beside the downloads in progress. Room for it is made (least recently used first)
-        and reserved now. Readers find it in ``downloads`` until it ends. ``OSError`` if the
-        disk refuses the file.
+        fit beside the downloads in progress (their sizes are reserved). Room is made, least
+        recently used first, as its bytes arrive. Readers find it in ``downloads`` until it
+        ends. ``OSError`` if the disk refuses the file.
         """
         if size > self.max_bytes * MAX_BLOB_FRACTION or self.reserved + size > self.max_bytes:
             return None
-        self._evict(size)
         descriptor, name = tempfile.mkstemp(
             prefix=f"{digest.removeprefix('sha256:')}.", suffix=".part", dir=self._temporary
         )
         self.reserved += size
-        download = Download(digest, size, Path(name), descriptor, self.path(digest), on_abandoned)
+        download = Download(
+            digest,
+            size,
+            Path(name),
+            descriptor,
+            self.path(digest),
+            on_abandoned,
+            on_progress=lambda: self._evict(0),
+        )
         self.downloads[digest] = download
         return download
 
@@ -266,12 +297,27 @@ class DiskStore:
         return kept
 
     def _evict(self, room: int) -> None:
-        """Drop the least recently used entries until ``room`` more bytes fit."""
-        while self.size + self.reserved + room > self.max_bytes and self._entries:
+        """Drop the least recently used entries until ``room`` more bytes fit beside what is
+        kept and what downloads in progress have written: room is made as bytes arrive, so a
+        download stopped early evicts little."""
+        arriving = sum(download.written for download in self.downloads.values())
+        while self.size + arriving + room > self.max_bytes and self._entries:
             path, size = self._entries.popitem(last=False)
             self.size -= size
             self.evictions += 1
             _remove(path)
+
+
+def _hashes_to(path: Path, digest: str) -> bool:
+    """Whether the file at ``path`` hashes to ``digest``."""
+    hasher = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return False
+    return f"sha256:{hasher.hexdigest()}" == digest
 
 
 def _durable_rename(temporary: Path, final: Path) -> None:
@@ -282,12 +328,6 @@ def _durable_rename(temporary: Path, final: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _touch(path: Path) -> None:
-    # Evicted meanwhile, or a read-only disk: only the order after a restart suffers.
-    with contextlib.suppress(OSError):
-        os.utime(path)
 
 
 def _remove(path: Path) -> None:

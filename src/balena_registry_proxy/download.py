@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,10 @@ KEEP_FILLING_FRACTION = 0.5
 # Chunks the loop may hand over before the writer thread has taken them: above it, the fill
 # waits (and with it the upstream read).
 QUEUED_BYTES = 1 << 20
-# Readers hear of progress in steps at least this big (or at the end): each step wakes them.
-PROGRESS_STEP = 1 << 20
+# The writer takes what was offered in batches this big, or what arrived in this long after
+# the first chunk: each batch is one write, one hash and one wake-up of the readers.
+BATCH_BYTES = 1 << 20
+BATCH_WAIT_SECONDS = 0.005
 
 
 class DownloadFailed(Exception):
@@ -49,10 +52,11 @@ class Download:
         descriptor: int,
         final: Path,
         on_abandoned: Callable[[Download], None],
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         """Receive ``size`` bytes of ``digest`` into ``temporary``, open for writing as
         ``descriptor``, to be kept at ``final``; ``on_abandoned`` is called when the last
-        reader left early."""
+        reader left early, ``on_progress`` when more bytes are on disk."""
         self.digest = digest
         self.size = size
         self.temporary = temporary
@@ -63,6 +67,7 @@ class Download:
         self.outcome: bool | None = None
         self.readers = 0
         self._on_abandoned = on_abandoned
+        self._on_progress = on_progress
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._room = asyncio.Event()
@@ -72,6 +77,8 @@ class Download:
         self._queued = 0
         self._closing = False
         self._complete = False
+        self._full = False
+        self._waiting = False
         self._lock = threading.Condition()
         self._error: OSError | None = None
         self._done: asyncio.Future[bool] = self._loop.create_future()
@@ -82,20 +89,37 @@ class Download:
 
     # The fill's side, on the event loop.
 
-    async def write(self, chunk: bytes) -> None:
-        """Hand ``chunk`` to the writer; waits while too much is waiting for the disk."""
-        if self._error is not None:
-            raise self._error
+    def offer(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` to the writer; False once too much waits for the disk (then wait
+        for ``room``). What went wrong before (the disk refused, too many bytes) is raised at
+        ``room``."""
         self._received += len(chunk)
-        if self._received > self.size:
-            raise DownloadFailed("upstream sent more bytes than it announced")
         with self._lock:
             self._queue.append(chunk)
             self._queued += len(chunk)
-            if self._queued > QUEUED_BYTES:
+            if self._queued > QUEUED_BYTES and not self._full:
+                self._full = True
                 self._room.clear()
-            self._lock.notify()
+            if self._waiting and (self._queued >= BATCH_BYTES or len(self._queue) == 1):
+                # A batch is ready, or the first chunk starts the writer's short wait: wake it
+                # only then, not for every chunk.
+                self._lock.notify()
+        return not self._full and self._error is None and self._received <= self.size
+
+    async def room(self) -> None:
+        """Wait until the writer has taken what was offered; raise what went wrong."""
+        if self._error is not None:
+            raise self._error
+        if self._received > self.size:
+            raise DownloadFailed("upstream sent more bytes than it announced")
         await self._room.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def write(self, chunk: bytes) -> None:
+        """Hand ``chunk`` to the writer, waiting while too much waits for the disk."""
+        if not self.offer(chunk):
+            await self.room()
 
     async def close(self, complete: bool) -> bool:
         """Wait for the writer; True if every byte arrived and the file hashes to the digest.
@@ -122,31 +146,26 @@ class Download:
 
     def _write_and_hash(self, descriptor: int) -> None:
         digest = hashlib.sha256()
-        offset = reported = 0
+        offset = 0
         verified = False
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self._closing:
-                        self._lock.wait()
+                    self._gather()
                     chunks = list(self._queue)
                     self._queue.clear()
-                    queued, self._queued = self._queued, 0
+                    self._queued = 0
+                    full, self._full = self._full, False
                     closing = self._closing and not chunks
-                if queued:
+                if full:
                     self._loop.call_soon_threadsafe(self._room.set)
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(descriptor, view) :]
+                if chunks:
+                    # One write and one hash for all that waited: few hand-overs of the GIL
+                    # between this thread and the event loop's.
+                    batch = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     # Hash what the file holds, not what passed by: the file is what is kept.
-                    digest.update(os.pread(descriptor, len(chunk), offset))
-                    offset += len(chunk)
-                # Readers hear of every step, or of what arrived when the disk caught up with
-                # the network: a slow download still reaches them at once.
-                caught_up = not self._queue
-                if offset > reported and (offset - reported >= PROGRESS_STEP or caught_up):
-                    reported = offset
+                    digest.update(_store(descriptor, batch, offset))
+                    offset += len(batch)
                     self._loop.call_soon_threadsafe(self._progress, offset)
                 if closing:
                     break
@@ -163,8 +182,29 @@ class Download:
             os.close(descriptor)
             self._loop.call_soon_threadsafe(self._finish, verified, offset)
 
+    def _gather(self) -> None:
+        """Wait (the lock held) for a batch: ``BATCH_BYTES`` offered, or the end, or whatever
+        arrived within ``BATCH_WAIT_SECONDS`` of the first chunk, on a slow network."""
+        deadline: float | None = None
+        while not self._closing and self._queued < BATCH_BYTES:
+            if not self._queue:
+                self._wait(None)
+                continue
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + BATCH_WAIT_SECONDS
+            if now >= deadline:
+                return
+            self._wait(deadline - now)
+
+    def _wait(self, timeout: float | None) -> None:
+        self._waiting = True
+        self._lock.wait(timeout)
+        self._waiting = False
+
     def _progress(self, written: int) -> None:
         self.written = written
+        self._on_progress()
         self._changed.set()
 
     def _finish(self, verified: bool, written: int) -> None:
@@ -223,3 +263,11 @@ class Download:
             except FileNotFoundError:
                 continue
         raise DownloadFailed(f"download of {self.digest} is gone")
+
+
+def _store(descriptor: int, chunk: bytes, offset: int) -> bytes:
+    """Append ``chunk`` (at ``offset``) to the file; what the file now holds there."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(descriptor, view) :]
+    return os.pread(descriptor, len(chunk), offset)

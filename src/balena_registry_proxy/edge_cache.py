@@ -5,8 +5,8 @@ after that, and so is a manifest fetched by digest; but only to a client the ups
 may read it: a HEAD of that digest, in that repository, with that client's own Authorization
 (remembered briefly, see ``confirmations.py``). Clients of a blob being downloaded read the
 growing file, from the start or from the offset of their Range, with the kernel's sendfile,
-so a client that reads nothing costs no memory here. The bytes live in the store
-(``disk_store.py``).
+so a client that reads nothing costs no memory here. The bytes live in a store (``store.py``;
+``disk_store.py`` on local disk).
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from .confirmations import Confirmations, key
-from .disk_store import DiskStore
 from .download import Download, DownloadFailed
-from .headers import REDIRECT_STATUSES, accepts
+from .file_answer import answer_from_file
+from .headers import REDIRECT_STATUSES, accepts, unconditional
 from .metrics import Metrics
-from .ranges import UNSATISFIABLE, ByteRange, requested_range, unsatisfiable_content_range
 from .request_state import BODY_BYTES
-from .upstream import READ_BUFFER, Response, Upstream
+from .store import Store
+from .upstream import Response, Upstream
 from .upstream_errors import UpstreamError
 
 log = logging.getLogger("balena_registry_proxy")
@@ -49,9 +48,13 @@ class Uncached:
 class EdgeCache:
     """Serves blob and manifest-by-digest GETs and HEADs from the store, filling it."""
 
-    def __init__(self, upstream: Upstream, store: DiskStore, metrics: Metrics) -> None:
-        """Serve from ``store``, filled and confirmed through ``upstream``."""
+    def __init__(
+        self, upstream: Upstream, store: Store, metrics: Metrics, *, send_timeout: float
+    ) -> None:
+        """Serve from ``store``, filled and confirmed through ``upstream``; a client taking
+        nothing of an answer for ``send_timeout`` seconds is disconnected."""
         self.upstream = upstream
+        self.send_timeout = send_timeout
         self.store = store
         self.metrics = metrics
         self.confirmations = Confirmations()
@@ -83,27 +86,61 @@ class EdgeCache:
         pull on ``repository``; while upstream is down, that suffices for a digest the upstream
         confirmed under that repository before (clients fetch a new token on every pull).
         """
-        path = self.store.lookup(digest)
-        download = self.store.downloads.get(digest)
-        asking = self._asking.get(digest)
-        if path is None and download is None and asking is not None:
-            download = await asyncio.shield(asking)
+        while True:
+            path = await self.store.kept(digest)
+            download = self.store.downloads.get(digest)
+            asking = self._asking.get(digest)
+            if path is not None or download is not None or asking is None:
+                break
+            # Another client is asking upstream for it: wait for that answer, then look again.
+            await asyncio.shield(asking)
         if path is not None or download is not None:
             confirmed = await self._confirmed(
                 request, "blobs", repository, digest, headers, verified_pull
             )
             if not confirmed:
                 return None
-            if path is not None and self.store.lookup(digest) is None:
-                return None  # evicted while the upstream was asked: relayed instead
-            self.metrics.cache_requests.labels("blob", "hit" if path else "joined").inc()
             if path is not None:
-                return _KeptFile(path, self.metrics, headers=_blob_headers(digest))
+                return await self._from_kept(request, digest, path)
             assert download is not None
             return await self._follow(request, download, joined=True)
         if request.method != "GET" or "Range" in request.headers or not self.store.filling:
             return None
         return await self._fill_and_follow(request, repository, digest, headers)
+
+    async def _from_kept(
+        self, request: web.Request, digest: str, path: Path
+    ) -> web.StreamResponse | None:
+        """Answer from a kept file, opened at once: an eviction from now on cannot take it."""
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # evicted while the upstream was asked: relayed instead
+        try:
+            self.metrics.cache_requests.labels("blob", "hit").inc()
+            return await self._answer(request, digest, descriptor, os.fstat(descriptor).st_size)
+        finally:
+            os.close(descriptor)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        digest: str,
+        descriptor: int,
+        size: int,
+        growing: Download | None = None,
+    ) -> web.StreamResponse:
+        response, sent = await answer_from_file(
+            request,
+            digest,
+            descriptor,
+            size,
+            growing=growing,
+            send_timeout=self.send_timeout,
+        )
+        request[BODY_BYTES] = sent
+        self.metrics.cache_served_bytes.inc(sent)
+        return response
 
     async def serve_manifest(
         self,
@@ -189,7 +226,7 @@ class EdgeCache:
             return True
         try:
             target = f"/v2/{repository}/{kind}/{digest}"
-            async with self.upstream.request("HEAD", target, headers) as response:
+            async with self.upstream.request("HEAD", target, unconditional(headers)) as response:
                 allowed = response.status == 200 or response.status in REDIRECT_STATUSES
         except UpstreamError:
             if self.confirmations.ever(confirmation):
@@ -212,7 +249,8 @@ class EdgeCache:
             if isinstance(started, Download):
                 download = started
         finally:
-            del self._asking[digest]
+            if self._asking.get(digest) is asking:
+                del self._asking[digest]
             asking.set_result(download)
         if download is None:
             assert isinstance(started, Uncached)
@@ -252,10 +290,17 @@ class EdgeCache:
 
     async def _fill(self, download: Download, stack: AsyncExitStack, response: Response) -> None:
         complete = False
+        filled = self.metrics.cache_bytes
+
+        def offer(chunk: bytes) -> bool:
+            filled.inc(len(chunk))
+            return download.offer(chunk)
+
         try:
-            async for chunk in response.content.iter_any():
-                await download.write(chunk)
-                self.metrics.cache_bytes.inc(len(chunk))
+            # From the connection's callback straight to the writer thread, no task woken per
+            # chunk; reading pauses while the disk is behind.
+            await response.content.pipe(offer, download.room)
+            await download.room()
             complete = True
         except OSError as error:
             # The disk, not the upstream: this download's readers are cut once, and the next
@@ -281,111 +326,32 @@ class EdgeCache:
     async def _follow(
         self, request: web.Request, download: Download, joined: bool
     ) -> web.StreamResponse | None:
-        """Stream ``download`` as it arrives; a ``joined`` client's bytes count as cached."""
+        """Answer from ``download`` as it arrives; a ``joined`` client's bytes count as
+        cached, the first client's came from upstream."""
         try:
             descriptor = download.open()
         except DownloadFailed:
             return None  # ended badly, or kept and evicted already: ask upstream as usual
         download.attach()
         try:
-            wanted = requested_range(request.headers.get("Range"), download.size)
-            response = web.StreamResponse(headers=_blob_headers(download.digest))
-            if wanted is UNSATISFIABLE:
-                response.set_status(416)
-                response.headers["Content-Range"] = unsatisfiable_content_range(download.size)
-                response.content_length = 0
-                await response.prepare(request)
-                return response
-            if isinstance(wanted, ByteRange):
-                response.set_status(206)
-                response.headers["Content-Range"] = wanted.content_range
-            whole = ByteRange(0, download.size - 1, download.size)
-            part = wanted if isinstance(wanted, ByteRange) else whole
-            response.content_length = part.length
-            await response.prepare(request)
-            if request.method == "HEAD" or part.length == 0:
-                return response
-            sent = 0
-            try:
-                sent = await _send_growing(request, download, descriptor, part)
-            except DownloadFailed:
-                # Headers are out: cut the connection, so the client never takes wrong bytes.
-                if request.transport is not None:
-                    request.transport.close()
-            finally:
-                request[BODY_BYTES] = sent
-                if joined:
-                    self.metrics.cache_served_bytes.inc(sent)
+            if joined:
+                self.metrics.cache_requests.labels("blob", "joined").inc()
+                return await self._answer(
+                    request, download.digest, descriptor, download.size, download
+                )
+            response, sent = await answer_from_file(
+                request,
+                download.digest,
+                descriptor,
+                download.size,
+                growing=download,
+                send_timeout=self.send_timeout,
+            )
+            request[BODY_BYTES] = sent
             return response
         finally:
             os.close(descriptor)
             download.detach()
-
-
-async def _send_growing(
-    request: web.Request, download: Download, descriptor: int, part: ByteRange
-) -> int:
-    """Send ``part`` of the blob from its file as the bytes arrive; the bytes sent.
-
-    With sendfile the kernel copies from the page cache to the socket; where the connection
-    cannot take it (TLS), pieces of one read buffer are written, the client draining each.
-    """
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("the client left")
-    loop = asyncio.get_running_loop()
-    position, end = part.first, part.last + 1
-    # A file object around the descriptor (no I/O): what loop.sendfile takes.
-    with open(descriptor, "rb", buffering=0, closefd=False) as file:  # noqa: ASYNC230
-        while position < end:
-            readable = min(await download.readable_beyond(position), end)
-            if transport.is_closing():
-                raise ConnectionResetError("the client left")
-            try:
-                count = readable - position
-                sent = await loop.sendfile(transport, file, position, count, fallback=False)
-            except (asyncio.SendfileNotAvailableError, NotImplementedError):
-                await _write_pieces(request, descriptor, position, readable)
-            else:
-                if sent < count:
-                    # The file ends before the bytes the download said it holds.
-                    raise DownloadFailed("the file is shorter than it should be")
-            position = readable
-    return position - part.first
-
-
-async def _write_pieces(request: web.Request, descriptor: int, start: int, end: int) -> None:
-    """Bytes ``start`` to ``end`` of a file, one read buffer at a time, the client draining."""
-    transport = request.transport
-    while start < end and transport is not None and not transport.is_closing():
-        piece = os.pread(descriptor, min(READ_BUFFER, end - start), start)
-        if not piece:
-            raise DownloadFailed("the file is shorter than it should be")
-        transport.write(piece)
-        start += len(piece)
-        await request.writer.drain()
-    if start < end:
-        raise ConnectionResetError("the client left")
-
-
-class _KeptFile(web.FileResponse):
-    """A kept blob sent with sendfile, its bytes counted as served from the cache.
-
-    They are counted here because the file goes out only after the handler has returned, when
-    the request metrics have already been counted without them.
-    """
-
-    def __init__(self, path: Path, metrics: Metrics, headers: dict[str, str]) -> None:
-        super().__init__(path, headers=headers)
-        self._metrics = metrics
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        # The file goes out inside prepare; its length is then known, Range applied.
-        writer = await super().prepare(request)
-        if request.method == "GET" and self.status in (200, 206) and self.content_length:
-            self._metrics.cache_served_bytes.inc(self.content_length)
-            self._metrics.body_bytes.labels("blob").inc(self.content_length)
-        return writer
 
 
 def _credentials(headers: list[tuple[str, str]]) -> str:
@@ -398,11 +364,3 @@ def _credentials(headers: list[tuple[str, str]]) -> str:
         if name.lower() == "authorization":
             return value
     return ""
-
-
-def _blob_headers(digest: str) -> dict[str, str]:
-    return {
-        "Docker-Content-Digest": digest,
-        "Content-Type": "application/octet-stream",
-        "Docker-Distribution-API-Version": "registry/2.0",
-    }

@@ -100,6 +100,13 @@ def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     return _filter(headers, _RESPONSE_DROP)
 
 
+def storage_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of an answer from a host a redirect led to (blob storage), for a client
+    that thinks it talks to the registry: no challenge, whose realm a client would send its
+    credentials to."""
+    return [(k, v) for k, v in headers if k.lower() != "www-authenticate"]
+
+
 def without_body_headers(
     headers: list[tuple[str, str]], keep: tuple[str, ...] = ()
 ) -> list[tuple[str, str]]:
@@ -123,6 +130,18 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 def redirect_request_headers(headers: Headers) -> list[tuple[str, str]]:
     """The headers of a request to follow a redirect to another host: no credentials."""
     return [(k, v) for k, v in headers if k.lower() in _REDIRECT_SAFE]
+
+
+# What makes an answer partial or conditional: a question about access must not carry it, or
+# the registry answers 206 or 304 instead of saying yes.
+_PARTIAL_OR_CONDITIONAL = frozenset(
+    {"range", "if-range", "if-none-match", "if-match", "if-modified-since", "if-unmodified-since"}
+)
+
+
+def unconditional(headers: Headers) -> list[tuple[str, str]]:
+    """``headers`` without Range or conditions: for asking whether a client may read a blob."""
+    return [(k, v) for k, v in headers if k.lower() not in _PARTIAL_OR_CONDITIONAL]
 
 
 def rewrite_location(location: str, upstream_origin: str) -> str:

@@ -24,9 +24,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 
-import httptools
 from multidict import CIMultiDict
 
+from .framing import Broken, Data, End, Event, Head, ResponseReader, State, request_head
 from .upstream_errors import BrokenAnswer, Unreachable, UpstreamTimeout, connect_failure
 
 __all__ = ["Body", "ConnectionPool", "Response"]
@@ -41,9 +41,6 @@ class _ClosedBeforeAnswer(BrokenAnswer):
 # idle ones itself).
 _IDLE_SECONDS = 30.0
 _MAX_IDLE = 256
-# An answer's status line and headers may take this much; httptools itself sets no limit.
-_MAX_HEAD_BYTES = 64 * 1024
-_HEADER_CHARSET = ("utf-8", "surrogateescape")
 
 
 class Body:
@@ -243,6 +240,25 @@ class Response:
         self.from_registry = False
         """Whether the registry itself answered (not a host one of its redirects named)."""
 
+    async def read_up_to(self, limit: int) -> tuple[bytes, bool]:
+        """Up to ``limit`` bytes of the body, and whether that is all of it.
+
+        For the small documents the proxy reads whole (JSON it rewrites, manifests it keeps);
+        a body announced bigger than ``limit`` is not read at all.
+        """
+        length = self.content_length
+        if length is not None and length > limit:
+            return b"", False
+        if length is not None:
+            return await self.content.readexactly(length), True
+        body = bytearray()
+        while len(body) <= limit:
+            chunk = await self.content.readany()
+            if not chunk:
+                return bytes(body), True
+            body += chunk
+        return bytes(body), False
+
     def release(self) -> None:
         """Back to the pool if the whole body arrived, else close the connection.
 
@@ -252,7 +268,7 @@ class Response:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One keep-alive connection; one request at a time.
+    """One keep-alive connection, one request at a time: the I/O around a ``ResponseReader``.
 
     A buffered protocol, so that each read takes at most the pool's ``read_buffer`` bytes
     (the event loop's own reads take up to 256 KiB at a time): that bounds what one stalled
@@ -264,20 +280,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None
-        self._head = False
-        self._headers: list[tuple[str, str]] = []
-        self._reason = ""
+        self._reader: ResponseReader | None = None
         self._answer: asyncio.Future[Response] | None = None
         self._body: Body | None = None
-        self._complete = False
         self._reusable = False
-        self._keep_alive = False
-        self._remaining = 0
-        self._head_bytes = 0
-        self._header_bytes = 0
-        self.answering = False
-        """Whether any byte of an answer to the current request arrived."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport to write requests to."""
@@ -289,20 +295,17 @@ class _Connection(asyncio.BufferedProtocol):
         """Whether another request may be sent on this connection."""
         return self.transport is not None and not self.transport.is_closing()
 
-    def send(self, request: bytes, head: bool) -> asyncio.Future[Response]:
+    @property
+    def answering(self) -> bool:
+        """Whether any byte of an answer to the current request arrived."""
+        return self._reader is not None and self._reader.started
+
+    def send(self, request: bytes, method: str) -> asyncio.Future[Response]:
         """Write ``request``; the future resolves once the answer's headers arrived."""
         assert self.transport is not None
-        self._parser = httptools.HttpResponseParser(self)
-        self._head = head
-        self._headers = []
-        self._reason = ""
-        self._head_bytes = 0
-        self._header_bytes = 0
-        self.answering = False
+        self._reader = ResponseReader(method)
         self._body = None
-        self._complete = False
         self._reusable = False
-        self._remaining = 0
         self._answer = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self._answer
@@ -313,169 +316,75 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` arrived in the shared buffer: parse or take them before returning."""
-        self.data_received(self._pool.read_view[:nbytes])
-
-    def data_received(self, data: memoryview) -> None:
-        """Parse what arrived; a malformed answer fails the request and the connection."""
-        if self._parser is None or self._complete:
-            self._fail(BrokenAnswer("bytes nobody asked for"))
+        if self._reader is None:
+            self._fail(BrokenAnswer("bytes before any request"))
             return
-        self.answering = True
-        if self._remaining:
-            self._take_body(data)
-            return
-        if self._body is None:
-            # Still in the head. Counted here as well as per header: httptools gathers a
-            # header line whole before handing it over, however long it grows.
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self._fail(BrokenAnswer("the answer's head is too large"))
-                return
-            self._head_bytes += len(data)
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
-            # An upgrade (101) was never asked for: as malformed as any other surprise.
-            self._fail(BrokenAnswer(f"malformed answer: {error}"))
+        self._handle(self._reader.feed(self._pool.read_view[:nbytes]))
 
-    def _take_body(self, data: memoryview) -> None:
-        """Body bytes framed by Content-Length, handed over as they are.
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is Data:
+                assert self._body is not None
+                self._body.feed(event.chunk)
+            elif type(event) is Head:
+                self._answered(event)
+            elif type(event) is End:
+                self._reusable = event.reusable
+                assert self._body is not None
+                self._body.finish()
+            else:
+                assert isinstance(event, Broken)
+                self._fail(BrokenAnswer(event.cause))
 
-        Once the headers are parsed, a body of known length needs no parser: skipping it saves
-        a copy and a callback for each chunk of a multi-GiB layer.
-        """
-        assert self._body is not None
-        remaining = self._remaining
-        if len(data) < remaining:
-            self._remaining -= len(data)
-            self._body.feed(bytes(data))
-            return
-        self._body.feed(bytes(data[:remaining]))
-        self._remaining = 0
-        self._complete = True
-        self._reusable = self._keep_alive and len(data) == remaining
-        self._body.finish()
-        if len(data) > remaining:
-            self._close()  # more than the answer: nothing a later request could trust
+    def _answered(self, head: Head) -> None:
+        """Hand the response to the waiting request."""
+        assert self.transport is not None
+        body = Body(self.transport, self._pool.read_buffer, self._pool.read_timeout)
+        self._body = body
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            response = Response(self, head.status, head.reason, CIMultiDict(head.headers), body)
+            answer.set_result(response)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail whatever waits on the connection, unless it had finished."""
         self.transport = None
         self._pool.forget(self)
-        answer, body = self._answer, self._body
-        # Nothing must point back here once closed: a reference cycle would keep a closed
-        # connection's buffers alive until the next garbage collection.
-        self._answer = self._body = self._parser = None
+        answer, reader = self._answer, self._reader
         if answer is not None and not answer.done():
             answer.set_exception(_ClosedBeforeAnswer("closed the connection before answering"))
-        elif body is not None and not self._complete:
-            if self._until_close():
-                self._complete = True
-                body.finish()
-            else:
-                body.finish(BrokenAnswer("closed the connection mid-body"))
-
-    def _until_close(self) -> bool:
-        """Whether the body has neither a length nor chunks, so it ends when the stream does.
-
-        A transfer coding other than chunked last (RFC 9112, 6.3) also reads until close.
-        """
-        names = {name.lower() for name, _ in self._headers}
-        codings = [v for n, v in self._headers if n.lower() == "transfer-encoding"]
-        chunked = bool(codings) and codings[-1].rsplit(",", 1)[-1].strip().lower() == "chunked"
-        return "content-length" not in names and not chunked
+            if reader is not None:
+                reader.closed()
+        elif reader is not None:
+            self._handle(reader.closed())
+        # Nothing must point back here once closed: a reference cycle would keep a closed
+        # connection's buffers alive until the next garbage collection. The reader stays: it
+        # knows whether the answer had begun.
+        self._answer = self._body = None
 
     def _fail(self, error: Exception) -> None:
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(error)
-        elif self._body is not None and not self._complete:
+        elif self._body is not None and not self._body.received:
             self._body.finish(error)
         self._close()
 
     def _close(self) -> None:
-        if self._body is not None and not self._complete:
+        if self._body is not None and not self._body.received:
             self._body.discard()
-        self._answer = self._body = self._parser = None
+        self._answer = self._body = None
         if self.transport is not None:
             self.transport.close()
 
-    # httptools callbacks.
-
-    def on_message_begin(self) -> None:
-        """A new answer starts: only one was asked for."""
-        if self._complete:
-            raise BrokenAnswer("an answer nobody asked for")
-
-    def on_status(self, reason: bytes) -> None:
-        """The reason phrase of the status line."""
-        self._reason += reason.decode(*_HEADER_CHARSET)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """One header line; the lines of one answer together stay under the limit too."""
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > _MAX_HEAD_BYTES:
-            raise BrokenAnswer("the answer's head is too large")
-        self._headers.append((name.decode(*_HEADER_CHARSET), value.decode(*_HEADER_CHARSET)))
-
-    def on_headers_complete(self) -> None:
-        """Hand the response to the waiting request (interim 1xx answers are skipped)."""
-        assert self._parser is not None
-        assert self.transport is not None
-        status = self._parser.get_status_code()
-        if status < 200:
-            self._headers, self._reason = [], ""
-            return
-        body = Body(self.transport, self._pool.read_buffer, self._pool.read_timeout)
-        self._body = body
-        headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        answer, self._answer = self._answer, None
-        if answer is not None and not answer.done():
-            answer.set_result(Response(self, status, self._reason, headers, body))
-        if self._head:
-            # llhttp cannot know that a HEAD answer carries no body: end it here, and let a
-            # fresh parser read the next answer. Nor can its keep-alive verdict: an answer
-            # without a length would, to it, run until the connection closes.
-            tokens = {
-                token.strip().lower()
-                for name, value in self._headers
-                if name.lower() == "connection"
-                for token in value.split(",")
-            }
-            http11 = self._parser.get_http_version() == "1.1"
-            self._reusable = "close" not in tokens and (http11 or "keep-alive" in tokens)
-            self._parser = None
-            self._complete = True
-            body.finish()
-        elif status not in (204, 304) and "Transfer-Encoding" not in headers:
-            # llhttp has checked the length (one, a number); the parser reads what arrived
-            # with the headers, data_received takes the rest.
-            length = headers.get("Content-Length")
-            self._remaining = int(length) if length else 0
-            self._keep_alive = self._parser.should_keep_alive()
-
-    def on_body(self, chunk: bytes) -> None:
-        """The next bytes of the body; after a HEAD answer, bytes nobody asked for."""
-        if self._complete:
-            # The parser read them as the body the HEAD answer's length announced: the
-            # stream is out of step, so the connection must not carry another request.
-            self._reusable = False
-        elif self._body is not None:
-            if self._remaining:
-                self._remaining -= len(chunk)
-            self._body.feed(chunk)
-
-    def on_message_complete(self) -> None:
-        """The answer ended: the connection may carry the next request."""
-        if self._parser is None or self._body is None:
-            return  # an interim answer
-        self._remaining = 0
-        self._reusable = self._parser.should_keep_alive()
-        self._complete = True
-        self._body.finish()
-
     def release(self, read_to_end: bool) -> None:
-        """Pool the connection if its answer was read to the end, else close it."""
-        if read_to_end and self._complete and self._reusable and self.open:
-            self._body = self._parser = None
+        """Pool the connection if its answer was read to the end, else close it.
+
+        The reader stays: bytes arriving while the connection idles break it, and close it.
+        """
+        reader = self._reader
+        done = reader is not None and reader.state is State.DONE
+        if read_to_end and done and self._reusable and self.open:
+            self._body = None
             self._pool.give_back(self)
         else:
             self._close()
@@ -530,21 +439,20 @@ class ConnectionPool:
         fails before any answer; the request (GET or HEAD: safe to repeat) is then sent once
         more on a new connection.
         """
-        request = _serialize(method, target, headers, self._host_line)
-        head = method == "HEAD"
+        request = request_head(method, target, headers, self._host_line)
         connection = self._pooled()
         if connection is not None:
             try:
-                return await self._send(connection, request, head)
+                return await self._send(connection, request, method)
             except _ClosedBeforeAnswer:
                 if connection.answering:
                     raise  # it was answering: the request may have been acted on
-        return await self._send(await self._connect(), request, head)
+        return await self._send(await self._connect(), request, method)
 
-    async def _send(self, connection: _Connection, request: bytes, head: bool) -> Response:
+    async def _send(self, connection: _Connection, request: bytes, method: str) -> Response:
         try:
             async with asyncio.timeout(self._answer_timeout):
-                return await connection.send(request, head)
+                return await connection.send(request, method)
         except TimeoutError:
             connection.release(read_to_end=False)
             raise UpstreamTimeout(f"no answer within {self._answer_timeout:g} s") from None
@@ -615,22 +523,3 @@ class ConnectionPool:
             self._sweeper = None
         while self._idle:
             self._idle.popitem()[0].release(read_to_end=False)
-
-
-def _serialize(
-    method: str, target: str, headers: Iterable[tuple[str, str]], host_line: bytes
-) -> bytes:
-    """The request head; a CR or LF in any part would split it, so it is refused."""
-    lines = [f"{name}: {value}" for name, value in headers]
-    block = "\r\n".join(lines)
-    if (
-        block.count("\n") != max(0, len(lines) - 1)
-        or block.count("\r") != max(0, len(lines) - 1)
-        or any(c in target for c in " \r\n")
-        or not method.isalpha()
-    ):
-        raise ValueError("a request line or header would contain a line break")
-    head = f"{method} {target} HTTP/1.1\r\n".encode(*_HEADER_CHARSET) + host_line
-    if lines:
-        head += block.encode(*_HEADER_CHARSET) + b"\r\n"
-    return head + b"\r\n"

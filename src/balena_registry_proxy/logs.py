@@ -8,8 +8,6 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-FORMATS = ("text", "json")
-
 
 def rfc3339(timestamp: float) -> str:
     """``timestamp`` as RFC 3339 in UTC with milliseconds: ``2026-12-03T08:11:22.649Z``."""

@@ -83,12 +83,29 @@ class Metrics:
             Counter(
                 "registry_proxy_alias_lookups",
                 "Token lookups of the requested name: aliased (rewritten), unresolved, "
-                "passthrough.",
+                "passthrough; in resolver mode resolved and listed.",
                 ["outcome"],
                 registry=self.registry,
             )
         )
-
+        self.api_requests = Labelled(
+            Counter(
+                "registry_proxy_api_requests",
+                "Resolver mode's requests to the balena API, by outcome: ok, ratelimited, "
+                "unavailable.",
+                ["outcome"],
+                registry=self.registry,
+            )
+        )
+        self.realm_requests = Labelled(
+            Counter(
+                "registry_proxy_realm_token_requests",
+                "Resolver mode's token requests to the real realm, by purpose: login (a "
+                "client's) or repositories (tokens for the real repositories a name resolved to).",
+                ["purpose"],
+                registry=self.registry,
+            )
+        )
         self.cache_requests = Labelled(
             Counter(
                 "registry_proxy_cache_requests",

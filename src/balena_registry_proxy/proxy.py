@@ -1,25 +1,30 @@
-"""The ``/v2/`` handler: parse, decide, forward, relay.
+"""The ``/v2/`` handler: carries out what the pure modules decide.
 
-The decisions are made by the pure modules (``routes``, ``access``, ``rewrite``, ``headers``);
-this module only moves bytes between the client and the upstream registry, streaming both ways
-with backpressure, so a multi-GiB layer never sits in memory.
+A request meets, in order: ``routes.parse_target`` (what it asks for), ``access`` (what its
+token says of the name), ``rewrite.plan_request`` (where it goes upstream),
+``answers.fetch_mode`` (from the cache, the registry with its redirects followed, or the
+registry), then ``answers.decide`` (what the client gets from the answer), and ``relay`` writes
+it. This module holds the sequence and the I/O between the steps, nothing that decides.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .access import bearer_token, find_access, grants_pull, token_entries
 from .accesslog import redact_target
+from .answers import READ_METHODS, Action, Fetch, decide, fetch_mode, has_body
 from .denial import explain
-from .disk_store import MAX_MANIFEST_BYTES, cacheable
+from .digests import MAX_MANIFEST_BYTES
 from .edge_cache import EdgeCache, Uncached
+from .envelope import Sealer, is_sealed
 from .errors import (
     RegistryError,
     bad_request,
@@ -31,15 +36,20 @@ from .errors import (
 from .forwarded import TrustProxy, effective_origin, forwarding_headers
 from .headers import (
     client_response_headers,
-    redirect_request_headers,
+    storage_response_headers,
     upstream_request_headers,
     without_body_headers,
 )
+from .login import Login
 from .metrics import Metrics
-from .realm import challenge_realm, challenge_service, own_realm, replace_realm, token_request_url
-from .request_state import BODY_BYTES, REQUEST_ID, ROUTE, UPSTREAM_TARGET
+from .realm import bearer_challenge, challenge_service, own_realm
+from .relay import buffered, stream
+from .request_state import REQUEST_ID, ROUTE, UPSTREAM_TARGET
+from .resolution import Listing, listing_body, next_link
+from .resolver import Resolver
 from .rewrite import Plan, map_response_headers, map_tags_body, plan_request
 from .routes import Kind, Route, parse_target
+from .token_relay import TokenRelay
 from .upstream import Response, Upstream
 from .upstream_errors import UpstreamError
 from .verification import TokenVerifier
@@ -48,12 +58,32 @@ log = logging.getLogger("balena_registry_proxy")
 
 # Route kinds as metric labels: few values, so few series.
 _ROUTE_LABELS = {Kind.MANIFEST: "manifest", Kind.BLOB: "blob", Kind.TAGS: "tags"}
-READ_METHODS = frozenset({"GET", "HEAD"})
 # Bodies the proxy rewrites are small JSON documents; a bigger one is relayed untouched.
 MAX_REWRITTEN_BODY = 1 << 20
-# Bodies up to this size are read whole and sent with their headers in one write.
-SMALL_BODY = 64 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class Resolving:
+    """What resolver mode adds: its token endpoint, the key its tokens open with, and the
+    resolver."""
+
+    login: Login
+    sealer: Sealer
+    resolver: Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One request on its way: what the pure steps made of it."""
+
+    request: web.Request
+    route: Route
+    plan: Plan
+    sent: list[tuple[str, str]]
+    """The headers sent upstream."""
+    scheme: str
+    host: str
+    """How the client addressed the proxy."""
 
 
 class Proxy:
@@ -65,76 +95,289 @@ class Proxy:
         metrics: Metrics,
         *,
         verifier: TokenVerifier | None = None,
-        blobs: EdgeCache | None = None,
+        cache: EdgeCache | None = None,
         follow_redirects: bool = False,
-        proxy_auth: bool = False,
+        token_relay: TokenRelay | None = None,
         trust: TrustProxy | None = None,
+        send_timeout: float = 60.0,
+        resolving: Resolving | None = None,
     ) -> None:
         """Serve requests through ``upstream``, counting in ``metrics``.
 
         With a ``verifier``, a token that fails verification is neither used for aliases nor
-        sent upstream. With ``blobs``, blobs come from the cache; with ``follow_redirects``, the
-        proxy follows blob redirects to storage itself instead of passing them on.
+        sent upstream. With a ``cache``, blobs and manifests by digest come from it; with
+        ``follow_redirects``, the proxy follows blob redirects to storage itself instead of
+        passing them on; with a ``token_relay`` (edge mode), the registry's challenges name
+        the proxy as the token realm. A client taking nothing of an answer for
+        ``send_timeout`` seconds is disconnected. With ``resolving`` (resolver mode, which
+        needs a ``token_relay``), the proxy's own tokens are resolved through the balena API.
         """
         self.upstream = upstream
         self.metrics = metrics
         self.verifier = verifier
-        self.blobs = blobs
+        self.cache = cache
         self.follow_redirects = follow_redirects
-        self.proxy_auth = proxy_auth
+        self.token_relay = token_relay
         self.trust = trust or TrustProxy()
-        self.realm: str | None = None
-        """The upstream's token realm, learned from its challenges (edge mode)."""
+        self.send_timeout = send_timeout
+        self.resolving = resolving
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request under ``/v2``."""
         if request.method not in READ_METHODS:
             raise unsupported_method(request.method)
         route = parse_target(request.raw_path)
-        label = _ROUTE_LABELS.get(route.kind, "other")
-        request[ROUTE] = label
+        request[ROUTE] = _ROUTE_LABELS.get(route.kind, "other")
         token = _bearer(request)
+        if self.resolving is not None and token is not None and is_sealed(token):
+            return await self._resolved(request, route, token, self.resolving)
         if token is not None and self.verifier is not None and self.verifier.audience is None:
             await self._learn_audience(request)
-        refused = token is not None and not self._accepts(token)
+        refused = (
+            token is not None and self.verifier is not None and not self.verifier.is_valid(token)
+        )
         match = None
         if token is not None and not refused and route.repository is not None:
             match = find_access(token_entries(token), route.repository)
-        plan = plan_request(route, match)
+        plan = plan_request(route, match, with_token=token is not None and not refused)
         self.metrics.rewrites.labels("refused" if refused else _outcome(plan)).inc()
-        if plan.names is not None:
-            request[UPSTREAM_TARGET] = plan.target
+        # Offline, a token this proxy verified itself stands in for the upstream's word.
+        verified = (
+            self.verifier is not None
+            and token is not None
+            and not refused
+            and grants_pull(token_entries(token), route.repository or "")
+        )
+        sent = self._sent(request, drop_authorization=refused)
+        return await self._forward(
+            _Exchange(request, route, plan, sent, *self._origin(request)), verified
+        )
+
+    async def _resolved(
+        self, request: web.Request, route: Route, token: str, resolving: Resolving
+    ) -> web.StreamResponse:
+        """Resolver mode: a request with one of the proxy's own tokens."""
+        scheme, host = self._origin(request)
+        envelope = resolving.sealer.open(token, time.time())
+        try:
+            if envelope is None:
+                raise RegistryError(
+                    401,
+                    "UNAUTHORIZED",
+                    "the token has expired or is not this proxy's: log in again",
+                )
+            outcome = await resolving.resolver.resolve(route, envelope, host, request[REQUEST_ID])
+        except RegistryError as error:
+            if error.status == 401 and route.repository is not None:
+                expired = "invalid_token" if envelope is None else "insufficient_scope"
+                error.headers["WWW-Authenticate"] = self._challenge_for(
+                    route.repository, scheme, host, expired
+                )
+            raise
+        except UpstreamError as error:
+            raise self._failed(request, error, "upstream registry or token server") from None
+        if isinstance(outcome, Listing):
+            self.metrics.rewrites.labels("listed").inc()
+            assert route.repository is not None
+            headers = [("Content-Type", "application/json")]
+            link = next_link(route, outcome)
+            if link is not None:
+                headers.append(("Link", link))
+            body = listing_body(route.repository, outcome)
+            return buffered(200, headers, b"" if request.method == "HEAD" else body)
+        self.metrics.rewrites.labels("resolved").inc()
+        plan = outcome.plan
+        request[UPSTREAM_TARGET] = plan.target
+        sent = self._sent(request, drop_authorization=True)
+        sent.append(("Authorization", f"Bearer {outcome.authorization}"))
+        verified = (
+            self.verifier is not None
+            and plan.names is not None
+            and grants_pull(token_entries(outcome.authorization), plan.names.real)
+        )
+        return await self._forward(_Exchange(request, route, plan, sent, scheme, host), verified)
+
+    def _sent(self, request: web.Request, *, drop_authorization: bool) -> list[tuple[str, str]]:
+        """The headers a request goes upstream with."""
         scheme, host = self._origin(request)
         forwarding = forwarding_headers(
             request.remote, request.headers.getall("X-Forwarded-For", []), scheme, host, self.trust
         )
-        headers = upstream_request_headers(
-            request.headers.items(), request[REQUEST_ID], forwarding, drop_authorization=refused
+        return upstream_request_headers(
+            request.headers.items(),
+            request[REQUEST_ID],
+            forwarding,
+            drop_authorization=drop_authorization,
         )
+
+    def _challenge_for(self, repository: str, scheme: str, host: str, error: str) -> str:
+        """A challenge that sends the client to the proxy's token endpoint for ``repository``."""
+        service = self.token_relay.service if self.token_relay is not None else None
+        return bearer_challenge(own_realm(scheme, host), service, repository, error)
+
+    async def _forward(self, exchange: _Exchange, verified: bool) -> web.StreamResponse:
+        """Answer ``exchange`` from the cache or the upstream, as its plan says.
+
+        ``verified``: the request's token was verified here and grants pull on the name.
+        """
+        request, route, plan = exchange.request, exchange.route, exchange.plan
+        if plan.names is not None:
+            request[UPSTREAM_TARGET] = plan.target
+        mode = fetch_mode(
+            route,
+            request.method,
+            caching=self.cache is not None,
+            following=self.follow_redirects,
+        )
+        label = request[ROUTE]
         try:
-            if self.blobs is not None and _cacheable(route):
-                answer = await self._from_cache(request, route, plan, token, refused, headers)
+            if mode is Fetch.CACHE:
+                answer = await self._from_cache(exchange, verified)
                 if isinstance(answer, Uncached):
                     async with answer.stack:
-                        return await self._relay(
-                            request, route, plan, answer.response, headers, host
-                        )
+                        return await self._answer(exchange, answer.response)
                 if answer is not None:
                     return answer
-            follow = self.follow_redirects and route.kind is Kind.BLOB and request.method == "GET"
             started = time.perf_counter()
             async with AsyncExitStack() as stack:
-                if follow:
-                    upstream = await self.upstream.get_following(stack, plan.target, headers)
+                if mode is Fetch.FOLLOWING:
+                    upstream = await self.upstream.get_following(stack, plan.target, exchange.sent)
                 else:
                     upstream = await stack.enter_async_context(
-                        self.upstream.request(request.method, plan.target, headers)
+                        self.upstream.request(request.method, plan.target, exchange.sent)
                     )
                 self.metrics.upstream_latency.labels(label).observe(time.perf_counter() - started)
-                return await self._relay(request, route, plan, upstream, headers, host)
+                return await self._answer(exchange, upstream)
         except UpstreamError as error:
-            cached = self.blobs is not None and _cacheable(route)
+            cached = mode is Fetch.CACHE
             raise self._failed(request, error, "upstream registry", cached=cached) from None
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        """The proxy's token endpoint: a login sealed into a proxy token (resolver mode), or
+        the request passed on to the registry's real realm (edge mode)."""
+        try:
+            if self.resolving is not None:
+                return await self.resolving.login.token(request)
+            assert self.token_relay is not None
+            return await self.token_relay.token(request)
+        except UpstreamError as error:
+            raise self._failed(request, error, "token server") from None
+
+    async def _answer(self, exchange: _Exchange, upstream: Response) -> web.StreamResponse:
+        """Answer the client from ``upstream`` as ``answers.decide`` says."""
+        request, route, plan = exchange.request, exchange.route, exchange.plan
+        headers = map_response_headers(
+            client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
+        )
+        if not upstream.from_registry:
+            headers = storage_response_headers(headers)
+        elif self.token_relay is not None:
+            headers = self.token_relay.own_challenges(headers, exchange.scheme, exchange.host)
+        action = decide(
+            route,
+            plan,
+            request.method,
+            upstream.status,
+            encoded="Content-Encoding" in upstream.headers,
+            caching=self.cache is not None,
+        )
+        return await _ACTIONS[action](self, exchange, upstream, headers)
+
+    async def _stream(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        return await stream(exchange.request, upstream, headers, self.metrics, self.send_timeout)
+
+    async def _range_not_satisfiable(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        # The answer's body is not read: that connection is dropped, never reused.
+        body = error_body("RANGE_INVALID", "the requested range is not within the blob")
+        return buffered(416, without_body_headers(headers, keep=("content-range",)), body)
+
+    async def _explain(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        assert exchange.plan.unresolved is not None
+        # A HEAD answer announces a body it does not carry: waiting for it would hang.
+        if has_body(exchange.request.method, upstream.status):
+            denial, _ = await upstream.read_up_to(MAX_REWRITTEN_BODY)
+        else:
+            denial = b""
+        body = explain(exchange.plan.unresolved, first_error_code(denial), exchange.host)
+        return buffered(upstream.status, without_body_headers(headers), body)
+
+    async def _challenge(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        """The registry's own 401 for the name, asked for without credentials, explained.
+
+        Explained as it is when the registry does not challenge an anonymous request for it.
+        """
+        anonymous = [(k, v) for k, v in exchange.sent if k.lower() != "authorization"]
+        async with self.upstream.request("GET", exchange.plan.target, anonymous) as answer:
+            challenged = answer.status == 401 and "WWW-Authenticate" in answer.headers
+            if challenged:
+                headers = client_response_headers(answer.headers.items())
+        if not challenged:
+            return await self._explain(exchange, upstream, headers)
+        if self.token_relay is not None:
+            headers = self.token_relay.own_challenges(headers, exchange.scheme, exchange.host)
+        assert exchange.plan.unresolved is not None
+        body = explain(exchange.plan.unresolved, "UNAUTHORIZED", exchange.host)
+        return buffered(401, without_body_headers(headers), body)
+
+    async def _map_tags(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        names = exchange.plan.names
+        assert names is not None
+        original, complete = await upstream.read_up_to(MAX_REWRITTEN_BODY)
+        if not complete:
+            return await stream(
+                exchange.request, upstream, headers, self.metrics, self.send_timeout, original
+            )
+        mapped = map_tags_body(original, names.real, names.alias)
+        if mapped is None:
+            return buffered(upstream.status, headers, original)
+        return buffered(upstream.status, without_body_headers(headers), mapped)
+
+    async def _keep_manifest(
+        self, exchange: _Exchange, upstream: Response, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        assert self.cache is not None
+        body, complete = await upstream.read_up_to(MAX_MANIFEST_BYTES)
+        if not complete:
+            return await stream(
+                exchange.request, upstream, headers, self.metrics, self.send_timeout, body
+            )
+        content_type = upstream.headers.get("Content-Type", "")
+        assert exchange.route.reference is not None
+        await self.cache.keep_manifest(
+            exchange.sent,
+            _real_repository(exchange.route, exchange.plan),
+            exchange.route.reference,
+            content_type,
+            body,
+        )
+        return buffered(upstream.status, headers, body)
+
+    async def _from_cache(
+        self, exchange: _Exchange, verified: bool
+    ) -> web.StreamResponse | Uncached | None:
+        """The cache's answer to a blob or manifest request by digest, None to relay it, or
+        the upstream's answer the cache did not keep."""
+        assert self.cache is not None
+        request, route = exchange.request, exchange.route
+        assert route.reference is not None
+        repository = _real_repository(route, exchange.plan)
+        if route.kind is Kind.MANIFEST:
+            return await self.cache.serve_manifest(
+                request, repository, route.reference, exchange.sent, verified_pull=verified
+            )
+        return await self.cache.serve(
+            request, repository, route.reference, exchange.sent, verified_pull=verified
+        )
 
     def _failed(
         self, request: web.Request, error: UpstreamError, what: str, *, cached: bool = False
@@ -162,86 +405,6 @@ class Proxy:
             self.trust,
         )
 
-    async def _from_cache(
-        self,
-        request: web.Request,
-        route: Route,
-        plan: Plan,
-        token: str | None,
-        refused: bool,
-        headers: list[tuple[str, str]],
-    ) -> web.StreamResponse | Uncached | None:
-        """The cache's answer to a blob or manifest request by digest, None to relay it, or
-        the upstream's answer the cache did not keep."""
-        assert self.blobs is not None
-        assert route.reference is not None
-        repository = _real_repository(route, plan)
-        # Offline, a token this proxy verified itself stands in for the upstream's word.
-        verified = (
-            self.verifier is not None
-            and token is not None
-            and not refused
-            and grants_pull(token_entries(token), route.repository or "")
-        )
-        if route.kind is Kind.MANIFEST:
-            return await self.blobs.serve_manifest(
-                request, repository, route.reference, headers, verified_pull=verified
-            )
-        return await self.blobs.serve(
-            request, repository, route.reference, headers, verified_pull=verified
-        )
-
-    def _own_realm(
-        self, request: web.Request, headers: list[tuple[str, str]]
-    ) -> list[tuple[str, str]]:
-        """Name the proxy as the token realm, remembering the real one to pass requests to.
-
-        Only for the registry's own answers: a storage host a redirect led to is no authority
-        on where clients get their tokens.
-        """
-        scheme, host = self._origin(request)
-        mapped = []
-        for name, value in headers:
-            if name.lower() == "www-authenticate" and (real := challenge_realm(value)):
-                self.realm = real
-                value = replace_realm(value, own_realm(scheme, host))
-            mapped.append((name, value))
-        return mapped
-
-    async def token(self, request: web.Request) -> web.StreamResponse:
-        """Edge mode: pass a token request on to the real realm; credentials pass through."""
-        if self.realm is None:
-            await self._learn_realm(request)
-        if self.realm is None:
-            raise RegistryError(503, "UNAVAILABLE", "the upstream registry names no token realm")
-        headers = redirect_request_headers(request.headers.items())
-        authorization = request.headers.get("Authorization")
-        if authorization is not None:
-            headers.append(("Authorization", authorization))
-        url = token_request_url(self.realm, request.rel_url.raw_query_string)
-        try:
-            async with self.upstream.fetch(url, headers) as answer:
-                body, complete = await _read_small(answer)
-                if not complete:
-                    raise RegistryError(
-                        502, "UNAVAILABLE", "the token server's answer is too large"
-                    )
-                content_type = answer.headers.get("Content-Type", "application/json")
-                return web.Response(
-                    status=answer.status, body=body, headers={"Content-Type": content_type}
-                )
-        except UpstreamError as error:
-            raise self._failed(request, error, "token server") from None
-
-    async def _learn_realm(self, request: web.Request) -> None:
-        try:
-            async with self.upstream.request(
-                "GET", "/v2/", [("X-Request-Id", request[REQUEST_ID])]
-            ) as probe:
-                self.realm = challenge_realm(probe.headers.get("WWW-Authenticate", ""))
-        except UpstreamError as error:
-            raise self._failed(request, error, "upstream registry") from None
-
     async def _learn_audience(self, request: web.Request) -> None:
         """Take the tokens' audience from the registry's challenge: the ``service`` it names.
 
@@ -250,183 +413,24 @@ class Proxy:
         """
         assert self.verifier is not None
         try:
-            async with self.upstream.request(
-                "GET", "/v2/", [("X-Request-Id", request[REQUEST_ID])]
-            ) as probe:
-                service = challenge_service(probe.headers.get("WWW-Authenticate", ""))
+            service = challenge_service(await self.upstream.challenge(request[REQUEST_ID]))
         except UpstreamError as error:
             raise self._failed(request, error, "upstream registry") from None
         self.verifier.audience = service or urlsplit(self.upstream.base_url).hostname or ""
         log.info("verifying tokens issued for %s", self.verifier.audience)
 
-    def _accepts(self, token: str) -> bool:
-        return self.verifier is None or self.verifier.is_valid(token)
 
-    async def _relay(
-        self,
-        request: web.Request,
-        route: Route,
-        plan: Plan,
-        upstream: Response,
-        sent: list[tuple[str, str]],
-        host: str,
-    ) -> web.StreamResponse:
-        """Answer the client from ``upstream``, the answer to a request with ``sent`` headers;
-        ``host`` is the proxy's name as the client used it."""
-        headers = map_response_headers(
-            client_response_headers(upstream.headers.items()), plan, self.upstream.base_url
-        )
-        if self.proxy_auth and upstream.from_registry:
-            headers = self._own_realm(request, headers)
-        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
-        if upstream.status == 416:
-            # Distribution 2.8 announces the blob's length and sends a short text instead: a
-            # client framing by that length would wait for ever. The client needs the status
-            # and Content-Range (the size); its body is ours, and that connection is dropped
-            # unread, never reused.
-            body = error_body("RANGE_INVALID", "the requested range is not within the blob")
-            return _buffered(416, without_body_headers(headers, keep=("content-range",)), body)
-        if plan.unresolved is not None and upstream.status in plan.explain_on:
-            if plan.challenge:
-                challenged = await self._challenge(request, plan, sent)
-                if challenged is not None:
-                    status, headers = challenged
-                    body = explain(plan.unresolved, "UNAUTHORIZED", host)
-                    return _buffered(status, without_body_headers(headers), body)
-            # A HEAD answer announces a body it does not carry: waiting for it would hang.
-            denial, _ = await _read_small(upstream) if has_body else (b"", True)
-            body = explain(plan.unresolved, first_error_code(denial), host)
-            return _buffered(upstream.status, without_body_headers(headers), body)
-        if (
-            plan.names is not None
-            and route.kind is Kind.TAGS
-            and upstream.status == 200
-            and has_body
-            and "Content-Encoding" not in upstream.headers
-        ):
-            original, complete = await _read_small(upstream)
-            if not complete:
-                return await self._stream(request, upstream, headers, prefix=original)
-            mapped = map_tags_body(original, plan.names.real, plan.names.alias)
-            if mapped is None:
-                return _buffered(upstream.status, headers, original)
-            return _buffered(upstream.status, without_body_headers(headers), mapped)
-        if (
-            self.blobs is not None
-            and route.kind is Kind.MANIFEST
-            and _cacheable(route)
-            and upstream.status == 200
-            and has_body
-            and "Content-Encoding" not in upstream.headers
-        ):
-            body, complete = await _read_small(upstream, MAX_MANIFEST_BYTES)
-            if not complete:
-                return await self._stream(request, upstream, headers, prefix=body)
-            content_type = upstream.headers.get("Content-Type", "")
-            assert route.reference is not None
-            await self.blobs.keep_manifest(
-                sent, _real_repository(route, plan), route.reference, content_type, body
-            )
-            return _buffered(upstream.status, headers, body)
-        return await self._stream(request, upstream, headers)
-
-    async def _challenge(
-        self, request: web.Request, plan: Plan, sent: list[tuple[str, str]]
-    ) -> tuple[int, list[tuple[str, str]]] | None:
-        """The registry's 401 and its challenge for the request, asked for without credentials.
-
-        None if the registry does not challenge an anonymous request for it.
-        """
-        anonymous = [(name, value) for name, value in sent if name.lower() != "authorization"]
-        async with self.upstream.request("GET", plan.target, anonymous) as answer:
-            if answer.status != 401 or "WWW-Authenticate" not in answer.headers:
-                return None
-            headers = client_response_headers(answer.headers.items())
-        return 401, self._own_realm(request, headers) if self.proxy_auth else headers
-
-    async def _stream(
-        self,
-        request: web.Request,
-        upstream: Response,
-        headers: list[tuple[str, str]],
-        prefix: bytes = b"",
-    ) -> web.StreamResponse:
-        """Relay the rest of the upstream body (after ``prefix``, already read) to the client."""
-        length = upstream.content_length
-        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
-        if not prefix and has_body and length is not None and length <= SMALL_BODY:
-            # Mostly there already: one write of headers and body instead of two, and an
-            # upstream failure can still be answered with an error instead of a cut.
-            body = await upstream.content.readexactly(length)
-            request[BODY_BYTES] = length
-            return _buffered(upstream.status, headers, body, upstream.reason)
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=CIMultiDict(headers)
-        )
-        # Without a length aiohttp frames the body itself: chunked for HTTP/1.1, close for 1.0.
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
-        if not has_body:
-            return response
-        sent = 0
-        try:
-            if prefix:
-                await response.write(prefix)
-                sent += len(prefix)
-            transport = request.transport
-            if transport is None:
-                return response
-
-            def send(chunk: bytes) -> bool:
-                # Headers are out, and the body needs no framing of its own (a length, or
-                # HTTP/1.0's end at close): straight into the client's connection.
-                nonlocal sent
-                if transport.is_closing():
-                    return False
-                transport.write(chunk)
-                sent += len(chunk)
-                return not transport.get_write_buffer_size()
-
-            async def drained() -> None:
-                if transport.is_closing():
-                    raise ConnectionResetError("the client left")
-                await request.writer.drain()
-
-            if length is not None or request.version < (1, 1):
-                await upstream.content.pipe(send, drained)
-            else:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                    sent += len(chunk)
-        except ConnectionResetError:
-            # The client went away; leaving the upstream context closes that connection too.
-            return response
-        except UpstreamError as error:
-            # Headers are out, so no error response is possible: cut the connection so the
-            # client sees a short body (and retries with Range) instead of waiting or trusting.
-            self.metrics.upstream_errors.labels("cut").inc()
-            log.warning(
-                "upstream failed mid-response for %s: %s rid=%s",
-                redact_target(request.get(UPSTREAM_TARGET, request.raw_path)),
-                error.cause,
-                request[REQUEST_ID],
-            )
-            if request.transport is not None:
-                request.transport.close()
-        finally:
-            request[BODY_BYTES] = sent
-        return response
-
-
-def _cacheable(route: Route) -> bool:
-    """A blob or manifest request by a digest the cache can verify."""
-    return (
-        route.kind in (Kind.BLOB, Kind.MANIFEST)
-        and route.repository is not None
-        and route.reference is not None
-        and cacheable(route.reference)
-    )
+_Carry = Callable[
+    [Proxy, _Exchange, Response, list[tuple[str, str]]], Awaitable[web.StreamResponse]
+]
+_ACTIONS: dict[Action, _Carry] = {
+    Action.STREAM: Proxy._stream,
+    Action.RANGE_NOT_SATISFIABLE: Proxy._range_not_satisfiable,
+    Action.EXPLAIN: Proxy._explain,
+    Action.CHALLENGE: Proxy._challenge,
+    Action.MAP_TAGS: Proxy._map_tags,
+    Action.KEEP_MANIFEST: Proxy._keep_manifest,
+}
 
 
 def _real_repository(route: Route, plan: Plan) -> str:
@@ -449,25 +453,3 @@ def _bearer(request: web.Request) -> str | None:
     if len(authorizations) > 1:
         raise bad_request("UNSUPPORTED", "more than one Authorization header")
     return bearer_token(authorizations[0] if authorizations else None)
-
-
-def _buffered(
-    status: int, headers: list[tuple[str, str]], body: bytes, reason: str | None = None
-) -> web.Response:
-    return web.Response(status=status, reason=reason, body=body, headers=CIMultiDict(headers))
-
-
-async def _read_small(upstream: Response, limit: int = MAX_REWRITTEN_BODY) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of the body, and whether that is all of it."""
-    length = upstream.content_length
-    if length is not None and length > limit:
-        return b"", False
-    if length is not None:
-        return await upstream.content.readexactly(length), True
-    body = bytearray()
-    while len(body) <= limit:
-        chunk = await upstream.content.readany()
-        if not chunk:
-            return bytes(body), True
-        body += chunk
-    return bytes(body), False

@@ -69,3 +69,40 @@ def requested_range(header: str | None, size: int) -> ByteRange | Unsatisfiable 
 def unsatisfiable_content_range(size: int) -> str:
     """The ``Content-Range`` of a 416 answer."""
     return f"bytes */{size}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """What a request for a blob the proxy holds gets: a status and the bytes of it."""
+
+    status: int
+    """200, 206, 304 or 416."""
+    part: ByteRange | None
+    """The bytes to send (None: none, for 304 and 416)."""
+
+
+def blob_answer(
+    size: int,
+    etag: str,
+    range_header: str | None = None,
+    if_range: str | None = None,
+    if_none_match: str | None = None,
+) -> BlobAnswer:
+    """The answer to a GET of a blob of ``size`` bytes whose entity tag is ``etag`` (quoted).
+
+    As the registry answers: a matching ``If-None-Match`` is 304; an ``If-Range`` that does
+    not match makes the Range void (the whole blob); a Range is 206 or 416.
+    """
+    if if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        if "*" in tags or etag in tags:
+            return BlobAnswer(304, None)
+    whole = ByteRange(0, size - 1, size) if size else None
+    if if_range is not None and if_range.strip() != etag:
+        return BlobAnswer(200, whole)
+    wanted = requested_range(range_header, size)
+    if wanted is None:
+        return BlobAnswer(200, whole)
+    if isinstance(wanted, Unsatisfiable):
+        return BlobAnswer(416, None)
+    return BlobAnswer(206, wanted)

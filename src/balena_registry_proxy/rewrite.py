@@ -47,13 +47,19 @@ class Plan:
     (skopeo, for one, listing tags) log in rather than give up: the name may be a private app's."""
 
 
-def plan_request(route: Route, match: Match | None) -> Plan:
+def plan_request(route: Route, match: Match | None, *, with_token: bool = False) -> Plan:
     """Decide the upstream target for ``route`` given what the token says about its name.
 
     Only an ALIASED verdict rewrites: manifests by tag go to the ``latest`` tag, everything
     addressed by digest keeps its digest (multi-platform children and digest pins depend on it).
+    ``with_token``: the client sent a token; one that says nothing of a balena name means the
+    token server ignored the scope (it does for an org alone), which is explained too.
     """
-    if match is None or route.repository is None:
+    if route.repository is None:
+        return Plan(route.target())
+    if match is None:
+        if with_token and not route.repository.startswith("v2/"):
+            return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)
         return Plan(route.target())
     if match.verdict is Verdict.UNRESOLVED:
         return Plan(route.target(), unresolved=route.repository, explain_on=REFUSED)
@@ -67,10 +73,21 @@ def plan_request(route: Route, match: Match | None) -> Plan:
             )
         return Plan(route.target())
     reference = route.reference
-    if route.kind is Kind.MANIFEST and not route.by_digest:
+    if route.kind is Kind.MANIFEST and not route.by_digest and not is_referrers_tag(reference):
         reference = UPSTREAM_TAG
     target = route.target(repository=match.repository, reference=reference)
     return Plan(target, names=Names(alias=route.repository, real=match.repository))
+
+
+# OCI 1.1's referrers tag schema: <alg>-<hex of a digest>, a suffix such as .sig or .att after
+# it by the habit of cosign and others. Clients without a referrers API ask for it to find the
+# signatures and SBOMs of an image; it is no name of the release's.
+_REFERRERS_TAG_RE = re.compile(r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]+)*")
+
+
+def is_referrers_tag(reference: str | None) -> bool:
+    """Whether a manifest ``reference`` is a referrers fallback tag, kept as it is upstream."""
+    return reference is not None and _REFERRERS_TAG_RE.fullmatch(reference) is not None
 
 
 def _is_legacy_grant(route: Route) -> bool:

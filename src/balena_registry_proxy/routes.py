@@ -83,6 +83,11 @@ def is_valid_name(name: str) -> bool:
     return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
 
 
+def is_digest(reference: str) -> bool:
+    """Whether ``reference`` is a content digest (``<algorithm>:<encoded>``), not a tag."""
+    return DIGEST_RE.fullmatch(reference) is not None
+
+
 # Clients repeat the same few targets (a pull asks for each blob and manifest more than once):
 # parsing each once is worth a small bounded memory.
 @lru_cache(maxsize=256)

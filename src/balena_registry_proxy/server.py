@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,9 +42,13 @@ QUIET = web.ResponseKey("quiet", bool)
 # At most one "connection limit reached" warning this often.
 _LIMIT_WARNING_SECONDS = 10.0
 # A refused connection's request is read (so the client sees the 503, not a reset) for at
-# most this long and this much.
+# most this long and this much; beyond this many refusals at once, connections are dropped.
 _REFUSAL_READ_SECONDS = 5.0
 _REFUSAL_READ_BYTES = 16 * 1024
+_MAX_REFUSALS = 64
+# Bytes a client may send while its request is being answered (a pipelined request): more is
+# no client's habit, and aiohttp would parse and queue them all.
+_MAX_AHEAD = 64 * 1024
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -56,6 +61,7 @@ class ConnectionLimits:
     head_timeout: float = 10.0
     max_request_line: int = 8190
     max_header_size: int = 8190
+    max_head: int = 3 * 8190
 
 
 def parser_refusal(
@@ -150,21 +156,55 @@ class _OCIRequestHandler(RequestHandler):
         default high-water mark of 64 KiB a client that reads nothing would hold that much
         more of this process's memory.
         """
+        self._refused = not self.server.admit(self)
+        if self._refused:
+            # Over the limit once its TLS handshake was done: accepted below the limit while
+            # others were handshaking too.
+            _answer_raw(
+                transport,
+                503,
+                "Service Unavailable",
+                "too many connections: try again shortly",
+                code="UNAVAILABLE",
+                extra="Retry-After: 1\r\n",
+            )
+            return
         super().connection_made(transport)
         cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=0)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._ahead = 0
 
     def data_received(self, data: bytes) -> None:
-        """Parse, and give a request head that started ``head_timeout`` to arrive whole."""
+        """Parse, within bounds: a request head must arrive within ``head_timeout`` once it
+        started and take at most ``max_head`` bytes; little may come ahead of an answer."""
+        limits = self.server.limits
+        if self._request_in_progress:
+            self._ahead += len(data)
+            if self._ahead > _MAX_AHEAD:
+                log.debug("closing a connection from %s: too much sent ahead", self._peer())
+                self.force_close()
+                return
+        else:
+            self._ahead = 0
+            self._head_bytes += len(data)
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
+            self._head_bytes = 0
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+        elif self._head_bytes > limits.max_head:
+            log.debug("refused a request head of more than %d bytes", limits.max_head)
+            _answer_raw(
+                self.transport, 431, "Request Header Fields Too Large", "request head too large"
+            )
+            self.force_close()
         elif self._head_timer is None and data and not self._request_in_progress:
-            timeout = self.server.limits.head_timeout
-            self._head_timer = self._loop.call_later(timeout, self._head_too_slow, count)
+            self._head_timer = self._loop.call_later(
+                limits.head_timeout, self._head_too_slow, count
+            )
 
     def _head_too_slow(self, count: int) -> None:
         self._head_timer = None
@@ -178,7 +218,10 @@ class _OCIRequestHandler(RequestHandler):
         return str(peer[0]) if isinstance(peer, tuple) else "-"
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        """Stop the head timer with the connection."""
+        """Stop the head timer with the connection, and free its place."""
+        if self._refused:
+            return
+        self.server.open.discard(self)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -205,10 +248,37 @@ class _OCIRequestHandler(RequestHandler):
         return response
 
 
+def _answer_raw(
+    transport: asyncio.BaseTransport | None,
+    status: int,
+    reason: str,
+    message: str,
+    code: str = "UNSUPPORTED",
+    extra: str = "",
+) -> None:
+    """Write an OCI error answer straight to ``transport`` and close it: for connections that
+    never get as far as the application."""
+    if transport is None or transport.is_closing():
+        return
+    body = error_body(code, message)
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"Content-Type: {CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        f"Server: {SERVER_NAME}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    cast(asyncio.WriteTransport, transport).write(head.encode("ascii") + body)
+    transport.close()
+
+
 class _Refusal(asyncio.Protocol):
     """A connection over the limit: its request head is read, then answered 503 and closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, refusals: weakref.WeakSet[_Refusal]) -> None:
+        self._refusals = refusals
+        refusals.add(self)
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -228,43 +298,59 @@ class _Refusal(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         transport, self._transport = self._transport, None
-        if transport is None or transport.is_closing():
-            return
-        body = error_body("UNAVAILABLE", "too many connections: try again shortly")
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\n"
-            f"Content-Type: {CONTENT_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Retry-After: 1\r\n"
-            f"Server: {SERVER_NAME}\r\n"
-            "Connection: close\r\n\r\n"
+        _answer_raw(
+            transport,
+            503,
+            "Service Unavailable",
+            "too many connections: try again shortly",
+            code="UNAVAILABLE",
+            extra="Retry-After: 1\r\n",
         )
-        transport.write(head.encode("ascii") + body)
-        transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._transport = None
+        self._refusals.discard(self)
+
+
+class _Dropped(asyncio.Protocol):
+    """A connection beyond the limit and beyond the refusals answered: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 class _OCIServer(web.Server):
     limits = ConnectionLimits()
     trim: MemoryTrim
+    open: set[_OCIRequestHandler]
+    """Connections made (TLS handshakes done) and not yet lost."""
+    refusals: weakref.WeakSet[_Refusal]
     last_limit_warning = 0.0
 
+    def admit(self, handler: _OCIRequestHandler) -> bool:
+        """Count ``handler``'s connection in, if there is room for it."""
+        if len(self.open) >= self.limits.max_connections:
+            return False
+        self.open.add(handler)
+        return True
+
     def __call__(self) -> RequestHandler:
-        if len(self._connections) >= self.limits.max_connections:
+        # aiohttp's factory type says RequestHandler; the loop needs only a protocol.
+        in_use = len(self.open)
+        if in_use >= self.limits.max_connections:
             now = time.monotonic()
             if now - self.last_limit_warning >= _LIMIT_WARNING_SECONDS:
                 self.last_limit_warning = now
                 log.warning(
                     "%d connections open, the limit (MAX_CONNECTIONS): answering new ones 503",
-                    len(self._connections),
+                    in_use,
                 )
-            # aiohttp's factory type says RequestHandler; the loop needs only a protocol.
-            return cast(RequestHandler, _Refusal())
+            if len(self.refusals) >= _MAX_REFUSALS:
+                return cast(RequestHandler, _Dropped())
+            return cast(RequestHandler, _Refusal(self.refusals))
         handler = _OCIRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.server = self
         return handler
@@ -299,4 +385,6 @@ class ProxyRunner(web.AppRunner):
         assert isinstance(server, _OCIServer)
         server.limits = self._limits
         server.trim = MemoryTrim(asyncio.get_running_loop().call_later)
+        server.open = set()
+        server.refusals = weakref.WeakSet()
         return server

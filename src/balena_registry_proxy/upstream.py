@@ -84,6 +84,14 @@ class Upstream:
         """
         return self._send(self._origin, method, target, headers, registry=True)
 
+    async def challenge(self, request_id: str) -> str:
+        """The ``WWW-Authenticate`` the registry answers an anonymous ``GET /v2/`` with.
+
+        Its realm names the token server, its service what tokens are issued for.
+        """
+        async with self.request("GET", "/v2/", [("X-Request-Id", request_id)]) as probe:
+            return probe.headers.get("WWW-Authenticate", "")
+
     async def get_following(
         self, stack: AsyncExitStack, target: str, headers: list[tuple[str, str]]
     ) -> Response:

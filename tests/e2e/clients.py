@@ -26,7 +26,9 @@ import pytest
 
 from balena_registry_proxy.sandbox.seed import PushedManifest
 
-from ..conftest import missing
+from .. import matrix
+from ..conftest import missing, require_binary
+from .go_tools import go_tool
 
 if TYPE_CHECKING:
     # Only named in annotations: the e2e conftest imports this module's neighbours.
@@ -352,3 +354,28 @@ def write_auth_config(path: Path, host: str, credentials: str) -> Path:
     auth = base64.b64encode(credentials.encode()).decode()
     path.write_text(json.dumps({"auths": {host: {"auth": auth}}}))
     return path
+
+
+CTR16 = "ctr (Debian's containerd)"
+CTR2 = "ctr (containerd 2)"
+
+
+@contextlib.contextmanager
+def debian_containerd() -> Iterator[Containerd]:
+    """Debian's containerd 1.6 daemon, its ctr's version noted for the client matrix."""
+    daemon = require_binary("containerd", "containerd")
+    ctr = require_binary("ctr", "containerd")
+    require_root("containerd")
+    matrix.note_version(CTR16, [ctr, "--version"])
+    with containerd_daemon(daemon, ctr, containerd16_config) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def containerd2_daemon() -> Iterator[Containerd]:
+    """containerd 2, built from the Go module proxy, its ctr's version noted too."""
+    daemon, ctr = go_tool("containerd"), go_tool("ctr")
+    require_root("containerd 2")
+    matrix.note_version(CTR2, [str(ctr), "--version"])
+    with containerd_daemon(str(daemon), str(ctr), containerd2_config) as running:
+        yield running

@@ -20,7 +20,7 @@ from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
 from balena_registry_proxy.sandbox.ports import free_port
 
 from .. import matrix
-from ..conftest import register_log
+from ..conftest import register_log, require_binary
 from .go_clients import Crane, LayoutClient, Oras
 from .go_tools import go_tool
 
@@ -54,6 +54,31 @@ def edge_proxy(
     directory = tmp_path_factory.mktemp("edge")
     env = {"REGISTRY_URL": sandbox.registry_url, "PROXY_AUTH": "true"}
     with proxy_process(env, directory / "proxy.log") as running:
+        yield running
+
+
+# Resolver mode's sealing key in these tests: every replica of one test shares it.
+SEAL_KEY = "e2e-resolver-seal-secret-0001"
+
+
+def resolver_env(sandbox: Sandbox, **more: str) -> dict[str, str]:
+    """The environment of a proxy in resolver mode in front of ``sandbox``."""
+    return {
+        "REGISTRY_URL": sandbox.registry_url,
+        "RESOLVE": "true",
+        "BALENA_API_URL": sandbox.api_url,
+        "TOKEN_SEAL_KEY": SEAL_KEY,
+        **more,
+    }
+
+
+@pytest.fixture(scope="session")
+def resolver_proxy(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningProxy]:
+    """A proxy in resolver mode in front of the shared sandbox."""
+    log_path = tmp_path_factory.mktemp("resolver") / "proxy.log"
+    with proxy_process(resolver_env(sandbox), log_path) as running:
         yield running
 
 
@@ -226,3 +251,50 @@ def layout_client(request: pytest.FixtureRequest) -> LayoutClient:
     """crane, then oras: the cases both clients run alike."""
     client: LayoutClient = request.getfixturevalue(request.param)
     return client
+
+
+def _haproxy_config(port: int, backends: list[int]) -> str:
+    servers = "\n".join(
+        f"    server p{n} 127.0.0.1:{backend} check inter 200ms fall 1 rise 2"
+        for n, backend in enumerate(backends)
+    )
+    return f"""\
+global
+    maxconn 512
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch
+
+frontend registry
+    bind 127.0.0.1:{port}
+    default_backend proxies
+
+backend proxies
+    balance roundrobin
+    option httpchk GET /ping
+{servers}
+"""
+
+
+@contextlib.contextmanager
+def haproxy_in_front(proxies: list[RunningProxy], directory: Path) -> Iterator[str]:
+    """HAProxy balancing round robin over ``proxies`` (health-checked on /ping): its host."""
+    haproxy = require_binary("haproxy", "haproxy")
+    port = free_port()
+    config = directory / "haproxy.cfg"
+    backends = [int(proxy.host.rsplit(":", 1)[1]) for proxy in proxies]
+    config.write_text(_haproxy_config(port, backends))
+    balancer = subprocess.Popen(
+        [haproxy, "-f", str(config), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
+        yield f"127.0.0.1:{port}"
+    finally:
+        balancer.terminate()
+        balancer.wait(30)

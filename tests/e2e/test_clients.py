@@ -10,6 +10,7 @@ Both keep their state in a fresh directory under /tmp (see ``clients``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from balena_registry_proxy.sandbox.seed import PushedManifest
 from .. import matrix
 from ..conftest import require_binary
 from .clients import (
+    CTR16,
     MULTI_NAME,
     NOT_ALLOWED,
     SECRET,
@@ -34,8 +36,7 @@ from .clients import (
     Ctr,
     blobs_of,
     client_env,
-    containerd16_config,
-    containerd_daemon,
+    debian_containerd,
     fetched_by_digest,
     namespace_for,
     require_root,
@@ -49,7 +50,7 @@ from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED
 pytestmark = pytest.mark.e2e
 
 ARM64, AMD64 = "linux/arm64", "linux/amd64"
-CTR = "ctr (Debian's containerd)"
+CTR = CTR16
 
 
 # --------------------------------------------------------------------------------- podman
@@ -139,17 +140,24 @@ class Podman:
         return images[0]
 
 
-@pytest.fixture
-def podman(proxy: RunningProxy) -> Iterator[Podman]:
-    """podman with a store of its own for this test only, so no pull is served from cache."""
+@contextlib.contextmanager
+def new_podman(host: str) -> Iterator[Podman]:
+    """podman with a store of its own, pulling from the proxy at ``host``, removed after."""
     binary = require_binary("podman", "podman")
     require_root("podman")
     matrix.note_version("podman", [binary, "--version"])
     workdir = short_tempdir("pd")
     try:
-        yield Podman.in_new_store(binary, proxy.host, workdir)
+        yield Podman.in_new_store(binary, host, workdir)
     finally:
         shutil.rmtree(workdir)
+
+
+@pytest.fixture
+def podman(proxy: RunningProxy) -> Iterator[Podman]:
+    """podman with a store of its own for this test only, so no pull is served from cache."""
+    with new_podman(proxy.host) as client:
+        yield client
 
 
 def _assert_podman_image(image: dict[str, Any], manifest: PushedManifest) -> None:
@@ -210,11 +218,7 @@ def test_podman_pulls_arm64_child_of_index(
 @pytest.fixture(scope="module")
 def containerd() -> Iterator[Containerd]:
     """A containerd 1.6 daemon for this module's tests."""
-    daemon = require_binary("containerd", "containerd")
-    ctr = require_binary("ctr", "containerd")
-    require_root("containerd")
-    matrix.note_version(CTR, [ctr, "--version"])
-    with containerd_daemon(daemon, ctr, containerd16_config) as running:
+    with debian_containerd() as running:
         yield running
 
 

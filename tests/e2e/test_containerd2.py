@@ -16,27 +16,24 @@ import pytest
 
 from balena_registry_proxy.sandbox.ports import free_port
 
-from .. import matrix
 from .clients import (
+    CTR2,
     MULTI_NAME,
     SECRET,
     WEB,
     Containerd,
     Ctr,
     blobs_of,
-    containerd2_config,
-    containerd_daemon,
+    containerd2_daemon,
     fetched_by_digest,
     namespace_for,
-    require_root,
 )
 from .conftest import Upstream
-from .go_tools import go_tool
 from .test_pull import ALICE, MULTI, REV2, SECRET_PINNED, SELECTORS
 
 pytestmark = pytest.mark.e2e
 
-CLIENT = "ctr (containerd 2)"
+CLIENT = CTR2
 # A registry name that exists only in the hosts.toml below (.invalid never resolves).
 MIRRORED = "balena.invalid"
 
@@ -44,10 +41,7 @@ MIRRORED = "balena.invalid"
 @pytest.fixture(scope="module")
 def containerd2() -> Iterator[Containerd]:
     """A containerd 2 daemon for this module's tests."""
-    daemon, ctr = go_tool("containerd"), go_tool("ctr")
-    require_root("containerd 2")
-    matrix.note_version(CLIENT, [str(ctr), "--version"])
-    with containerd_daemon(str(daemon), str(ctr), containerd2_config) as running:
+    with containerd2_daemon() as running:
         yield running
 
 

@@ -77,12 +77,6 @@ async def test_tags_list_answers_under_the_alias(sandbox: Sandbox, proxy: Runnin
         assert await response.json() == {"name": name, "tags": ["latest"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: rewrite.py sends every manifest tag to the release's latest, the referrers "
-    "tag schema's sha256-<digest> too, so a client falling back to it (the registry has no "
-    "referrers API) is served the release's image manifest where the registry answers 404",
-)
 async def test_referrers_fallback_tag_is_not_the_release(
     sandbox: Sandbox, proxy: RunningProxy
 ) -> None:
@@ -135,6 +129,8 @@ def _snapshot(root: Path) -> dict[str, int]:
         ("gh_acme/web/9.9.9", "release '9.9.9' of app 'gh_acme/web' was not found"),
         ("gh_acme/nope/1.0.0", "release '1.0.0' of app 'gh_acme/nope' was not found"),
         ("gh_acme/nope", "app 'gh_acme/nope' was not found"),
+        ("gh_acme", "'gh_acme' names no app: write the org and the app (gh_acme/<app>)"),
+        ("gh_acme/web/v1.2.3", "did you mean gh_acme/web/1.2.3?"),
     ],
 )
 async def test_unknown_app_or_version_is_a_4xx_with_the_helpful_message(

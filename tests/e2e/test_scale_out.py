@@ -22,10 +22,8 @@ from pathlib import Path
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox
-from balena_registry_proxy.sandbox.ports import free_port
 
-from ..conftest import require_binary
-from .conftest import Skopeo, proxy_process, wait_for_ping
+from .conftest import Skopeo, haproxy_in_front, proxy_process
 from .test_pull import BIG
 
 pytestmark = pytest.mark.e2e
@@ -42,37 +40,8 @@ class Balanced:
     logs: list[Path]
 
 
-def _haproxy_config(port: int, backends: list[int]) -> str:
-    servers = "\n".join(
-        f"    server p{n} 127.0.0.1:{backend} check inter 200ms fall 1 rise 2"
-        for n, backend in enumerate(backends)
-    )
-    return f"""\
-global
-    maxconn 512
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 60s
-    timeout server 60s
-    retries 3
-    option redispatch
-
-frontend registry
-    bind 127.0.0.1:{port}
-    default_backend proxies
-
-backend proxies
-    balance roundrobin
-    option httpchk GET /ping
-{servers}
-"""
-
-
 @pytest.fixture(scope="module")
 def balanced(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balanced]:
-    haproxy = require_binary("haproxy", "haproxy")
     directory = tmp_path_factory.mktemp("scale-out")
     with contextlib.ExitStack() as stack:
         proxies = [
@@ -81,25 +50,10 @@ def balanced(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iter
             )
             for n in range(PROXIES)
         ]
-        port = free_port()
-        config = directory / "haproxy.cfg"
-        backends = [int(proxy.host.rsplit(":", 1)[1]) for proxy in proxies]
-        config.write_text(_haproxy_config(port, backends))
-        balancer = subprocess.Popen(
-            [haproxy, "-f", str(config), "-db"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        host = stack.enter_context(haproxy_in_front(proxies, directory))
+        yield Balanced(
+            host, [proxy.process for proxy in proxies], [proxy.log_path for proxy in proxies]
         )
-        try:
-            wait_for_ping(f"http://127.0.0.1:{port}/ping", balancer)
-            yield Balanced(
-                f"127.0.0.1:{port}",
-                [proxy.process for proxy in proxies],
-                [proxy.log_path for proxy in proxies],
-            )
-        finally:
-            balancer.terminate()
-            balancer.wait(30)
 
 
 def test_pulls_survive_a_proxy_killed_mid_run(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -18,10 +20,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from balena_registry_proxy import disk_store
+from balena_registry_proxy import confirmations, disk_store, download
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.disk_store import DiskStore
-from balena_registry_proxy.download import Download
 from balena_registry_proxy.sandbox import generate_signing_key
 
 from .conftest import serve_proxy
@@ -551,12 +552,12 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
 ) -> None:
     setup = await proxy_for()
     monkeypatch.setattr(disk_store, "FILL_PAUSE_SECONDS", 0.5)
-    written = Download.write
+    written = download._store
 
-    async def full(self: Download, chunk: bytes) -> None:
+    def full(descriptor: int, chunk: bytes, offset: int) -> bytes:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Download, "write", full)
+    monkeypatch.setattr(download, "_store", full)
     first = await get(setup.client, "public/app", DIGEST)
     with pytest.raises(aiohttp.ClientPayloadError):
         await first.read()
@@ -566,7 +567,7 @@ async def test_a_disk_that_fills_up_mid_download_cuts_it_once_then_relays(
     await settled(setup.cache_dir)
     assert cached_files(setup.cache_dir) == []
     # Once the pause is over, the cache fills again.
-    monkeypatch.setattr(Download, "write", written)
+    monkeypatch.setattr(download, "_store", written)
     await asyncio.sleep(0.6)
     assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
     await settled(setup.cache_dir)
@@ -629,7 +630,10 @@ async def test_a_range_joining_a_download_gets_exactly_that_range(
     ranged = await get(setup.client, "public/app", DIGEST, Range=wanted)
     assert ranged.status == status
     assert ranged.headers["Content-Range"] == content_range
-    assert await ranged.read() == part
+    if status == 416:
+        assert (await ranged.json())["errors"][0]["code"] == "RANGE_INVALID"
+    else:
+        assert await ranged.read() == part
     assert await first.read() == DATA
     assert setup.registry.gets == [f"public/app@{DIGEST}"]
 
@@ -642,3 +646,124 @@ async def test_with_the_upstream_down_an_uncached_blob_is_503(proxy_for: ProxyFo
     error = (await response.json())["errors"][0]
     assert error["code"] == "UNAVAILABLE"
     assert "the cache does not hold this" in error["message"]
+
+
+async def test_concurrent_gets_of_a_blob_not_kept_are_all_relayed(proxy_for: ProxyFor) -> None:
+    # Smaller than twice the blob: relayed, not kept.
+    setup = await proxy_for(cache_max_size=len(DATA))
+    setup.registry.slow_heads = True
+    answers = await asyncio.gather(*(get(setup.client, "public/app", DIGEST) for _ in range(3)))
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert [await answer.read() for answer in answers] == [DATA] * 3
+
+
+async def test_concurrent_refused_gets_are_each_refused_and_leak_nothing(
+    proxy_for: ProxyFor,
+) -> None:
+    setup = await proxy_for()
+
+    async def round_of_three() -> list[int]:
+        answers = await asyncio.gather(
+            *(get(setup.client, "private/app", DIGEST) for _ in range(3))
+        )
+        for answer in answers:
+            await answer.read()
+        return [answer.status for answer in answers]
+
+    assert await round_of_three() == [401, 401, 401]
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        assert await round_of_three() == [401, 401, 401]
+    await asyncio.sleep(0.3)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before < 10
+
+
+async def test_kept_blobs_evicted_while_served_are_served_whole(proxy_for: ProxyFor) -> None:
+    # Room for two of the three blobs: every fill evicts the least recently used.
+    setup = await proxy_for(cache_max_size=int(len(DATA) * 2.5))
+    blobs = {DIGEST: DATA, OTHER_DIGEST: OTHER, THIRD_DIGEST: THIRD}
+    for _ in range(15):
+        digests = list(blobs) * 3
+        answers = await asyncio.gather(*(get(setup.client, "public/app", d) for d in digests))
+        for digest, answer in zip(digests, answers, strict=True):
+            assert answer.status == 200
+            assert await answer.read() == blobs[digest]
+
+
+async def test_a_kept_file_that_no_longer_matches_its_digest_is_not_served(
+    proxy_for: ProxyFor, tmp_path: Path
+) -> None:
+    kept = tmp_path / "cache" / "blobs" / "sha256"
+    kept.mkdir(parents=True)
+    (kept / DIGEST.removeprefix("sha256:")).write_bytes(b"\0" * len(DATA))
+    setup = await proxy_for()
+    response = await get(setup.client, "public/app", DIGEST)
+    assert await response.read() == DATA
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]  # fetched again
+    await settled(setup.cache_dir)
+    assert (kept / DIGEST.removeprefix("sha256:")).read_bytes() == DATA
+
+
+async def test_a_client_leaving_a_growing_download_is_no_error(
+    proxy_for: ProxyFor, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    response = await get(setup.client, "public/app", DIGEST)
+    assert response.status == 200
+    await response.content.readany()
+    assert response.connection is not None
+    assert response.connection.transport is not None
+    response.connection.transport.abort()  # the client goes away (reset), mid-body
+    response.close()
+    await asyncio.sleep(1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "body"),
+    [
+        ({"Range": "bytes=0-9"}, 206, DATA[:10]),
+        ({"Range": "bytes=0-1,5-6"}, 200, DATA),
+        ({"Range": "Bytes=0-1"}, 416, None),
+        ({"Range": "bytes=-0"}, 416, None),
+        ({"If-None-Match": f'"{DIGEST}"'}, 304, b""),
+        ({"If-Range": f'"{DIGEST}"', "Range": "bytes=5-9"}, 206, DATA[5:10]),
+        ({"If-Range": '"other"', "Range": "bytes=5-9"}, 200, DATA),
+    ],
+)
+async def test_a_kept_blob_answers_ranges_and_conditions_as_a_growing_one_does(
+    proxy_for: ProxyFor, headers: dict[str, str], status: int, body: bytes | None
+) -> None:
+    setup = await proxy_for()
+    setup.registry.slow = True
+    first = await get(setup.client, "public/app", DIGEST)
+    growing = await get(setup.client, "public/app", DIGEST, **headers)
+    assert await first.read() == DATA
+    await settled(setup.cache_dir)
+    kept = await get(setup.client, "public/app", DIGEST, **headers)
+    for answer in (growing, kept):
+        assert answer.status == status
+        assert answer.headers["Etag"] == f'"{DIGEST}"'
+        if body is None:
+            assert (await answer.json())["errors"][0]["code"] == "RANGE_INVALID"
+        else:
+            assert await answer.read() == body
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+
+
+async def test_a_range_on_a_kept_blob_after_the_confirmation_expired_is_answered_from_it(
+    proxy_for: ProxyFor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = await proxy_for()
+    assert await (await get(setup.client, "public/app", DIGEST)).read() == DATA
+    await settled(setup.cache_dir)
+    monkeypatch.setattr(confirmations, "CONFIRMATION_SECONDS", 0.0)
+    await asyncio.sleep(0.01)
+    ranged = await get(setup.client, "public/app", DIGEST, Range="bytes=0-9")
+    assert ranged.status == 206
+    assert await ranged.read() == DATA[:10]
+    assert setup.registry.gets == [f"public/app@{DIGEST}"]
+    assert len(setup.registry.heads) == 1  # the confirmation, asked without the Range

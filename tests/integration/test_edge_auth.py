@@ -133,7 +133,7 @@ async def test_a_storage_host_cannot_become_the_realm(
     client = await serve_proxy(config, aiohttp_client)
     blob = await client.get("/v2/org/app/blobs/sha256:" + "a" * 64)
     assert blob.status == 401
-    assert "/steal" in blob.headers["WWW-Authenticate"]  # the storage's own, relayed as it is
+    assert "WWW-Authenticate" not in blob.headers  # a storage host names no realm to clients
     answer = await client.get(
         "/auth/v1/token?service=registry.test", headers={"Authorization": "Basic YWxpY2U6a2V5"}
     )

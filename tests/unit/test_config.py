@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balena_registry_proxy.cli import build_parser, wants_fast_loop
+from balena_registry_proxy.cli import build_parser
 from balena_registry_proxy.config import (
     OPTIONS,
     ConfigError,
@@ -14,6 +14,7 @@ from balena_registry_proxy.config import (
     parse_size,
 )
 from balena_registry_proxy.forwarded import TrustProxy
+from balena_registry_proxy.runtime import wants_fast_loop
 
 
 def settings(env: dict[str, str], *argv: str) -> Settings:
@@ -174,13 +175,13 @@ def refusal(env: dict[str, str]) -> str:
         ),
         (
             {"REGISTRY_URL": "https://r.example/?x=1"},
-            "REGISTRY_URL (--registry-url) 'https://r.example/?x=1': must be the registry's root "
-            "URL, without a path",
+            "REGISTRY_URL (--registry-url) 'https://r.example/?x=1': must be a root URL "
+            "(scheme and host), without a path",
         ),
         (
             {"REGISTRY_URL": "https://r.example#top"},
-            "REGISTRY_URL (--registry-url) 'https://r.example#top': must be the registry's root "
-            "URL, without a path",
+            "REGISTRY_URL (--registry-url) 'https://r.example#top': must be a root URL "
+            "(scheme and host), without a path",
         ),
         (
             {"REGISTRY_URL": "https://r.example:port"},
@@ -375,5 +376,8 @@ def test_every_default_is_the_one_the_readme_and_help_show() -> None:
         elif option.field == "registry2_host":
             # Shown as the host it stands for: the upstream when nothing else is set.
             assert defaults.registry_url == f"https://{option.shown_default}"
+        elif option.field == "token_seal_key":
+            # Shown as what stands in for it: each start makes a random key.
+            assert (option.shown_default, defaults.token_seal_key) == ("random", None)
         else:
             assert getattr(defaults, option.field) == option.parse(option.shown_default), option

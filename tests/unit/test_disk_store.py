@@ -11,12 +11,8 @@ import pytest
 
 from balena_registry_proxy.config import parse_size
 from balena_registry_proxy.confirmations import CONFIRMATION_SECONDS, Confirmations, key
-from balena_registry_proxy.disk_store import (
-    MAX_MANIFEST_BYTES,
-    DiskStore,
-    StoreInUse,
-    cacheable,
-)
+from balena_registry_proxy.digests import MAX_MANIFEST_BYTES, cacheable
+from balena_registry_proxy.disk_store import DiskStore, StoreInUse
 from balena_registry_proxy.download import Download, DownloadFailed
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -161,18 +157,34 @@ async def test_a_blob_too_big_for_the_cache_is_not_kept_and_evicts_nothing(
     assert (store.evictions, store.reserved) == (0, 0)
 
 
-async def test_downloads_in_progress_count_toward_the_limit(tmp_path: Path) -> None:
+async def test_downloads_in_progress_count_toward_the_limit_as_their_bytes_arrive(
+    tmp_path: Path,
+) -> None:
     store = opened(tmp_path, 100)
     await fill(store, b"k" * 30)
-    first = begin(store, b"a" * 45)
-    assert store.reserved == 45
-    second = begin(store, b"b" * 45)  # fits only once the kept blob makes room
-    assert store.lookup(digest_of(b"k" * 30)) is None
+    first, second = begin(store, b"a" * 45), begin(store, b"b" * 45)
+    assert store.reserved == 90
     assert store.begin(digest_of(b"c" * 20), 20, ignore) is None  # no room beside them
-    for download, data in ((first, b"a" * 45), (second, b"b" * 45)):
-        await download.write(data)
+    await first.write(b"a" * 45)
+    await first.readable_beyond(0)
+    assert store.lookup(digest_of(b"k" * 30)) is not None  # 75 of 100: no need yet
+    await second.write(b"b" * 45)
+    await second.readable_beyond(0)
+    assert store.lookup(digest_of(b"k" * 30)) is None  # 120 of 100: made room
+    for download in (first, second):
         assert await store.end(download, complete=True)
     assert (store.size, store.reserved) == (90, 0)
+
+
+async def test_a_download_stopped_before_its_bytes_came_evicts_nothing(tmp_path: Path) -> None:
+    store = opened(tmp_path, 100)
+    await fill(store, b"k" * 30)
+    await fill(store, b"l" * 30)
+    stopped = begin(store, b"x" * 50)
+    assert not await store.end(stopped, complete=False)
+    assert store.lookup(digest_of(b"k" * 30)) is not None
+    assert store.lookup(digest_of(b"l" * 30)) is not None
+    assert store.evictions == 0
 
 
 async def test_open_indexes_kept_blobs_and_drops_temporaries(tmp_path: Path) -> None:
@@ -350,3 +362,11 @@ async def test_a_kept_blob_is_on_disk_before_it_is_renamed_into_place(
     assert await store.end(download, complete=True)
     final = store.path(digest_of(b"durable"))
     assert events == [f"fsync {download.temporary}", "rename", f"fsync {final.parent}"]
+
+
+async def test_a_kept_blob_removed_behind_the_stores_back_is_forgotten(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    await fill(store, b"gone")
+    store.path(digest_of(b"gone")).unlink()
+    assert store.lookup(digest_of(b"gone")) is None
+    assert store.size == 0

@@ -17,6 +17,8 @@ from balena_registry_proxy.headers import (
     client_response_headers,
     redirect_request_headers,
     rewrite_location,
+    storage_response_headers,
+    unconditional,
     upstream_request_headers,
     without_body_headers,
 )
@@ -366,3 +368,26 @@ def test_only_the_connection_header_names_hop_by_hop_headers() -> None:
     headers = [("Accept", "x-b"), ("X-A", "x-b"), ("Cache-Control", "accept"), ("X-B", "1")]
     assert client_response_headers(headers) == headers
     assert upstream_request_headers(headers, "rid")[:-1] == headers
+
+
+def test_a_question_about_access_carries_no_range_or_condition() -> None:
+    sent = [
+        ("Authorization", "Bearer t"),
+        ("Range", "bytes=0-9"),
+        ("If-Range", '"x"'),
+        ("if-none-match", '"x"'),
+        ("If-Match", '"x"'),
+        ("If-Modified-Since", "d"),
+        ("If-Unmodified-Since", "d"),
+        ("Accept", "*/*"),
+    ]
+    assert unconditional(sent) == [("Authorization", "Bearer t"), ("Accept", "*/*")]
+
+
+def test_a_storage_hosts_challenge_does_not_reach_the_client() -> None:
+    storage = [
+        ("Content-Type", "application/xml"),
+        ("WWW-Authenticate", 'Bearer realm="https://evil.example/steal"'),
+        ("www-authenticate", "Basic"),
+    ]
+    assert storage_response_headers(storage) == [("Content-Type", "application/xml")]

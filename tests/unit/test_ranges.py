@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from balena_registry_proxy.ranges import (
     UNSATISFIABLE,
+    BlobAnswer,
     ByteRange,
+    blob_answer,
     requested_range,
     unsatisfiable_content_range,
 )
@@ -85,3 +87,38 @@ def test_a_suffix_range_is_the_last_bytes_of_the_blob(suffix: int, size: int) ->
     assert isinstance(found, ByteRange)
     assert (found.last, found.size) == (size - 1, size)
     assert found.length == min(suffix, size)
+
+
+ETAG = '"sha256:abc"'
+WHOLE = ByteRange(0, SIZE - 1, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("range_header", "if_range", "if_none_match", "expected"),
+    [
+        (None, None, None, BlobAnswer(200, ByteRange(0, SIZE - 1, SIZE))),
+        ("bytes=0-9", None, None, BlobAnswer(206, ByteRange(0, 9, SIZE))),
+        ("bytes=2000-", None, None, BlobAnswer(416, None)),
+        ("bytes=0-9", ETAG, None, BlobAnswer(206, ByteRange(0, 9, SIZE))),
+        ("bytes=0-9", ' "sha256:abc" ', None, BlobAnswer(206, ByteRange(0, 9, SIZE))),
+        ("bytes=0-9", '"other"', None, BlobAnswer(200, ByteRange(0, SIZE - 1, SIZE))),
+        (
+            "bytes=0-9",
+            "Thu, 01 Jan 2026 00:00:00 GMT",
+            None,
+            BlobAnswer(200, ByteRange(0, 999, SIZE)),
+        ),
+        (None, None, ETAG, BlobAnswer(304, None)),
+        ("bytes=0-9", None, f'"x", W/{ETAG}', BlobAnswer(304, None)),
+        (None, None, "*", BlobAnswer(304, None)),
+        (None, None, '"other"', BlobAnswer(200, ByteRange(0, SIZE - 1, SIZE))),
+    ],
+)
+def test_blob_answer(
+    range_header: str | None, if_range: str | None, if_none_match: str | None, expected: object
+) -> None:
+    assert blob_answer(SIZE, ETAG, range_header, if_range, if_none_match) == expected
+
+
+def test_an_empty_blob_has_nothing_to_send() -> None:
+    assert blob_answer(0, ETAG) == BlobAnswer(200, None)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 from balena_registry_proxy.forwarded import effective_origin, parse_trust_proxy
 from balena_registry_proxy.realm import (
+    basic_credentials,
+    bearer_challenge,
     challenge_realm,
     challenge_service,
+    lifetime_fields,
+    login_query,
     own_realm,
     replace_realm,
+    scope_query,
+    token_of,
     token_request_url,
+    with_lifetime,
 )
 
 CHALLENGE = (
@@ -70,3 +80,70 @@ def test_only_the_first_realm_of_a_header_is_replaced() -> None:
     assert replace_realm(challenge, "https://proxy/auth/v1/token") == (
         'Bearer realm="https://proxy/auth/v1/token",service="r", Basic realm="registry"'
     )
+
+
+def test_basic_credentials() -> None:
+    encoded = base64.b64encode(b"alice:key:with:colons").decode()
+    assert basic_credentials(f"Basic {encoded}") == ("alice", "key:with:colons")
+    assert basic_credentials(f"basic  {encoded} ") == ("alice", "key:with:colons")
+    assert basic_credentials("Bearer abc") is None
+    assert basic_credentials(None) is None
+    assert basic_credentials("Basic !!!") is None
+    assert basic_credentials("Basic " + base64.b64encode(b"no colon").decode()) is None
+    assert basic_credentials("Basic " + base64.b64encode(b"\xff:\xfe").decode()) is None
+
+
+def test_login_query_keeps_all_but_balena_names() -> None:
+    query = (
+        "account=alice&service=registry2.example&scope=repository:gh_acme/web:pull"
+        "&scope=repository:v2/abc:pull&client_id=docker"
+    )
+    assert login_query(query) == (
+        "account=alice&service=registry2.example&scope=repository:v2/abc:pull&client_id=docker"
+    )
+    assert login_query("") == ""
+
+
+def test_scope_query() -> None:
+    assert scope_query("registry2.example", ["v2/a", "v2/b"]) == (
+        "service=registry2.example&scope=repository:v2/a:pull&scope=repository:v2/b:pull"
+    )
+    assert scope_query(None, ["v2/a"]) == "scope=repository:v2/a:pull"
+
+
+def test_bearer_challenge() -> None:
+    challenge = bearer_challenge("https://p.example/auth/v1/token", "reg", "o/a", "invalid_token")
+    assert challenge == (
+        'Bearer realm="https://p.example/auth/v1/token",service="reg",'
+        'scope="repository:o/a:pull",error="invalid_token"'
+    )
+    assert challenge_realm(challenge) == "https://p.example/auth/v1/token"
+    assert challenge_service(challenge) == "reg"
+
+
+def test_token_of() -> None:
+    assert token_of(b'{"token":"a"}') == "a"
+    assert token_of(b'{"access_token":"b"}') == "b"
+    assert token_of(b'{"token":""}') is None
+    assert token_of(b'{"token":3}') is None
+    assert token_of(b"[]") is None
+    assert token_of(b"not json") is None
+
+
+def test_lifetimes_are_added_from_the_claims() -> None:
+    added = json.loads(
+        with_lifetime(b'{"token":"t"}', {"iat": 1_800_000_000, "exp": 1_800_014_400}, 0)
+    )
+    assert added == {"token": "t", "expires_in": 14400 - 60, "issued_at": "2027-01-15T08:00:00Z"}
+    # Without iat, now; a short token is still kept a minute.
+    short = json.loads(with_lifetime(b'{"token":"t"}', {"exp": 1_800_000_030}, 1_800_000_000))
+    assert short["expires_in"] == 60
+    kept = b'{"token":"t","expires_in":300}'
+    assert with_lifetime(kept, {"exp": 1}, 0) == kept
+    assert with_lifetime(b'{"token":"t"}', {}, 0) == b'{"token":"t"}'
+    assert with_lifetime(b'{"token":"t"}', None, 0) == b'{"token":"t"}'
+    assert with_lifetime(b"oops", {"exp": 5}, 0) == b"oops"
+
+
+def test_lifetime_fields() -> None:
+    assert lifetime_fields(0, 3600) == {"expires_in": 3540, "issued_at": "1970-01-01T00:00:00Z"}

@@ -10,6 +10,7 @@ from balena_registry_proxy.access import Match, Verdict
 from balena_registry_proxy.rewrite import (
     Names,
     Plan,
+    is_referrers_tag,
     map_challenge,
     map_link,
     map_response_headers,
@@ -258,3 +259,34 @@ def test_only_location_link_and_challenges_are_mapped() -> None:
         ("Zz-Scope", f'scope="repository:{REAL}:pull"'),
     ]
     assert map_response_headers(headers, plan, "https://registry.test") == headers
+
+
+def test_a_token_that_says_nothing_of_a_balena_name_is_explained() -> None:
+    route = parse_target("/v2/gh_acme/manifests/latest")
+    assert plan_request(route, None, with_token=True) == Plan(
+        route.target(), unresolved="gh_acme", explain_on=frozenset({401, 403, 404})
+    )
+    assert plan_request(route, None) == Plan(route.target())  # no token: the challenge
+    real = parse_target("/v2/v2/abc/manifests/latest")
+    assert plan_request(real, None, with_token=True) == Plan(real.target())
+    base = parse_target("/v2/")
+    assert plan_request(base, None, with_token=True) == Plan("/v2/")
+
+
+@pytest.mark.parametrize(
+    ("tag", "kept"),
+    [
+        ("sha256-" + "a" * 64, True),
+        ("sha256-" + "a" * 64 + ".sig", True),
+        ("sha256-" + "a" * 64 + ".att.v1", True),
+        ("sha256-" + "a" * 63, False),
+        ("sha256-" + "A" * 64, False),
+        ("latest", False),
+        ("v1", False),
+    ],
+)
+def test_referrers_fallback_tags_are_not_the_release(tag: str, kept: bool) -> None:
+    route = parse_target(f"/v2/org/app/1.0.0/manifests/{tag}")
+    plan = plan_request(route, Match(Verdict.ALIASED, "v2/abc"))
+    assert plan.target == f"/v2/v2/abc/manifests/{tag if kept else 'latest'}"
+    assert is_referrers_tag(tag) is kept

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import run, serve
 from ..config import Settings
-from .demo import banner, pull_table
+from ..runtime import run, serve
+from .demo import banner, listings, pull_table
 from .environment import Sandbox
 from .ports import free_port
 from .registry import RegistryNotInstalledError, find_registry_binary
@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"proxy port (default {DEFAULT_PORT}, or any free port when that one is taken)",
     )
     parser.add_argument(
+        "--alias-mode",
+        action="store_true",
+        help="run the proxy in alias mode (names resolved by the token service's aliases) "
+        "instead of resolver mode",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
-        help="once up, pull every selector through the proxy with skopeo and show the results",
+        help="once up, list every app's tags and pull every selector through the proxy with "
+        "skopeo, and show the results",
     )
     return parser
 
@@ -47,15 +54,25 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     """Start the sandbox, serve the proxy in front of it, stop both on SIGINT/SIGTERM."""
     async with Sandbox.start(args.catalog, args.workdir) as sandbox:
         port = args.port if args.port is not None else free_port(args.host, DEFAULT_PORT)
-        settings = Settings(host=args.host, port=port, registry_url=sandbox.registry_url)
+        settings = Settings(
+            host=args.host,
+            port=port,
+            registry_url=sandbox.registry_url,
+            resolve=not args.alias_mode,
+            api_url=sandbox.api_url,
+        )
 
         async def show(port: int) -> None:
             host = f"[{args.host}]" if ":" in args.host else args.host
             proxy_host = f"{host}:{port}"
-            print(banner(sandbox, proxy_host), flush=True)
+            resolving = not args.alias_mode
+            print(banner(sandbox, proxy_host, resolving=resolving), flush=True)
             if args.demo:
-                print("Pulling every selector through the proxy with skopeo ...", flush=True)
-                print(await pull_table(sandbox, proxy_host), flush=True)
+                if resolving:
+                    print("Listing the tags of every public app with skopeo ...", flush=True)
+                    print(await listings(sandbox, proxy_host), flush=True)
+                print("\nPulling every selector through the proxy with skopeo ...", flush=True)
+                print(await pull_table(sandbox, proxy_host, resolving=resolving), flush=True)
                 print("\nStill serving; Ctrl-C to stop.", flush=True)
 
         await serve(settings, ready=show)

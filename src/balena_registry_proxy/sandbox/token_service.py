@@ -92,17 +92,14 @@ class TokenIssuer:
             "access": [entry.to_claim() for entry in access],
         }
 
-    def issue(
-        self, *, user: User | None, scopes: Iterable[str], audience: str | None = None
-    ) -> str:
+    def issue(self, *, user: User | None, scopes: Iterable[str]) -> str:
         """Resolve ``scopes`` for ``user`` (``None`` = anonymous) and sign a token.
 
-        ``audience`` is the ``service`` the client asked for, defaulting to the configured one.
+        Its audience is the configured service whatever the client asked for: the balena API
+        ignores ``service`` (its audience is always REGISTRY_TOKEN_AUDIENCE).
         """
         access = access_for_scopes(self.catalog, scopes, user)
-        return self.sign_access(
-            access, subject="" if user is None else user.username, audience=audience
-        )
+        return self.sign_access(access, subject="" if user is None else user.username)
 
     def sign_access(
         self, access: Sequence[AccessEntry], *, subject: str = "", audience: str | None = None
@@ -182,7 +179,7 @@ async def _token_handler(request: web.Request) -> web.Response:
     except InvalidCredentialsError as exc:
         request.app[TOKEN_REQUESTS].append(TokenRequestRecord(None, tuple(scopes), service, 401))
         return web.json_response(unauthorized_body(str(exc)), status=401)
-    token = issuer.issue(user=user, scopes=scopes, audience=service)
+    token = issuer.issue(user=user, scopes=scopes)
     username = None if user is None else user.username
     request.app[TOKEN_REQUESTS].append(TokenRequestRecord(username, tuple(scopes), service, 200))
     return web.json_response({"token": token})

@@ -1,0 +1,114 @@
+"""Several proxy processes on one port (``--workers N``): forked, watched, stopped together.
+
+Each worker is a whole proxy (its own event loop, upstream pool and metrics) listening with
+SO_REUSEPORT; the parent only starts them, passes signals on, and exits 0 once all have drained
+and exited 0. A worker that dies stops the others: half a proxy is worse than a clear failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import secrets
+import signal
+import sys
+from multiprocessing import connection
+
+from .config import Settings
+from .runtime import check, run, serve
+
+log = logging.getLogger("balena_registry_proxy")
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_PR_SET_PDEATHSIG = 1
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT.
+
+    Each worker is a whole proxy (its own event loop, upstream pool and metrics); the parent
+    only starts them, passes signals on, and exits 0 once all have drained and exited 0. A
+    worker that dies stops the others: half a proxy is worse than a clear failure.
+    """
+    # What every worker would refuse, refuse once, here.
+    check(settings)
+    if settings.resolve and settings.token_seal_key is None:
+        # One key for all workers: a token one of them sealed must open in the others.
+        settings = dataclasses.replace(settings, token_seal_key=secrets.token_urlsafe(32))
+    context = multiprocessing.get_context("fork")
+    # Each worker says on its pipe when it listens: only then has the proxy started.
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
+    workers = [
+        context.Process(target=_worker, args=(settings, sender), name=f"worker-{n}", daemon=False)
+        for n, (_, sender) in enumerate(pipes)
+    ]
+    listening = {receiver: worker for (receiver, _), worker in zip(pipes, workers, strict=True)}
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    # A signal between the forks and the handlers would kill the parent and orphan workers.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for worker in workers:
+            worker.start()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    for _, sender in pipes:
+        sender.close()
+    running = {worker.sentinel: worker for worker in workers}
+    codes = []
+    while running:
+        for ready in connection.wait([*running, *listening]):
+            if isinstance(ready, connection.Connection):
+                listening.pop(ready)
+                try:
+                    ready.recv()
+                except EOFError:
+                    continue  # it died before listening: its exit is handled below
+                if not listening:
+                    log.info("started %d workers on port %d", len(workers), settings.port)
+                continue
+            assert isinstance(ready, int)
+            worker = running.pop(ready)
+            worker.join()
+            codes.append(worker.exitcode)
+            if worker.exitcode != 0 and not stopping:
+                log.error(
+                    "%s (pid %s) exited with %s: stopping", worker.name, worker.pid, worker.exitcode
+                )
+                stop(signal.SIGTERM, None)
+    if all(code == 0 for code in codes):
+        return 0
+    return 2 if 2 in codes else 1
+
+
+def _worker(settings: Settings, listening: connection.Connection) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _die_with_parent()
+
+    async def report(port: int) -> None:
+        listening.send(port)
+        listening.close()
+
+    sys.exit(run(serve(settings, ready=report)))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies, so no worker outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's SIGTERM handling is all there is
+    if os.getppid() == 1:
+        sys.exit(0)  # the parent died before we could ask
