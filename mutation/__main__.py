@@ -50,6 +50,15 @@ MODULES = (
     "accesslog",
     "realm",
     "requestid",
+    "framing",
+    "answers",
+    "digests",
+    "release_names",
+    "releases",
+    "resolution",
+    "api_query",
+    "envelope",
+    "manifests",
 )
 UNIT_TESTS = Path("tests/unit")
 REPORTS = ROOT / "reports" / "mutation"
