@@ -113,3 +113,30 @@ def test_keys_derive_the_same_everywhere() -> None:
     assert derive_key("secret secret secret") == derive_key("secret secret secret")
     assert len(derive_key("x")) == 32
     assert derive_key("secret secret secret") != derive_key("secret secret secreT")
+
+
+# A token sealed by this version under SEALER's key. Replicas of one release share tokens, and
+# in a rolling update so do two releases: a change to the format (prefix, nonce, associated
+# data, key derivation, payload) would log every client out, and must be deliberate.
+SEALED_BEFORE = (
+    "brp1.odjol-yvk6AS2KPSTfwu1BAGpR8P-Z5FFDjGGiYlmfCmp9bl7mMeQz8TX0uA5JxqdYjCTjSC6-Jzy0jENW2iUfYsq"
+    "xtwjNbWXyaolRo6Il6uyqAkQEt8pWwEXnD-2x35ZpSc5k_wo566l0c"
+)
+
+
+def test_a_token_sealed_before_still_opens() -> None:
+    assert SEALER.open(SEALED_BEFORE, NOW) == ENVELOPE
+
+
+def test_tokens_start_with_the_prefix_registry_tokens_never_have() -> None:
+    # Registry tokens are JWTs, which start with "ey" (a JSON header, base64).
+    assert SEALER.seal(ENVELOPE).startswith("brp1.")
+    assert not is_sealed("eyJhbGciOiJFUzI1NiJ9.e30.sig")
+
+
+def test_a_token_of_8_kib_opens_and_a_longer_one_is_refused_unopened() -> None:
+    at_limit = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6049))
+    beyond = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6050))
+    assert (len(at_limit), len(beyond)) == (8192, 8193)
+    assert SEALER.open(at_limit, NOW) is not None
+    assert SEALER.open(beyond, NOW) is None
