@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+from balena_registry_proxy import envelope
 from balena_registry_proxy.envelope import (
     MAX_TOKEN_LENGTH,
     PREFIX,
@@ -140,3 +143,48 @@ def test_a_token_of_8_kib_opens_and_a_longer_one_is_refused_unopened() -> None:
     assert (len(at_limit), len(beyond)) == (8192, 8193)
     assert SEALER.open(at_limit, NOW) is not None
     assert SEALER.open(beyond, NOW) is None
+
+
+def test_a_token_opens_until_the_second_it_expires_and_never_after() -> None:
+    token = SEALER.seal(ENVELOPE)
+    assert SEALER.open(token, ENVELOPE.expires_at + 1) is None
+    assert SEALER.open(token, ENVELOPE.expires_at + 14400) is None
+
+
+def test_a_token_whose_text_ends_in_x_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With this nonce and contents the token's last character is an 'X': only the '='
+    # padding is taken off the end.
+    monkeypatch.setattr(envelope.os, "urandom", bytes)
+    token = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 230))
+    assert token.endswith("X")
+    assert SEALER.open(token, NOW) == dataclasses.replace(ENVELOPE, upstream="e" * 230)
+
+
+def sealed(payload: object) -> str:
+    """A token around ``payload``, sealed as an older or newer version might have."""
+    nonce = bytes(12)
+    key = derive_key("a shared secret of some length")
+    text = AESGCM(key).encrypt(nonce, json.dumps(payload).encode(), b"brp1.")
+    return "brp1." + base64.urlsafe_b64encode(nonce + text).decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        3,
+        "alice",
+        {"username": "alice"},
+        ["alice", "key", "up", NOW],
+        ["alice", "key", "up", NOW, NOW + 60, "extra"],
+        [3, "key", "up", NOW, NOW + 60],
+        ["alice", 3, "up", NOW, NOW + 60],
+        [None, None, 3, NOW, NOW + 60],
+        ["alice", "key", "up", "then", NOW + 60],
+        ["alice", "key", "up", NOW, float(NOW + 60)],
+    ],
+)
+def test_a_payload_of_another_shape_is_no_token(payload: object) -> None:
+    assert SEALER.open(sealed(["alice", "key", "up", NOW, NOW + 60]), NOW) == Envelope(
+        "alice", "key", "up", NOW, NOW + 60
+    )
+    assert SEALER.open(sealed(payload), NOW) is None
