@@ -92,6 +92,7 @@ def test_digests_under_a_named_version_go_to_its_image(kind: str) -> None:
     result = outcome(f"/v2/gh_acme/stack/1.1.0/api/{kind}/{OTHER}", STACK)
     assert isinstance(result, Target)
     assert (result.image.repository, result.reference) == (repo(111), OTHER)
+    assert not result.chosen_by_tag
 
 
 def test_digests_under_a_tag_chosen_name_are_searched_for() -> None:
@@ -245,6 +246,7 @@ STACK_SERVICES = ["api", "db", "web"]
             {"name": "gh_acme/web", "tag": "9.9.9"},
         ),
         ("/v2/gh_acme/web/9.9.9/manifests/latest", "NAME_UNKNOWN", NO_9_9_9, None),
+        (f"/v2/gh_acme/web/9.9.9/blobs/{OTHER}", "NAME_UNKNOWN", NO_9_9_9, None),
         (
             "/v2/gh_acme/stack/manifests/latest",
             "NAME_UNKNOWN",
@@ -364,7 +366,15 @@ def test_not_found_after_a_search_names_the_digest() -> None:
 
 @pytest.mark.parametrize(
     ("n", "shown"),
-    [("10000", 6), ("010000", 6), ("0", 0), ("10001", None), ("0010000", None), ("9" * 40, None)],
+    [
+        ("10000", 6),
+        ("010000", 6),
+        ("0", 0),
+        ("10001", None),
+        ("0010000", None),
+        ("9" * 40, None),
+        ("", None),
+    ],
 )
 def test_pages_of_up_to_ten_thousand_tags(n: str, shown: int | None) -> None:
     # The count's text is bounded (six characters) before it is read as a number.
@@ -378,3 +388,44 @@ def test_pages_of_up_to_ten_thousand_tags(n: str, shown: int | None) -> None:
     assert error.message == "n must be a whole number from 0 to 10000"
     # A long one is cut in the detail.
     assert error.detail == {"n": n if len(n) < 40 else "9" * 32}
+
+
+def test_a_digest_is_matched_exactly_not_by_order() -> None:
+    # Every content hash of WEB sorts after this digest: none of them is it.
+    lowest = "sha256:" + "0" * 64
+    result = outcome(f"/v2/gh_acme/web/manifests/{lowest}")
+    assert isinstance(result, Search)
+    assert result.digest == lowest
+
+
+def test_the_next_link_continues_after_the_last_tag_of_the_page() -> None:
+    route = parse_target("/v2/gh_acme/web/tags/list?n=3")
+    first = outcome(route.target())
+    assert first == Listing(("1.2.3", "1.3.0", "current"), True)
+    assert isinstance(first, Listing)
+    assert next_link(route, first) == '</v2/gh_acme/web/tags/list?last=current&n=3>; rel="next"'
+
+
+@pytest.mark.parametrize(
+    ("images", "tags"),
+    [
+        # Single-image releases without a final version list nothing, and that is no mistake;
+        # nor is a release whose images were all left out.
+        ((Image("main", repo(1), DIGEST),), ()),
+        ((), ()),
+    ],
+)
+def test_an_app_with_nothing_to_list_lists_nothing(
+    images: tuple[Image, ...], tags: tuple[str, ...]
+) -> None:
+    draft = dataclasses.replace(WEB.releases[0], images=images)
+    app = App(WEB.slug, None, (draft,))
+    assert outcome("/v2/gh_acme/web/tags/list", app) == Listing(tags, False)
+
+
+def test_releases_of_two_services_are_listed_by_service() -> None:
+    app = dataclasses.replace(STACK, releases=STACK.releases[:1], pinned=None)
+    assert refusal("/v2/gh_acme/stack/tags/list", app).message == (
+        "the releases of gh_acme/stack have several services (api, db): list the tags of one, "
+        "as gh_acme/stack/api"
+    )
