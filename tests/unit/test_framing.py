@@ -384,3 +384,30 @@ def test_any_answer_cut_anywhere_reads_the_same(
     bounds = sorted({cut % (len(raw) + 1) for cut in cuts})
     pieces = [raw[a:b] for a, b in zip([0, *bounds], [*bounds, len(raw)], strict=True)]
     assert read(method, *pieces, close=close) == expected
+
+
+STATUS_LINE = b"HTTP/1.1 200 OK\r\n"
+
+
+def long_header(size: int) -> bytes:
+    """A header line whose name and value take ``size`` bytes together."""
+    return b"X-Long: " + b"a" * (size - len(b"X-Long")) + b"\r\n"
+
+
+def test_headers_may_take_64_kib_and_not_a_byte_more() -> None:
+    ok = ResponseReader("HEAD").feed(STATUS_LINE + long_header(64 * 1024) + b"\r\n")
+    assert [type(event) for event in ok] == [Head, End]
+    too_large = ResponseReader("HEAD").feed(STATUS_LINE + long_header(64 * 1024 + 1) + b"\r\n")
+    assert too_large == [Broken("the answer's head is too large")]
+
+
+def test_a_head_still_unfinished_after_64_kib_breaks_at_the_next_bytes() -> None:
+    # httptools holds an unfinished header line back, so the bytes fed are counted too.
+    first = STATUS_LINE + b"X-Long: " + b"a" * (64 * 1024 - len(STATUS_LINE) - 8)
+    assert len(first) == 64 * 1024
+    reader = ResponseReader("HEAD")
+    assert reader.feed(first) == []
+    assert [type(event) for event in reader.feed(b"\r\n\r\n")] == [Head, End]
+    beyond = ResponseReader("HEAD")
+    assert beyond.feed(first + b"a") == []
+    assert beyond.feed(b"a") == [Broken("the answer's head is too large")]
