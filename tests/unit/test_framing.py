@@ -411,3 +411,46 @@ def test_a_head_still_unfinished_after_64_kib_breaks_at_the_next_bytes() -> None
     beyond = ResponseReader("HEAD")
     assert beyond.feed(first + b"a") == []
     assert beyond.feed(b"a") == [Broken("the answer's head is too large")]
+
+
+def test_an_answer_read_until_close_is_done_once_closed() -> None:
+    reader = ResponseReader("GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    assert reader.closed() == [End(reusable=False)]
+    assert reader.state is State.DONE
+    assert reader.closed() == []
+
+
+def test_every_1xx_is_interim() -> None:
+    raw = b"HTTP/1.1 199 Misc\r\nX-A: 1\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert read("GET", raw) == [head(200, Framing.LENGTH, ("Content-Length", "0")), End(True)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "cause"),
+    [
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+            "an upgrade nobody asked for",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n",
+            "an answer nobody asked for",
+        ),
+    ],
+)
+def test_the_causes_of_a_break_are_said_exactly(raw: bytes, cause: str) -> None:
+    assert read("GET", raw)[-1] == Broken(cause)
+
+
+def test_a_malformed_answer_says_what_the_parser_found() -> None:
+    (broken,) = read("GET", b"HTTP/1.1 2x0 OK\r\n\r\n")
+    assert isinstance(broken, Broken)
+    assert broken.cause.startswith("malformed answer: ")
+    assert len(broken.cause) > len("malformed answer: ")
+
+
+def test_a_target_may_hold_any_character_but_space_and_line_breaks() -> None:
+    # A storage host's signed URL, say.
+    target = "/blobs/x?X-Amz-Signature=XYZ&X-Amz-Date=20260101T000000Z"
+    assert request_head("GET", target, [], b"Host: s3\r\n").startswith(f"GET {target} ".encode())
