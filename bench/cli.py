@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import blobcache, measure, profile, report
+from bench import blobcache, measure, profile, pull, report
 from bench.procs import RssSampler, log, status_kib
 from bench.stack import CACHE_PROXY, MANIFEST_TYPE, REGISTRY_BINARY, Stack, Target, request
 
@@ -47,10 +47,13 @@ class Settings:
     # download takes a tenth of a second, so more rounds cost little and steady the medians.
     # Its parallel runs repeat ``rounds`` times, as the other blob runs do.
     cache_rounds: int
+    # Samples of each whole pull (bench/pull.py): a pull of 40 MiB takes a few tenths of a second.
+    pull_samples: int
 
 
-QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4, 3)
-FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8, 3)
+QUICK = Settings("quick", 256, 1, 8, (1, 64), (1, 64), 3, 1, 4, 3, 3)
+FULL = Settings("full", 1024, 2, 8, (1, 4, 16, 64, 256), (1, 64), 5, 2, 8, 3, 5)
+PARTS = ("pull",)
 
 
 def _rotated(names: Sequence[str], by: int) -> list[str]:
@@ -368,6 +371,7 @@ def machine() -> dict[str, Any]:
         "nginx": _version(["nginx", "-v"]),
         "registry": _version([REGISTRY_BINARY, "--version"]),
         "wrk": _version(["wrk", "-v"]),
+        "skopeo": _version(["skopeo", "--version"]),
     }
 
 
@@ -396,6 +400,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--connections", help="override wrk connection counts, comma-separated (e.g. 1,64)"
     )
+    parser.add_argument(
+        "--pull-samples", type=int, help="override the samples of each whole pull (skopeo)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        help="run only this part: pull, the whole-pull figure (default --out: results/pull.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -412,6 +424,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         values["blob_mib"] = args.blob_mib
     if args.connections:
         values["connections"] = tuple(int(c) for c in args.connections.split(","))
+    if args.pull_samples:
+        values["pull_samples"] = args.pull_samples
     return Settings(**values)
 
 
@@ -429,9 +443,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _whole_pulls(settings: Settings, results: dict[str, Any], phases: dict[str, float]) -> None:
+    """The whole-pull part (bench/pull.py) into ``results["pull"]``, its time into ``phases``."""
+    log(f"whole pulls (skopeo copy through the sandbox), {settings.pull_samples} sample(s) each")
+    mark = time.monotonic()
+    results["pull"] = pull.pull_runs(settings.pull_samples)
+    phases["pull"] = time.monotonic() - mark
+
+
+def _only_pull(args: argparse.Namespace, settings: Settings) -> int:
+    """``--only pull``: the whole-pull part alone, its JSON and its table."""
+    measure.require("skopeo", "skopeo")
+    signal.signal(signal.SIGTERM, _terminate)
+    out: Path = args.out if args.out != RESULTS / "latest.json" else RESULTS / "pull.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "only": "pull",
+        "settings": asdict(settings),
+        "machine": machine(),
+    }
+    log(f"{settings.mode} mode, whole pulls only")
+    _whole_pulls(settings, results, phases)
+    phases["total"] = time.monotonic() - started
+    results["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    report.write_json(results, out)
+    print("\n".join(report.pull_table(results["pull"])))
+    log(f"wrote {out}; took {phases['total']:.0f}s")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     settings = _settings(args)
+    if args.only == "pull":
+        return _only_pull(args, settings)
+    measure.require("skopeo", "skopeo")
     for tool, package in (("nginx", "nginx"), ("wrk", "wrk"), ("curl", "curl")):
         measure.require(tool, package)
     if not Path(REGISTRY_BINARY).exists():
@@ -495,6 +544,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 results["profile"] = profile_runs(stack, settings, script, out.parent)
                 phases["profile"] = time.monotonic() - mark
             results["seed_seconds"] = round(stack.seed_seconds, 2)
+    _whole_pulls(settings, results, phases)
     phases["total"] = time.monotonic() - started
     results["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
     results["summary"] = summarize(blob, manifest)

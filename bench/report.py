@@ -29,6 +29,15 @@ LABELS = {
     "proxy-static-info": "proxy -> nginx static, log info",
 }
 
+PULL_LABELS = {
+    "registry": "registry direct (v2/<hash>)",
+    "alias": "proxy, alias mode",
+    "resolver-cold": "proxy, resolver, cold API cache",
+    "resolver-warm": "proxy, resolver, warm API cache",
+    "cache-cold": "proxy, cold blob cache",
+    "cache-warm": "proxy, warm blob cache",
+}
+
 CACHE_LABELS = {
     "registry": "registry (direct)",
     "proxy": "proxy, no cache",
@@ -83,6 +92,9 @@ def table(results: dict[str, Any]) -> str:
     if cache:
         lines.append("")
         lines.extend(cache_table(cache["summary"], settings))
+    if "pull" in results:
+        lines.append("")
+        lines.extend(pull_table(results["pull"]))
     lines.append("")
     lines.append(
         f"Manifest GET (wrk -t1, {settings['seconds']} s per run, median of {rounds} round(s))"
@@ -165,6 +177,26 @@ def cache_table(summary: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         f"{_fmt(goals['warm_cpu_vs_uncached_single'], 2)}x "
         f"({'met' if goals['warm_cpu_vs_uncached_met'] else 'not met'})"
     )
+    return lines
+
+
+def pull_table(pull: dict[str, Any]) -> list[str]:
+    """The whole pull's table: per target the median, range and spread of a ``skopeo copy``,
+    what it adds over the registry direct, and the proxy's CPU per pull."""
+    image = pull["image"]
+    lines = [
+        f"Whole pull: skopeo copy of {image['name']} ({image['layers']} layers, "
+        f"{image['blobs']} blobs, {image['bytes'] / (1 << 20):.1f} MiB) to dir:, token auth; "
+        f"median of {pull['samples']} sample(s)",
+        f"{'target':34}{'median s':>9}{'min':>8}{'max':>8}{'spread':>8}{'added s':>9}"
+        f"{'ratio':>7}{'proxy CPU s':>12}",
+    ]
+    for name, row in pull["summary"].items():
+        lines.append(
+            f"  {PULL_LABELS.get(name, name):32}{row['median_s']:>9.3f}{row['min_s']:>8.3f}"
+            f"{row['max_s']:>8.3f}{row['spread_s']:>8.3f}{row['added_s']:>+9.3f}"
+            f"{row['vs_direct']:>7.2f}{_fmt(row['proxy_cpu_s'], 3):>12}"
+        )
     return lines
 
 
@@ -343,6 +375,9 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--chart", type=Path, help="manifest chart path (default: RESULTS.png)")
     args = parser.parse_args(arguments)
     results = json.loads(args.results.read_text())
+    if results.get("only") == "pull":
+        print("\n".join(pull_table(results["pull"])))
+        return
     print(table(results))
     for path in chart(results, args.chart or args.results.with_suffix(".png")):
         print(f"wrote {path}", file=sys.stderr)

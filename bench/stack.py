@@ -189,6 +189,27 @@ def seed(port: int, repository: str, big_size: int) -> Image:
     return Image(repository, big, small, manifest, manifest_digest)
 
 
+def proxy_argv(port: int, registry_url: str, level: str, *extra: str) -> list[str]:
+    """``balena-registry-proxy`` on 127.0.0.1:``port`` in front of ``registry_url``, logging at
+    ``level``, with ``extra`` options."""
+    return [
+        sys.executable,
+        "-m",
+        "balena_registry_proxy",
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--registry-url",
+        registry_url,
+        "--log-level",
+        level,
+        "--shutdown-timeout",
+        "2",
+        *extra,
+    ]
+
+
 def registry_config(storage: Path, port: int) -> str:
     """The registry's configuration: filesystem storage, no auth, quiet logs."""
     document = {
@@ -371,23 +392,7 @@ class Stack:
         for name, (upstream_port, level, extra) in proxies.items():
             port = free_port()
             service = self._service(
-                name,
-                [
-                    sys.executable,
-                    "-m",
-                    "balena_registry_proxy",
-                    "--host",
-                    LOCALHOST,
-                    "--port",
-                    str(port),
-                    "--registry-url",
-                    f"http://{LOCALHOST}:{upstream_port}",
-                    "--log-level",
-                    level,
-                    "--shutdown-timeout",
-                    "2",
-                    *extra,
-                ],
+                name, proxy_argv(port, f"http://{LOCALHOST}:{upstream_port}", level, *extra)
             )
             service.wait_http(port, "/ping")
             upstream = "registry" if upstream_port == registry_port else "nginx"

@@ -50,6 +50,7 @@ METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 TRUST = web.AppKey("trust_proxy", TrustProxy)
 MAX_HEAD = web.AppKey("max_head", int)
+RESOLVING = web.AppKey("resolving", bool)
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_GONE = 499
 _OWN_ROUTES = {"/": "home", "/ping": "ping", "/ready": "ready", "/metrics": "metrics"}
@@ -148,6 +149,13 @@ async def home(request: web.Request) -> web.Response:
         "<org>/<app> is the app (fleet) slug; without a version you get the pinned release.\n"
         f"Private apps: docker login {host} with your balena username and an API key.\n"
     )
+    if request.app[RESOLVING]:
+        text += (
+            "\nTags and services:\n\n"
+            f"  docker pull {host}/<org>/<app>:<version>\n"
+            f"  docker pull {host}/<org>/<app>[/<version>]/<service>\n"
+            f"  skopeo list-tags docker://{host}/<org>/<app>\n"
+        )
     return web.Response(text=text)
 
 
@@ -358,6 +366,7 @@ def create_app(settings: Settings) -> web.Application:
     app[UPSTREAM] = upstream
     app[TRUST] = settings.trust_proxy
     app[MAX_HEAD] = settings.max_head
+    app[RESOLVING] = settings.resolve
     cache = _edge_cache(settings, upstream, metrics)
     relay = TokenRelay(upstream) if settings.proxy_auth or settings.resolve else None
     proxy = Proxy(

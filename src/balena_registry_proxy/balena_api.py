@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .api_query import app_query
 from .envelope import Envelope
-from .errors import RegistryError
+from .errors import CredentialsRefused, RegistryError
 from .metrics import Metrics
 from .releases import App, parse_app
 from .ttl_cache import TtlCache
@@ -77,6 +77,9 @@ class BalenaApi:
                 f"the balena API ({self._host}) asks for fewer requests; try again later",
                 headers=headers_out,
             )
+        if status == 401 and envelope.password is not None:
+            # The key the client logged in with was revoked since: it logs in again.
+            raise CredentialsRefused
         if status != 200:
             raise self._unavailable(f"answered {status}")
         if not complete:

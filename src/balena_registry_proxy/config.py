@@ -49,7 +49,7 @@ class Option:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError("must be a port number from 1 to 65535")
     return int(text)
 
@@ -108,7 +108,7 @@ def _log_level(text: str) -> str:
 
 def _count(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
             raise ValueError(f"must be a number of {what} from {low} to {high}")
         return int(text)
 
@@ -424,7 +424,8 @@ class Settings:
         _boolean,
         "resolver mode: the proxy resolves names through the balena API itself (versions "
         "listed, `<org>/<app>:<version>` tags, services of multi-container releases); it is "
-        "the token realm and sees clients' API keys at login (see Resolver mode)",
+        "the token realm and sees clients' API keys at login (see "
+        "[Resolver mode](#resolver-mode-versions-tags-and-services))",
         switch=True,
     )
     api_url: str = _setting(

@@ -1,6 +1,6 @@
 """Resolver mode's tokens: the proxy's own, sealed around what it must remember of a login.
 
-Pure functions, no I/O (encryption is computation). A client logs in once and then sends only
+No I/O: encryption and a random nonce are computation. A client logs in once and then sends only
 the token it got; to query the balena API with the client's rights at every later request, on
 any replica, the token carries the client's credentials and the registry token the realm
 issued, sealed with AES-256-GCM under a key all replicas share. Sealed, not merely signed: the
@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 PREFIX = "brp1."
 """What the proxy's tokens start with; registry JWTs start with ``ey`` (a JSON header)."""
@@ -38,23 +37,29 @@ class Envelope:
     """The API key (or password) the client logged in with; None for anonymous clients."""
     upstream: str
     """The registry token the realm issued at login (no repository in it)."""
-    issued_at: int
     expires_at: int
-    """Seconds since the epoch, from the registry token's ``iat`` and ``exp``."""
+    """Seconds since the epoch, from the registry token's ``exp``."""
 
     @property
     def caller(self) -> str:
-        """A name for the client's credentials that reveals nothing of them: a cache key."""
+        """A name for the client's credentials that reveals nothing of them: a cache key.
+
+        The API key alone: the API reads with the key whatever the username, so one key under
+        many usernames is one caller (and cannot crowd others out of the caches)."""
         if self.password is None:
             return "anonymous"
-        material = f"{self.username or ''}\0{self.password}".encode()
+        material = self.password.encode()
         return hashlib.sha256(b"balena-registry-proxy caller\0" + material).hexdigest()
 
 
 def derive_key(secret: str) -> bytes:
-    """The 256-bit sealing key for a shared secret of any length (a passphrase, say)."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"balena-registry-proxy seal")
-    return hkdf.derive(secret.encode())
+    """The 256-bit sealing key for a shared secret of any length (a passphrase, say).
+
+    Tokens carry API keys, and one captured token is enough to test guesses of the secret
+    offline: scrypt makes each guess cost memory and time (a few tens of milliseconds, once
+    per start here)."""
+    kdf = Scrypt(salt=b"balena-registry-proxy seal", length=32, n=1 << 14, r=8, p=1)
+    return kdf.derive(secret.encode())
 
 
 def is_sealed(token: str) -> bool:
@@ -76,7 +81,6 @@ class Sealer:
                 envelope.username,
                 envelope.password,
                 envelope.upstream,
-                envelope.issued_at,
                 envelope.expires_at,
             ],
             separators=(",", ":"),
@@ -106,12 +110,12 @@ class Sealer:
 def _envelope(payload: object) -> Envelope | None:
     """The envelope in a decrypted payload; only the proxy writes these, but a key shared with
     an older version could have sealed another shape."""
-    if not isinstance(payload, list) or len(payload) != 5:
+    if not isinstance(payload, list) or len(payload) != 4:
         return None
-    username, password, upstream, issued_at, expires_at = payload
+    username, password, upstream, expires_at = payload
     strings = (username, password)
     if not all(s is None or isinstance(s, str) for s in strings) or not isinstance(upstream, str):
         return None
-    if not isinstance(issued_at, int) or not isinstance(expires_at, int):
+    if not isinstance(expires_at, int):
         return None
-    return Envelope(username, password, upstream, issued_at, expires_at)
+    return Envelope(username, password, upstream, expires_at)

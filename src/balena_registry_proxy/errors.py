@@ -38,6 +38,17 @@ class RegistryError(Exception):
         return error_body(self.code, self.message, self.detail)
 
 
+class CredentialsRefused(RegistryError):
+    """The balena API or the realm refused the credentials a client logged in with (a
+    revoked API key): a 401, so that the client logs in again."""
+
+    def __init__(self) -> None:
+        """The 401; its challenge is the handler's to add."""
+        super().__init__(
+            401, "UNAUTHORIZED", "the balena API no longer accepts the credentials of this login"
+        )
+
+
 def error_body(code: str, message: str, detail: Any = None) -> bytes:
     """Serialise one OCI error as the registry API's JSON envelope."""
     errors = [{"code": code, "message": message, "detail": detail}]

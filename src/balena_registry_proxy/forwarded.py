@@ -55,7 +55,7 @@ def parse_trust_proxy(value: str) -> TrustProxy:
         return TrustProxy(trust_all=True)
     if text in ("false", "no", ""):
         return TrustProxy()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return TrustProxy(hops=int(text))
     networks: list[Network] = []
     for item in (part.strip() for part in text.split(",")):

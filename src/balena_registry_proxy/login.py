@@ -51,14 +51,14 @@ class Login:
         if len(request.headers.getall("Authorization", [])) > 1:
             raise RegistryError(400, "UNSUPPORTED", "more than one Authorization header")
         self._metrics.realm_requests.labels("login").inc()
-        status, body, content_type = await self._relay.ask(
+        answer = await self._relay.ask(
             login_query(request.rel_url.raw_query_string),
             client_token_headers(request),
             request[REQUEST_ID],
         )
-        if status != 200:
-            return web.Response(status=status, body=body, headers={"Content-Type": content_type})
-        upstream = token_of(body)
+        if answer.status != 200:
+            return answer.response()
+        upstream = token_of(answer.body)
         if upstream is None:
             raise RegistryError(502, "UNAVAILABLE", "the token server answered without a token")
         claims = unverified_claims(upstream) or {}
@@ -70,10 +70,10 @@ class Login:
             None,
             None,
         )
-        token = self._sealer.seal(Envelope(username, password, upstream, issued, expires))
-        answer = {"token": token, "access_token": token, **lifetime_fields(issued, expires)}
+        token = self._sealer.seal(Envelope(username, password, upstream, expires))
+        document = {"token": token, "access_token": token, **lifetime_fields(issued, expires)}
         return web.Response(
-            body=json.dumps(answer, separators=(",", ":")).encode(),
+            body=json.dumps(document, separators=(",", ":")).encode(),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )

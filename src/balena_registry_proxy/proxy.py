@@ -26,6 +26,7 @@ from .digests import MAX_MANIFEST_BYTES
 from .edge_cache import EdgeCache, Uncached
 from .envelope import Sealer, is_sealed
 from .errors import (
+    CredentialsRefused,
     RegistryError,
     bad_request,
     error_body,
@@ -148,7 +149,10 @@ class Proxy:
             and not refused
             and grants_pull(token_entries(token), route.repository or "")
         )
-        sent = self._sent(request, drop_authorization=refused)
+        # In resolver mode credentials go to the API and the realm only: a client's Basic
+        # credentials sent to the registry itself stay here.
+        basic = self.resolving is not None and token is None
+        sent = self._sent(request, drop_authorization=refused or basic)
         return await self._forward(
             _Exchange(request, route, plan, sent, *self._origin(request)), verified
         )
@@ -168,10 +172,15 @@ class Proxy:
                 )
             outcome = await resolving.resolver.resolve(route, envelope, host, request[REQUEST_ID])
         except RegistryError as error:
-            if error.status == 401 and route.repository is not None:
-                expired = "invalid_token" if envelope is None else "insufficient_scope"
+            if error.status == 401:
+                # A login that no longer opens or no longer counts is logged in again; a
+                # valid one that cannot read the name may log in as someone who can.
+                relogin = envelope is None or isinstance(error, CredentialsRefused)
                 error.headers["WWW-Authenticate"] = self._challenge_for(
-                    route.repository, scheme, host, expired
+                    route.repository,
+                    scheme,
+                    host,
+                    "invalid_token" if relogin else "insufficient_scope",
                 )
             raise
         except UpstreamError as error:
@@ -210,7 +219,7 @@ class Proxy:
             drop_authorization=drop_authorization,
         )
 
-    def _challenge_for(self, repository: str, scheme: str, host: str, error: str) -> str:
+    def _challenge_for(self, repository: str | None, scheme: str, host: str, error: str) -> str:
         """A challenge that sends the client to the proxy's token endpoint for ``repository``."""
         service = self.token_relay.service if self.token_relay is not None else None
         return bearer_challenge(own_realm(scheme, host), service, repository, error)

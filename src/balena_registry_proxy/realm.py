@@ -93,12 +93,16 @@ def scope_query(service: str | None, repositories: list[str]) -> str:
     return urlencode(pairs, quote_via=quote, safe=":/")
 
 
-def bearer_challenge(realm: str, service: str | None, repository: str, error: str | None) -> str:
-    """A ``WWW-Authenticate`` value that sends clients to ``realm`` for ``repository``."""
+def bearer_challenge(
+    realm: str, service: str | None, repository: str | None, error: str | None
+) -> str:
+    """A ``WWW-Authenticate`` value that sends clients to ``realm`` for ``repository`` (for
+    no repository: a login)."""
     parts = [f'realm="{realm}"']
     if service:
         parts.append(f'service="{service}"')
-    parts.append(f'scope="repository:{repository}:pull"')
+    if repository is not None:
+        parts.append(f'scope="repository:{repository}:pull"')
     if error:
         parts.append(f'error="{error}"')
     return "Bearer " + ",".join(parts)

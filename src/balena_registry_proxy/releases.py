@@ -95,7 +95,8 @@ def parse_app(document: object) -> App | None:
 
 def select(app: App, version: str | None) -> Release:
     """The release ``version`` means: keywords (and no version) the pinned one; else a commit,
-    a final version (its newest revision) or a draft's full version. ``NoRelease`` if none."""
+    a final version (its newest revision that is not invalidated, or, when all are, its newest)
+    or a draft's full version. ``NoRelease`` if none."""
     if is_keyword(version):
         release = app.pinned_release
         if release is None:
@@ -106,7 +107,9 @@ def select(app: App, version: str | None) -> Release:
         return by_commit[0]
     finals = [r for r in app.releases if r.is_final and r.semver == version]
     if finals:
-        return max(finals, key=lambda r: (r.revision or 0, r.id))
+        # An invalidated revision is kept out of what a version means, as balena keeps it out
+        # of automatic selection; it is still pulled when nothing else has that version.
+        return max(finals, key=lambda r: (not r.is_invalidated, r.revision or 0, r.id))
     drafts = [r for r in app.releases if not r.is_final and r.raw_version == version]
     if drafts:
         return drafts[0]

@@ -32,6 +32,8 @@ from .routes import Kind, Route
 
 # Tags a page may hold at most, as distribution bounds its own.
 MAX_PAGE = 10_000
+# A name part meant as a version but written as none is (v1.2.3, 1.3, 1.2.3_beta).
+_VERSION_LIKE_RE = re.compile(r"v?\d+(?:\.\d+)*(?:[-_.].*)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +176,7 @@ def _page_parameters(query: str) -> tuple[int | None, str | None]:
     count = None
     if "n" in parameters:
         text = parameters["n"]
-        if not text.isdigit() or len(text) > 6 or int(text) > MAX_PAGE:
+        if not (text.isascii() and text.isdigit()) or len(text) > 6 or int(text) > MAX_PAGE:
             raise bad_request(
                 "PAGINATION_NUMBER_INVALID",
                 f"n must be a whole number from 0 to {MAX_PAGE}",
@@ -249,9 +251,6 @@ def _no_candidates(repository: str, name: ReleaseName, app: App) -> RegistryErro
     else:
         message = f"{app.slug} has no release that {repository} can pull"
     return RegistryError(404, "NAME_UNKNOWN", message, {"name": repository})
-
-
-_VERSION_LIKE_RE = re.compile(r"v?\d+(?:\.\d+)*(?:[-_.].*)?")
 
 
 def _looks_like_version(text: str) -> bool:

@@ -11,6 +11,7 @@ proxy token carries all a replica needs to serve any request of a pull.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -133,7 +134,9 @@ class Resolver:
     async def _read(
         self, repository: str, reference: str, token: str, request_id: str
     ) -> frozenset[str]:
-        """The digests a manifest, and an index's children, name (and the children's own)."""
+        """The digests a manifest holds: its own, those it names, and those an index's
+        children name. Its own matters where the API gave no ``content_hash``: a client asks
+        by tag, then again by the digest the tag answered with."""
         body = await self._manifest(repository, reference, token, request_id)
         named = references(body)
         children = await asyncio.gather(
@@ -142,7 +145,7 @@ class Resolver:
                 for child in named.children[:MAX_CHILDREN]
             )
         )
-        digests = set(named.blobs) | set(named.children)
+        digests = {"sha256:" + hashlib.sha256(body).hexdigest(), *named.blobs, *named.children}
         for child in children:
             digests |= references(child).blobs
         return frozenset(digests)

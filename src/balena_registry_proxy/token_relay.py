@@ -11,6 +11,7 @@ the real realm through this relay too (``login``, ``upstream_tokens``).
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -75,17 +76,20 @@ class TokenRelay:
             raise RegistryError(503, "UNAVAILABLE", "the upstream registry names no token realm")
         return self.realm
 
-    async def ask(
-        self, query: str, headers: list[tuple[str, str]], request_id: str
-    ) -> tuple[int, bytes, str]:
-        """The real realm's answer to ``query`` sent with ``headers``: status, body and its
-        content type. ``UpstreamError`` when it cannot be reached."""
+    async def ask(self, query: str, headers: list[tuple[str, str]], request_id: str) -> RealmAnswer:
+        """The real realm's answer to ``query`` sent with ``headers``. ``UpstreamError`` when
+        it cannot be reached."""
         realm = await self.learn(request_id)
         async with self.upstream.fetch(token_request_url(realm, query), headers) as answer:
             body, complete = await answer.read_up_to(MAX_TOKEN_ANSWER)
             if not complete:
                 raise RegistryError(502, "UNAVAILABLE", "the token server's answer is too large")
-            return answer.status, body, answer.headers.get("Content-Type", "application/json")
+            return RealmAnswer(
+                answer.status,
+                body,
+                answer.headers.get("Content-Type", "application/json"),
+                answer.headers.get("Retry-After"),
+            )
 
     async def token(self, request: web.Request) -> web.StreamResponse:
         """Pass a token request on to the real realm; its credentials pass through.
@@ -93,12 +97,32 @@ class TokenRelay:
         Raises ``upstream_errors.UpstreamError`` when the registry or the token server
         cannot be reached.
         """
-        status, body, content_type = await self.ask(
+        answer = await self.ask(
             request.rel_url.raw_query_string, client_token_headers(request), request[REQUEST_ID]
         )
-        if status == 200 and (token := token_of(body)) is not None:
+        body = answer.body
+        if answer.status == 200 and (token := token_of(body)) is not None:
             body = with_lifetime(body, unverified_claims(token), int(time.time()))
-        return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+        return answer.response(body)
+
+
+class RealmAnswer(NamedTuple):
+    """What the real realm answered."""
+
+    status: int
+    body: bytes
+    content_type: str
+    retry_after: str | None
+    """A rate limit's ``Retry-After``, which the client should see."""
+
+    def response(self, body: bytes | None = None) -> web.Response:
+        """The answer for the client: this one, with ``body`` instead of its own if given."""
+        headers = {"Content-Type": self.content_type}
+        if self.retry_after is not None:
+            headers["Retry-After"] = self.retry_after
+        return web.Response(
+            status=self.status, body=self.body if body is None else body, headers=headers
+        )
 
 
 def client_token_headers(request: web.Request) -> list[tuple[str, str]]:

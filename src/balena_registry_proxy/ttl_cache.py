@@ -40,6 +40,12 @@ class TtlCache(Generic[K, V]):
 
     def peek(self, key: K) -> V | None:
         """The value kept for ``key``, if it has not expired; never asks."""
+        kept = self._kept(key)
+        return None if kept is None else kept[0]
+
+    def _kept(self, key: K) -> tuple[V] | None:
+        """The value kept for ``key``, boxed so that a kept None (an answer that says
+        "nothing") is told apart from nothing kept."""
         kept = self._values.get(key)
         if kept is None:
             return None
@@ -48,7 +54,7 @@ class TtlCache(Generic[K, V]):
             del self._values[key]
             return None
         self._values.move_to_end(key)
-        return value
+        return (value,)
 
     def put(self, key: K, value: V, ttl: float | None = None) -> None:
         """Keep ``value`` for ``key`` (``ttl`` seconds, if not the cache's own)."""
@@ -63,9 +69,9 @@ class TtlCache(Generic[K, V]):
         The asking runs on its own: a caller that leaves (its client went away) leaves the
         others waiting for the same answer, and the answer is kept for the next.
         """
-        kept = self.peek(key)
+        kept = self._kept(key)
         if kept is not None:
-            return kept
+            return kept[0]
         task = self._asking.get(key)
         if task is None:
             task = asyncio.ensure_future(self._ask(key, ask))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .access import token_entries, unverified_claims
 from .envelope import Envelope
-from .errors import RegistryError
+from .errors import CredentialsRefused, RegistryError
 from .metrics import Metrics
 from .realm import EXPIRY_MARGIN, scope_query, token_of
 from .token_relay import TokenRelay
@@ -25,16 +25,6 @@ from .ttl_cache import TtlCache
 MAX_SCOPES = 16
 # Tokens kept across callers and repositories: each about a KiB.
 MAX_TOKENS = 4096
-
-
-class CredentialsRefused(RegistryError):
-    """The realm refused the credentials the client logged in with (a revoked API key)."""
-
-    def __init__(self) -> None:
-        """A 401: the client logs in again."""
-        super().__init__(
-            401, "UNAUTHORIZED", "the balena API no longer accepts the credentials of this login"
-        )
 
 
 class UpstreamTokens:
@@ -60,12 +50,13 @@ class UpstreamTokens:
                 found[repository] = kept
             elif repository not in missing:
                 missing.append(repository)
-        if missing:
+        asked = missing[:MAX_SCOPES]
+        if asked:
             token = await self._tokens.get(
-                (envelope.caller, "\0".join(missing)),
-                lambda: self._ask(envelope, missing[:MAX_SCOPES], request_id),
+                (envelope.caller, "\0".join(asked)),
+                lambda: self._ask(envelope, asked, request_id),
             )
-            for repository in missing:
+            for repository in asked:
                 found[repository] = token
         return found
 
@@ -80,14 +71,21 @@ class UpstreamTokens:
             headers.append(("Authorization", "Basic " + base64.b64encode(credentials).decode()))
         self._metrics.realm_requests.labels("repositories").inc()
         await self._relay.learn(request_id)
-        status, body, _ = await self._relay.ask(
+        answer = await self._relay.ask(
             scope_query(self._relay.service, repositories), headers, request_id
         )
-        if status == 401:
+        if answer.status == 401:
             raise CredentialsRefused
-        token = token_of(body) if status == 200 else None
+        if answer.status == 429:
+            raise RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                "the balena API's token endpoint asks for fewer requests; try again later",
+                headers={"Retry-After": answer.retry_after} if answer.retry_after else {},
+            )
+        token = token_of(answer.body) if answer.status == 200 else None
         if token is None:
-            raise RegistryError(502, "UNAVAILABLE", f"the token server answered {status}")
+            raise RegistryError(502, "UNAVAILABLE", f"the token server answered {answer.status}")
         claims = unverified_claims(token) or {}
         expires = claims.get("exp")
         lifetime = expires - time.time() - EXPIRY_MARGIN if isinstance(expires, int) else 0.0

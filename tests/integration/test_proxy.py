@@ -691,3 +691,4 @@ async def test_the_root_says_what_this_is_and_how_to_pull(proxy: Client) -> None
     text = await response.text()
     assert "docker pull proxy.example/<org>/<app>[/<version|commit>]" in text
     assert "docker login proxy.example" in text
+    assert "list-tags" not in text

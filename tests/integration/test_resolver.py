@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from balena_registry_proxy.balena_api import BalenaApi
 from balena_registry_proxy.config import Settings
 from balena_registry_proxy.envelope import Envelope, Sealer, derive_key
 from balena_registry_proxy.release_names import KEYWORDS
@@ -54,6 +56,19 @@ def settings(sandbox: Sandbox, **more: Any) -> Settings:
         **more,
     }
     return Settings(**options)
+
+
+Route = tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+
+
+async def stub_url(aiohttp_server: Callable[..., Awaitable[Any]], *routes: Route) -> str:
+    """The URL of a stand-in server (for the API, the registry or its realm) that answers
+    GETs of each path pattern with its handler."""
+    stub = web.Application()
+    for path, handler in routes:
+        stub.router.add_get(path, handler)
+    server = await aiohttp_server(stub)
+    return str(server.make_url("")).rstrip("/")
 
 
 @pytest.fixture
@@ -93,6 +108,14 @@ def listed(app: App) -> list[str]:
     if pinned is not None and pinned.status is ReleaseStatus.SUCCESS:
         tags |= KEYWORDS
     return sorted(tags)
+
+
+async def test_the_root_shows_the_forms_of_resolver_mode(proxy: Client) -> None:
+    response = await proxy.get("/", headers={"Host": "proxy.example"})
+    text = await response.text()
+    assert "docker pull proxy.example/<org>/<app>:<version>" in text
+    assert "docker pull proxy.example/<org>/<app>[/<version>]/<service>" in text
+    assert "skopeo list-tags docker://proxy.example/<org>/<app>" in text
 
 
 async def test_the_token_answer(proxy: Client) -> None:
@@ -239,6 +262,35 @@ async def test_digests_under_a_tag_chosen_name_come_from_that_release(
     assert (await unknown.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
+async def test_a_manifest_by_digest_where_the_api_gives_no_content_hash(
+    sandbox: Sandbox, proxy: Client, aiohttp_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images built before balena recorded ``content_hash`` have none: their tag goes to the
+    repository's ``latest``, and the digest that answered must be found again."""
+    asked = BalenaApi.app
+
+    async def without_hashes(api: BalenaApi, slug: str, envelope: Envelope, rid: str) -> Any:
+        app = await asked(api, slug, envelope, rid)
+        if app is None:
+            return None
+        releases = tuple(
+            replace(r, images=tuple(replace(i, content_hash=None) for i in r.images))
+            for r in app.releases
+        )
+        return replace(app, releases=releases)
+
+    monkeypatch.setattr(BalenaApi, "app", without_hashes)
+    replica = await serve_proxy(settings(sandbox), aiohttp_client)
+    token = await login(replica)
+    wanted = next(iter(sandbox.expected_images("gh_acme/web/1.3.0").values()))
+    head = await get(replica, token, "/v2/gh_acme/web/manifests/1.3.0", method="HEAD")
+    assert head.headers["Docker-Content-Digest"] == wanted.digest
+    for name in ("gh_acme/web", "gh_acme/web/1.3.0"):
+        again = await get(replica, token, f"/v2/{name}/manifests/{wanted.digest}")
+        assert again.status == 200, name
+        assert "sha256:" + hashlib.sha256(await again.read()).hexdigest() == wanted.digest
+
+
 async def test_a_multi_platform_index_by_tag_and_its_children_by_digest(
     sandbox: Sandbox, proxy: Client, aiohttp_client: MakeClient
 ) -> None:
@@ -283,6 +335,15 @@ async def test_a_pull_costs_one_api_query_per_name_and_caller(proxy: Client) -> 
     assert await api_requests(proxy) - before == 2
 
 
+async def test_an_app_the_api_does_not_show_costs_one_query_too(proxy: Client) -> None:
+    before = await api_requests(proxy)
+    anonymous = await login(proxy)
+    for _ in range(5):
+        answer = await get(proxy, anonymous, "/v2/gh_acme/secret/tags/list")
+        assert answer.status == 401
+    assert await api_requests(proxy) - before == 1
+
+
 async def test_pagination(sandbox: Sandbox, proxy: Client) -> None:
     token = await login(proxy)
     app = sandbox.catalog.app("gh_acme/web")
@@ -313,10 +374,92 @@ async def test_alias_mode_tokens_still_work_in_resolver_mode(
 
 async def test_an_expired_proxy_token_is_challenged(proxy: Client) -> None:
     now = int(time.time())
-    expired = Sealer(derive_key(SEAL_KEY)).seal(Envelope(None, None, "x", now - 100, now - 1))
+    expired = Sealer(derive_key(SEAL_KEY)).seal(Envelope(None, None, "x", now - 1))
     answer = await get(proxy, expired, "/v2/gh_acme/web/manifests/latest")
     assert answer.status == 401
     assert 'error="invalid_token"' in answer.headers["WWW-Authenticate"]
+
+
+async def test_a_revoked_key_is_asked_to_log_in_again(proxy: Client) -> None:
+    # A proxy token outlives the key inside it: the realm refuses the key (the API reads an
+    # unknown bearer as a guest's), and the client is sent to log in, not told of a fault.
+    now = int(time.time())
+    revoked = Envelope("alice", "revoked-api-key-0000", "x", now + 600)
+    token = Sealer(derive_key(SEAL_KEY)).seal(revoked)
+    answer = await get(proxy, token, "/v2/gh_acme/web/manifests/latest")
+    assert answer.status == 401
+    assert "no longer accepts" in (await answer.json())["errors"][0]["message"]
+    challenge = answer.headers["WWW-Authenticate"]
+    assert 'error="invalid_token"' in challenge
+    assert 'scope="repository:gh_acme/web:pull"' in challenge
+
+
+async def test_an_api_refusing_the_key_is_asked_to_log_in_again(
+    sandbox: Sandbox, aiohttp_client: MakeClient, aiohttp_server: Callable[..., Awaitable[Any]]
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401)
+
+    api_url = await stub_url(aiohttp_server, ("/{tail:.*}", refuse))
+    client = await serve_proxy(settings(sandbox, api_url=api_url), aiohttp_client)
+    token = await login(client, ALICE)
+    answer = await get(client, token, "/v2/gh_acme/web/tags/list")
+    assert answer.status == 401
+    assert 'error="invalid_token"' in answer.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/v2/_catalog"])
+async def test_a_token_that_does_not_open_is_challenged_outside_repositories_too(
+    proxy: Client, path: str
+) -> None:
+    answer = await get(proxy, "brp1.AAAA", path)
+    assert answer.status == 401
+    challenge = answer.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer realm="http://')
+    assert "/auth/v1/token" in challenge
+    assert "scope=" not in challenge
+
+
+async def test_basic_credentials_never_reach_the_registry(
+    sandbox: Sandbox, aiohttp_client: MakeClient, aiohttp_server: Callable[..., Awaitable[Any]]
+) -> None:
+    seen: list[str | None] = []
+
+    async def registry(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer realm="x"'})
+
+    registry_url = await stub_url(aiohttp_server, ("/{tail:.*}", registry))
+    client = await serve_proxy(settings(sandbox, registry_url=registry_url), aiohttp_client)
+    answer = await client.get(
+        "/v2/gh_acme/web/manifests/latest", headers={"Authorization": basic(ALICE)}
+    )
+    assert answer.status == 401
+    assert seen == [None]
+
+
+async def test_a_rate_limited_realm_is_relayed_with_its_retry_after(
+    sandbox: Sandbox, aiohttp_client: MakeClient, aiohttp_server: Callable[..., Awaitable[Any]]
+) -> None:
+    async def registry(request: web.Request) -> web.Response:
+        realm = f"http://{request.host}/auth/v1/token"
+        challenge = f'Bearer realm="{realm}",service="registry.example"'
+        return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+
+    async def realm(request: web.Request) -> web.Response:
+        if "scope" in request.query:
+            return web.Response(status=429, headers={"Retry-After": "42"})
+        return web.json_response({"token": "eyJhbGciOiJub25lIn0.e30."})
+
+    registry_url = await stub_url(
+        aiohttp_server, ("/auth/v1/token", realm), ("/{tail:.*}", registry)
+    )
+    client = await serve_proxy(settings(sandbox, registry_url=registry_url), aiohttp_client)
+    token = await login(client)
+    answer = await get(client, token, "/v2/gh_acme/web/manifests/latest")
+    assert answer.status == 429
+    assert answer.headers["Retry-After"] == "42"
+    assert (await answer.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
 
 
 async def test_head_of_a_listing(proxy: Client) -> None:
@@ -359,12 +502,8 @@ async def test_api_refusals(
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=status, headers=headers, text="<html>")
 
-    api = web.Application()
-    api.router.add_get("/{tail:.*}", refuse)
-    server = await aiohttp_server(api)
-    client = await serve_proxy(
-        settings(sandbox, api_url=str(server.make_url("")).rstrip("/")), aiohttp_client
-    )
+    api_url = await stub_url(aiohttp_server, ("/{tail:.*}", refuse))
+    client = await serve_proxy(settings(sandbox, api_url=api_url), aiohttp_client)
     token = await login(client)
     answer = await get(client, token, "/v2/gh_acme/web/manifests/latest")
     assert answer.status == expected
@@ -382,10 +521,7 @@ async def test_a_slow_api_is_a_503_after_the_timeout(
         await asyncio.sleep(30)
         return web.Response()
 
-    api = web.Application()
-    api.router.add_get("/{tail:.*}", silent)
-    server = await aiohttp_server(api)
-    api_url = str(server.make_url("")).rstrip("/")
+    api_url = await stub_url(aiohttp_server, ("/{tail:.*}", silent))
     client = await serve_proxy(settings(sandbox, api_url=api_url, api_timeout=0.3), aiohttp_client)
     token = await login(client)
     started = time.monotonic()

@@ -450,6 +450,8 @@ def world(**release: object) -> dict[str, Any]:
         ({"platforms": "linux/amd64"}, "platforms: must be a list"),
         ({"platforms": ["linux/amd64", "linux/amd64"]}, "lists a platform twice"),
         ({"big_layer_mib": "64"}, "big_layer_mib: must be a non-negative integer"),
+        ({"big_layer_mib": 8, "big_layers": 0}, "big_layers: must be an integer >= 1, got 0"),
+        ({"big_layers": 2}, "big_layers: needs big_layer_mib"),
         ({"tag": "x"}, "releases[0]: unknown key(s) tag"),
     ],
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from balena_registry_proxy.sandbox.catalog import App, Catalog, Platform, Release
+from balena_registry_proxy.sandbox.catalog import App, Catalog, Platform, Release, catalog_from_data
 from balena_registry_proxy.sandbox.seed import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -206,6 +206,41 @@ def test_manifest_digest_is_what_seeding_puts_at_latest(default_catalog: Catalog
     assert image is not None
     children = [build_image(app, release, p) for p in image.platforms]
     assert manifest_digest(app, release, image) == sha256(build_index(children))
+
+
+def test_big_layers_end_the_image_the_first_as_a_single_one_was() -> None:
+    def release_of(**fields: object) -> tuple[App, Release]:
+        document = {
+            "orgs": ["o"],
+            "apps": [
+                {"slug": "o/a", "releases": [{"commit": "a" * 32, "semver": "1.0.0", **fields}]}
+            ],
+        }
+        return catalog_from_data(document).release("a" * 32)
+
+    app, release = release_of(big_layer_mib=1, big_layers=3)
+    image = release.single_image
+    assert image is not None
+    assert image.big_layers == 3
+    one_app, one = release_of(big_layer_mib=1)
+    assert one.single_image is not None
+    assert one.single_image.big_layers == 1
+    single = build_image(one_app, one, extra_layer=GeneratedLayer("a" * 32, 1).measure())
+    digest = manifest_digest(app, release, image)
+    layers = json.loads(_manifest_with_digest(app, release, digest))["layers"]
+    assert len(layers) == 4
+    assert layers[1] == json.loads(single.manifest)["layers"][1]
+    assert len({layer["digest"] for layer in layers}) == 4
+    assert manifest_digest(one_app, one, one.single_image) == sha256(single.manifest)
+
+
+def _manifest_with_digest(app: App, release: Release, digest: str) -> bytes:
+    """The manifest of ``release`` with a single image and its big layers, checked by digest."""
+    seeds = [release.commit, *(f"{release.commit}/{n}" for n in (1, 2))]
+    extra = [GeneratedLayer(seed, 1).measure() for seed in seeds]
+    manifest = build_image(app, release, extra_layer=extra).manifest
+    assert sha256(manifest) == digest
+    return manifest
 
 
 def test_seed_result_by_release_and_by_service() -> None:

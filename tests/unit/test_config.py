@@ -92,6 +92,19 @@ def test_bad_values_name_the_setting(env: dict[str, str], argv: list[str], names
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("env", "explained"),
+    [
+        ({"PROXY_PORT": "\u00b2"}, "must be a port number from 1 to 65535"),
+        ({"WORKERS": "\u0663"}, "must be a number of"),
+    ],
+)
+def test_digits_of_other_scripts_are_no_number(env: dict[str, str], explained: str) -> None:
+    # str.isdigit() accepts them, int() does not: the message must still say what is wanted.
+    with pytest.raises(ConfigError, match=explained):
+        settings(env)
+
+
 def test_a_cache_keeps_the_event_loop_that_has_sendfile() -> None:
     assert wants_fast_loop(settings({}))
     assert not wants_fast_loop(settings({"CACHE_DIR": "/tmp/cache"}))

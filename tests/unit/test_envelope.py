@@ -22,8 +22,9 @@ from balena_registry_proxy.envelope import (
 )
 
 NOW = 1_800_000_000
-ENVELOPE = Envelope("alice", "alice-sandbox-api-key-0001", "eyJ.upstream.jwt", NOW, NOW + 14400)
-SEALER = Sealer(derive_key("a shared secret of some length"))
+ENVELOPE = Envelope("alice", "alice-sandbox-api-key-0001", "eyJ.upstream.jwt", NOW + 14400)
+KEY = derive_key("a shared secret of some length")
+SEALER = Sealer(KEY)
 
 
 def test_a_sealed_token_opens_to_what_went_in() -> None:
@@ -87,12 +88,11 @@ def test_other_tokens_do_not_open(token: str) -> None:
     st.one_of(st.none(), st.text(max_size=80)),
     st.text(max_size=2000),
     st.integers(0, 2**40),
-    st.integers(0, 2**40),
 )
 def test_round_trip(
-    username: str | None, password: str | None, upstream: str, issued: int, expires: int
+    username: str | None, password: str | None, upstream: str, expires: int
 ) -> None:
-    envelope = Envelope(username, password, upstream, issued, expires)
+    envelope = Envelope(username, password, upstream, expires)
     token = SEALER.seal(envelope)
     assert SEALER.open(token, expires - 1) == envelope
 
@@ -104,12 +104,18 @@ def test_a_typical_token_stays_far_below_header_limits() -> None:
 
 
 def test_the_caller_key_names_the_credentials_without_showing_them() -> None:
-    assert ENVELOPE.caller != Envelope("alice", "other-key", "", 0, 0).caller
-    assert ENVELOPE.caller != Envelope("bob", ENVELOPE.password, "", 0, 0).caller
-    assert ENVELOPE.caller == Envelope("alice", ENVELOPE.password, "x", 1, 2).caller
+    assert ENVELOPE.caller != Envelope("alice", "other-key", "", 0).caller
+    assert ENVELOPE.caller == Envelope("alice", ENVELOPE.password, "x", 2).caller
     assert ENVELOPE.password is not None
     assert ENVELOPE.password not in ENVELOPE.caller
-    assert Envelope(None, None, "", 0, 0).caller == "anonymous"
+    assert Envelope(None, None, "", 0).caller == "anonymous"
+
+
+def test_one_key_under_many_usernames_is_one_caller() -> None:
+    # The realm takes any username with a key: were the username part of the caller, one key
+    # could fill the per-caller caches under endless names.
+    assert ENVELOPE.caller == Envelope("bob", ENVELOPE.password, "", 0).caller
+    assert ENVELOPE.caller == Envelope(None, ENVELOPE.password, "", 0).caller
 
 
 def test_keys_derive_the_same_everywhere() -> None:
@@ -118,12 +124,13 @@ def test_keys_derive_the_same_everywhere() -> None:
     assert derive_key("secret secret secret") != derive_key("secret secret secreT")
 
 
-# A token sealed by this version under SEALER's key. Replicas of one release share tokens, and
-# in a rolling update so do two releases: a change to the format (prefix, nonce, associated
-# data, key derivation, payload) would log every client out, and must be deliberate.
+# A token sealed by this version (the format since 070af58: scrypt, no issued_at) under
+# SEALER's key. Replicas of one release share tokens, and in a rolling update so do two
+# releases: a change to the format (prefix, nonce, associated data, key derivation, payload)
+# would log every client out, and must be deliberate.
 SEALED_BEFORE = (
-    "brp1.odjol-yvk6AS2KPSTfwu1BAGpR8P-Z5FFDjGGiYlmfCmp9bl7mMeQz8TX0uA5JxqdYjCTjSC6-Jzy0jENW2iUfYsq"
-    "xtwjNbWXyaolRo6Il6uyqAkQEt8pWwEXnD-2x35ZpSc5k_wo566l0c"
+    "brp1.oV2cah03xffbK-6purQIyLvL3IKj-_FVuCkrvw9nbDy2QNpMMPJUAKIFhV1XeeS8EoeOuG86CVg_jRMm6JN2nTb"
+    "cgofp09vFPjUh7b9vwjw2lzsJBCKYJBiBUNMmWWJg"
 )
 
 
@@ -138,8 +145,8 @@ def test_tokens_start_with_the_prefix_registry_tokens_never_have() -> None:
 
 
 def test_a_token_of_8_kib_opens_and_a_longer_one_is_refused_unopened() -> None:
-    at_limit = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6049))
-    beyond = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6050))
+    at_limit = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6060))
+    beyond = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 6061))
     assert (len(at_limit), len(beyond)) == (8192, 8193)
     assert SEALER.open(at_limit, NOW) is not None
     assert SEALER.open(beyond, NOW) is None
@@ -155,16 +162,15 @@ def test_a_token_whose_text_ends_in_x_opens(monkeypatch: pytest.MonkeyPatch) -> 
     # With this nonce and contents the token's last character is an 'X': only the '='
     # padding is taken off the end.
     monkeypatch.setattr(envelope.os, "urandom", bytes)
-    token = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 230))
+    token = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 109))
     assert token.endswith("X")
-    assert SEALER.open(token, NOW) == dataclasses.replace(ENVELOPE, upstream="e" * 230)
+    assert SEALER.open(token, NOW) == dataclasses.replace(ENVELOPE, upstream="e" * 109)
 
 
 def sealed(payload: object) -> str:
     """A token around ``payload``, sealed as an older or newer version might have."""
     nonce = bytes(12)
-    key = derive_key("a shared secret of some length")
-    text = AESGCM(key).encrypt(nonce, json.dumps(payload).encode(), b"brp1.")
+    text = AESGCM(KEY).encrypt(nonce, json.dumps(payload).encode(), b"brp1.")
     return "brp1." + base64.urlsafe_b64encode(nonce + text).decode()
 
 
@@ -174,17 +180,18 @@ def sealed(payload: object) -> str:
         3,
         "alice",
         {"username": "alice"},
-        ["alice", "key", "up", NOW],
-        ["alice", "key", "up", NOW, NOW + 60, "extra"],
-        [3, "key", "up", NOW, NOW + 60],
-        ["alice", 3, "up", NOW, NOW + 60],
-        [None, None, 3, NOW, NOW + 60],
-        ["alice", "key", "up", "then", NOW + 60],
-        ["alice", "key", "up", NOW, float(NOW + 60)],
+        ["alice", "key", "up"],
+        ["alice", "key", "up", NOW + 60, "extra"],
+        ["alice", "key", "up", NOW, NOW + 60],
+        [3, "key", "up", NOW + 60],
+        ["alice", 3, "up", NOW + 60],
+        [None, None, 3, NOW + 60],
+        ["alice", "key", "up", "then"],
+        ["alice", "key", "up", float(NOW + 60)],
     ],
 )
 def test_a_payload_of_another_shape_is_no_token(payload: object) -> None:
-    assert SEALER.open(sealed(["alice", "key", "up", NOW, NOW + 60]), NOW) == Envelope(
-        "alice", "key", "up", NOW, NOW + 60
+    assert SEALER.open(sealed(["alice", "key", "up", NOW + 60]), NOW) == Envelope(
+        "alice", "key", "up", NOW + 60
     )
     assert SEALER.open(sealed(payload), NOW) is None

@@ -188,6 +188,27 @@ def test_select(version: str | None, release_id: int) -> None:
     assert select(WEB, version).id == release_id
 
 
+REVOKED_REVISION = App(
+    "gh_acme/revoked",
+    pinned=1,
+    releases=(
+        release(2, "1.2.3", revision=1, invalidated=True),
+        release(1, "1.2.3", revision=0),
+    ),
+)
+
+
+def test_a_version_means_its_newest_revision_that_is_not_invalidated() -> None:
+    assert select(REVOKED_REVISION, "1.2.3").id == 1
+    assert select(REVOKED_REVISION, f"{2:032x}").id == 2  # still pulled by its commit
+
+
+@pytest.mark.parametrize("app", [WEB, REVOKED_REVISION])
+def test_every_listed_version_pulls_a_release_that_is_not_invalidated(app: App) -> None:
+    for tag in listed_tags(app, None):
+        assert not select(app, tag).is_invalidated, tag
+
+
 @pytest.mark.parametrize("version", ["1.4.0", "9.9.9", "1.2.3+rev1", "v1.2.3", f"{99:032x}"])
 def test_select_refuses(version: str) -> None:
     with pytest.raises(NoRelease):

@@ -147,7 +147,7 @@ def test_pages() -> None:
     assert next_link(parse_target("/v2/gh_acme/web/tags/list?last=default"), last) is None
 
 
-@pytest.mark.parametrize("n", ["-1", "x", "1.5", str(MAX_PAGE + 1), "9" * 40])
+@pytest.mark.parametrize("n", ["-1", "x", "1.5", str(MAX_PAGE + 1), "9" * 40, "%C2%B2", "%D9%A3"])
 def test_a_count_that_is_no_count_is_refused(n: str) -> None:
     error = refusal(f"/v2/gh_acme/web/tags/list?n={n}")
     assert (error.status, error.code) == (400, "PAGINATION_NUMBER_INVALID")

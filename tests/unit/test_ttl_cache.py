@@ -104,3 +104,19 @@ async def test_zero_ttl_keeps_nothing() -> None:
 
     assert await cache.get("k", ask) == 1
     assert len(cache) == 0
+
+
+async def test_an_answer_of_none_is_kept_like_any_other() -> None:
+    # "The API shows nothing of that name" is an answer: asking again at every request would
+    # let anonymous clients spend the proxy's API quota on unknown names.
+    cache: TtlCache[str, int | None] = TtlCache(60, 10)
+    calls = 0
+
+    async def ask() -> int | None:
+        nonlocal calls
+        calls += 1
+        return None
+
+    assert await cache.get("k", ask) is None
+    assert await cache.get("k", ask) is None
+    assert calls == 1

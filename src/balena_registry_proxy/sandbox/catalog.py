@@ -149,6 +149,8 @@ class ReleaseImage:
     repository_hash: str
     platforms: tuple[Platform, ...] = ()
     big_layer_mib: int = 0
+    # How many random layers of ``big_layer_mib`` MiB the image ends with.
+    big_layers: int = 1
 
     @property
     def repository(self) -> str:
@@ -428,7 +430,8 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         expected = {"object": "expected a mapping", "array": "must be a list"}
         return f"{where}: {expected[value]}, got {type(instance).__name__}"
     if error.validator == "minimum":
-        return f"{where}: {_TYPE_MESSAGES['integer']}, got {instance!r}"
+        wanted = _TYPE_MESSAGES["integer"] if value == 0 else f"must be an integer >= {value}"
+        return f"{where}: {wanted}, got {instance!r}"
     if error.validator == "additionalProperties":
         unknown = sorted(str(key) for key in instance if key not in schema["properties"])
         return f"{where}: unknown key(s) {', '.join(unknown)}"
@@ -571,18 +574,21 @@ def _build_release(data: Mapping[str, Any], path: tuple[str | int, ...], app_slu
     )
 
 
-_SINGLE_IMAGE_KEYS = ("hash", "platforms", "big_layer_mib")
+_SINGLE_IMAGE_KEYS = ("hash", "platforms", "big_layer_mib", "big_layers")
 
 
 def _build_images(data: Mapping[str, Any], where: str, app_slug: str) -> tuple[ReleaseImage, ...]:
     commit: str = data["commit"]
     if "services" not in data:
+        if "big_layers" in data and not data.get("big_layer_mib"):
+            raise CatalogError(f"{where}.big_layers: needs big_layer_mib, the size of each")
         return (
             ReleaseImage(
                 service=DEFAULT_SERVICE_NAME,
                 repository_hash=data.get("hash") or derive_repository_hash(app_slug, commit),
                 platforms=tuple(Platform.parse(p) for p in data.get("platforms", [])),
                 big_layer_mib=data.get("big_layer_mib", 0),
+                big_layers=data.get("big_layers", 1),
             ),
         )
     misplaced = [key for key in _SINGLE_IMAGE_KEYS if key in data]

@@ -274,12 +274,13 @@ def build_image(
     app: App,
     release: Release,
     platform: Platform | None = None,
-    extra_layer: Layer | None = None,
+    extra_layer: Layer | Sequence[Layer] | None = None,
     *,
     service: str | None = None,
 ) -> Image:
     """Build the image of ``release`` (for one of its platforms, if it has several).
 
+    ``extra_layer`` (one layer or several) ends the image after its ``release.txt`` layer;
     ``service`` names the service for releases of several; without ``platform`` the image is
     for the platform of the app's device type.
     """
@@ -287,8 +288,10 @@ def build_image(
         {"release.txt": (release_text(app, release, platform, service) + "\n").encode()}
     )
     layers = [Layer(Descriptor.of(OCI_LAYER_GZIP, tar_gz), _sha256(tar), tar_gz)]
-    if extra_layer is not None:
+    if isinstance(extra_layer, Layer):
         layers.append(extra_layer)
+    elif extra_layer is not None:
+        layers.extend(extra_layer)
     target = platform or app.device_type.platform
     labels = {
         "io.balena.sandbox.app": app.slug,
@@ -408,7 +411,7 @@ def _service_label(release: Release, image: ReleaseImage) -> str | None:
 
 
 def _images_of(
-    app: App, release: Release, image: ReleaseImage, extra_layer: Layer | None
+    app: App, release: Release, image: ReleaseImage, extra_layer: Sequence[Layer]
 ) -> list[Image]:
     """The single-platform images that make up ``image`` (one per platform of an index)."""
     service = _service_label(release, image)
@@ -422,15 +425,22 @@ def _measured(layer: GeneratedLayer) -> Layer:
     return layer.measure()
 
 
+def _generated_layers(release: Release, image: ReleaseImage) -> list[GeneratedLayer]:
+    """The big random layers of ``image``: the first seeded by the commit alone (the digests
+    a single big layer always had), the next by ``<commit>/<n>``."""
+    if not image.big_layer_mib:
+        return []
+    seeds = [release.commit, *(f"{release.commit}/{n}" for n in range(1, image.big_layers))]
+    return [GeneratedLayer(seed=seed, size_mib=image.big_layer_mib) for seed in seeds]
+
+
 def manifest_digest(app: App, release: Release, image: ReleaseImage) -> str:
     """The digest of ``image`` at ``latest`` once seeded: balena's ``image.content_hash``.
 
     Pure: the seeded bytes are a function of the catalog (a large layer is hashed once per
     process, which takes a fraction of a second).
     """
-    extra = None
-    if image.big_layer_mib:
-        extra = _measured(GeneratedLayer(seed=release.commit, size_mib=image.big_layer_mib))
+    extra = [_measured(layer) for layer in _generated_layers(release, image)]
     images = _images_of(app, release, image, extra)
     if not image.platforms:
         return images[0].manifest_descriptor.digest
@@ -440,10 +450,10 @@ def manifest_digest(app: App, release: Release, image: ReleaseImage) -> str:
 async def _seed_image(
     pusher: _Pusher, app: App, release: Release, image: ReleaseImage
 ) -> SeededImage:
-    extra_layer = None
-    if image.big_layer_mib:
-        generated = GeneratedLayer(seed=release.commit, size_mib=image.big_layer_mib)
-        extra_layer = await asyncio.to_thread(generated.measure)
+    extra_layer = [
+        await asyncio.to_thread(generated.measure)
+        for generated in _generated_layers(release, image)
+    ]
     uploaded: set[str] = set()
     repository = image.repository
     images = _images_of(app, release, image, extra_layer)
