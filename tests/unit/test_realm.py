@@ -147,3 +147,32 @@ def test_lifetimes_are_added_from_the_claims() -> None:
 
 def test_lifetime_fields() -> None:
     assert lifetime_fields(0, 3600) == {"expires_in": 3540, "issued_at": "1970-01-01T00:00:00Z"}
+
+
+def test_basic_credentials_must_be_base64_through_and_through() -> None:
+    encoded = base64.b64encode(b"alice:key").decode()
+    assert basic_credentials(f"Basic {encoded}!") is None
+    assert basic_credentials(f"Basic {encoded[:4]} {encoded[4:]}") is None
+    assert basic_credentials(f"  BASIC {encoded}") == ("alice", "key")
+
+
+def test_login_query_keeps_blank_values_and_drops_other_scopes_of_balena_names() -> None:
+    query = (
+        "account=&scope=registry:catalog:*&scope=repository:v2/abc:pull,push"
+        "&scope=repository:registry.example:5000/gh_acme/web:pull"
+        "&scope=repository:registry.example:5000/v2/abc:pull"
+    )
+    assert login_query(query) == "account=&scope=repository:v2/abc:pull%2Cpush"
+
+
+def test_a_bare_challenge_names_only_the_realm() -> None:
+    realm = "https://p.example/auth/v1/token"
+    assert bearer_challenge(realm, None, None, None) == f'Bearer realm="{realm}"'
+    assert bearer_challenge(realm, "", "o/a", "") == (
+        f'Bearer realm="{realm}",scope="repository:o/a:pull"'
+    )
+
+
+def test_an_empty_token_gives_way_to_the_access_token() -> None:
+    assert token_of(b'{"token":"","access_token":"b"}') == "b"
+    assert token_of(b'{"access_token":""}') is None
