@@ -11,7 +11,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balena_registry_proxy import envelope
 from balena_registry_proxy.envelope import (
     MAX_TOKEN_LENGTH,
     PREFIX,
@@ -161,7 +160,7 @@ def test_a_token_opens_until_the_second_it_expires_and_never_after() -> None:
 def test_a_token_whose_text_ends_in_x_opens(monkeypatch: pytest.MonkeyPatch) -> None:
     # With this nonce and contents the token's last character is an 'X': only the '='
     # padding is taken off the end.
-    monkeypatch.setattr(envelope.os, "urandom", bytes)
+    monkeypatch.setattr("balena_registry_proxy.envelope.os.urandom", bytes)
     token = SEALER.seal(dataclasses.replace(ENVELOPE, upstream="e" * 109))
     assert token.endswith("X")
     assert SEALER.open(token, NOW) == dataclasses.replace(ENVELOPE, upstream="e" * 109)

@@ -327,6 +327,7 @@ def test_each_refusal_says_exactly_what_and_for_which_name(
     error = refusal(target, STACK if "stack" in target else WEB)
     assert (error.status, error.code, error.message) == (404, code, message)
     name = parse_target(target).repository
+    assert name is not None
     if isinstance(detail, list):
         assert error.detail == {"name": name, "services": detail}
     else:
