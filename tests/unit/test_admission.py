@@ -113,3 +113,13 @@ def test_a_head_beyond_its_bound_is_431() -> None:
     error = refusal((1, 1), raw(beyond), LIMIT)
     assert error is not None
     assert (error.status, error.message) == (431, "request head too large")
+
+
+def test_a_head_of_exactly_its_bound_passes() -> None:
+    # Each line counts its name, its value and four bytes more (': ' and CRLF).
+    head = [("Host", "h"), ("X-Fill", "f" * (100 - 9 - 10))]
+    assert sum(len(n) + len(v) + 4 for n, v in head) == 100
+    assert refusal((1, 1), raw(head), 100) is None
+    error = refusal((1, 1), raw(head), 99)
+    assert error is not None
+    assert (error.status, error.code) == (431, "UNSUPPORTED")
