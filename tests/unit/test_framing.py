@@ -283,6 +283,10 @@ def test_a_head_beyond_the_limit_breaks_the_stream() -> None:
         ("GET", 200, [("Transfer-Encoding", "chunked, gzip")], Framing.UNTIL_CLOSE),
         ("GET", 200, [], Framing.UNTIL_CLOSE),
         ("GET", 404, [("Transfer-Encoding", " ")], Framing.UNTIL_CLOSE),
+        # Codings and methods that sort before "chunked" and after "HEAD"; the last 1xx.
+        ("GET", 200, [("Transfer-Encoding", "br")], Framing.UNTIL_CLOSE),
+        ("OPTIONS", 200, [("Content-Length", "9")], Framing.LENGTH),
+        ("GET", 199, [], Framing.NONE),
     ],
 )
 def test_body_framing(
@@ -301,6 +305,8 @@ def test_body_framing(
         ("1.0", [], Framing.LENGTH, False),
         ("1.0", [("connection", "Keep-Alive")], Framing.NONE, True),
         ("1.0", [("Connection", "keep-alive")], Framing.UNTIL_CLOSE, False),
+        # llhttp reads an HTTP/2.0 status line too: only 1.1 keeps alive unasked.
+        ("2.0", [], Framing.LENGTH, False),
     ],
 )
 def test_keep_alive(
@@ -330,7 +336,7 @@ def test_request_heads() -> None:
 def test_a_line_break_cannot_split_a_request(
     method: str, target: str, headers: list[tuple[str, str]]
 ) -> None:
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(ValueError, match=r"^a request line or header would contain a line break$"):
         request_head(method, target, headers, b"Host: h\r\n")
 
 
@@ -454,3 +460,23 @@ def test_a_target_may_hold_any_character_but_space_and_line_breaks() -> None:
     # A storage host's signed URL, say.
     target = "/blobs/x?X-Amz-Signature=XYZ&X-Amz-Date=20260101T000000Z"
     assert request_head("GET", target, [], b"Host: s3\r\n").startswith(f"GET {target} ".encode())
+
+
+def test_a_bodiless_answer_is_done_at_its_head() -> None:
+    # The connection may be pooled, and its closing afterwards is no break.
+    reader = ResponseReader("HEAD")
+    events = reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert [type(event) for event in events] == [Head, End]
+    assert reader.state is State.DONE
+    assert reader.closed() == []
+    # Body bytes in the same piece are bytes nobody asked for.
+    with_body = ResponseReader("HEAD").feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert with_body[-1] == Broken("bytes after the answer")
+
+
+def test_bytes_that_are_no_utf_8_are_read_as_they_came() -> None:
+    raw = b"HTTP/1.1 200 \xe9t\xe9\r\nX-A: \xff\r\nContent-Length: 0\r\n\r\n"
+    (answer_head, _) = read("GET", raw)
+    assert isinstance(answer_head, Head)
+    assert answer_head.reason == "\udce9t\udce9"
+    assert answer_head.headers[0] == ("X-A", "\udcff")
