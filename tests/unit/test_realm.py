@@ -176,3 +176,15 @@ def test_a_bare_challenge_names_only_the_realm() -> None:
 def test_an_empty_token_gives_way_to_the_access_token() -> None:
     assert token_of(b'{"token":"","access_token":"b"}') == "b"
     assert token_of(b'{"access_token":""}') is None
+
+
+def test_only_the_basic_scheme_gives_credentials() -> None:
+    # Schemes sorting before and after "basic", with a token that would decode as Basic.
+    encoded = base64.b64encode(b"alice:key").decode()
+    assert basic_credentials(f"Apikey {encoded}") is None
+    assert basic_credentials(f"Bearer {encoded}") is None
+
+
+def test_only_repository_scopes_of_real_names_reach_the_realm() -> None:
+    # Kinds sorting before and after "repository", naming a real repository.
+    assert login_query("scope=registry:v2/abc:pull&scope=source:v2/abc:pull") == ""
