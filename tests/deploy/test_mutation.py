@@ -35,6 +35,17 @@ def test_every_pure_module_exists_and_has_unit_tests() -> None:
         assert unit_tests_seeing(module), module
 
 
+def test_the_pure_modules_are_those_of_the_import_contract() -> None:
+    # A module the contract keeps free of I/O is one tests/unit can pin down: it is mutated.
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pure = next(
+        c["source_modules"]
+        for c in contracts["tool"]["importlinter"]["contracts"]
+        if c["name"].startswith("The pure modules")
+    )
+    assert sorted(MODULES) == sorted(name.removeprefix(f"{PACKAGE}.") for name in pure)
+
+
 def test_a_module_is_tested_by_the_files_importing_it_then_by_those_seeing_it() -> None:
     tests = unit_tests_seeing("requestid")
     assert tests[0] == "tests/unit/test_messages.py"  # imports it
