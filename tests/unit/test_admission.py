@@ -90,6 +90,9 @@ def test_each_refusal_says_exactly_why(
         ((1, 0), [("X-Forwarded-Host", " a.example , b.example ")]),
         ((1, 1), [("Host", "a.example"), ("Transfer-Encoding", "chunked")]),
         ((1, 1), [("host", "a.example"), ("x-forwarded-host", "b.example:8443")]),
+        # Headers sorting after Transfer-Encoding and X-Forwarded-Host, that are neither.
+        ((1, 0), [("User-Agent", "curl/8"), ("X-Request-Id", "not a host")]),
+        ((1, 1), [*HOST, ("X-Forwarded-Proto", "https"), ("X-Real-IP", "a b")]),
     ],
 )
 def test_what_http_1_0_and_1_1_may_send(
@@ -123,3 +126,10 @@ def test_a_head_of_exactly_its_bound_passes() -> None:
     error = refusal((1, 1), raw(head), 99)
     assert error is not None
     assert (error.status, error.code) == (431, "UNSUPPORTED")
+
+
+def test_an_http_1_x_beyond_1_1_needs_a_host_as_1_1_does() -> None:
+    # RFC 9112, 2.3: a later 1.x minor version is answered as HTTP/1.1.
+    error = refusal((1, 2), [], LIMIT)
+    assert error is not None
+    assert error.message == "an HTTP/1.1 request needs a Host header"
