@@ -131,7 +131,7 @@ bench-pull: $(STAMP) bench-packages
 # Mutation testing of the pure modules against tests/unit with Cosmic Ray: the scores and the
 # equivalent mutants go to docs/mutation.md. Cosmic Ray runs in a venv of its own,
 # from the hashed lock requirements/mutation.txt; the tests run in this one. Not part of `make
-# test` (about 40 minutes on 2 cores). `make mutation MUTATION_MODULES="routes access"` runs
+# test` (about an hour on 2 cores). `make mutation MUTATION_MODULES="routes access"` runs
 # some modules only (and leaves the docs alone); the list of pure modules is in mutation/.
 # `make mutation MUTATION_ARGS=--stored` judges the last run's sessions again, running nothing
 # (after mutation/equivalent.toml changed).
