@@ -391,3 +391,12 @@ def test_a_storage_hosts_challenge_does_not_reach_the_client() -> None:
         ("www-authenticate", "Basic"),
     ]
     assert storage_response_headers(storage) == [("Content-Type", "application/xml")]
+
+
+def test_a_storage_hosts_other_headers_reach_the_client() -> None:
+    # Names sorting after WWW-Authenticate too.
+    storage = [("X-Amz-Request-Id", "r"), ("WWW-Authenticate", "Basic"), ("Accept-Ranges", "bytes")]
+    assert storage_response_headers(storage) == [
+        ("X-Amz-Request-Id", "r"),
+        ("Accept-Ranges", "bytes"),
+    ]
