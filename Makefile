@@ -11,7 +11,8 @@ PYTEST := $(BIN)/pytest -q -rs
 INSTALL_PROJECT := $(BIN)/pip install -q --no-deps --no-build-isolation -e .
 
 .PHONY: test lint types unit e2e demo system-packages venv-support bench bench-quick \
-	bench-profile bench-pull bench-shared bench-packages lock clean go-tools conformance readme readme-check
+	bench-profile bench-pull bench-shared bench-packages lock clean go-tools conformance readme \
+	readme-check mutation
 
 # Debian packages $(1) for $(2): installed when root, otherwise the line to run is printed.
 define apt-install
@@ -52,13 +53,13 @@ $(DEMO_STAMP): $(BIN)/python pyproject.toml requirements/sandbox.txt requirement
 	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench mutation
+	$(BIN)/ruff format --check src tests bench mutation
 	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy src tests
-	$(BIN)/mypy --strict --ignore-missing-imports bench
+	$(BIN)/mypy --strict --ignore-missing-imports bench mutation
 
 unit: $(STAMP)
 	$(PYTEST) tests/unit tests/integration
@@ -145,6 +146,28 @@ bench-shared: $(STAMP) bench-packages go-tools
 	$(call need-packages,$(SHARED_PACKAGES),The shared-cache benchmark)
 	$(BIN)/python -m bench --only shared
 
+# Mutation testing of the pure modules against tests/unit with Cosmic Ray: the scores and the
+# equivalent mutants go to docs/mutation.md. Cosmic Ray runs in a venv of its own,
+# from the hashed lock requirements/mutation.txt; the tests run in this one. Not part of `make
+# test` (about an hour on 2 cores). `make mutation MUTATION_MODULES="routes access"` runs
+# some modules only (and leaves the docs alone); the list of pure modules is in mutation/.
+# `make mutation MUTATION_ARGS=--stored` judges the last run's sessions again, running nothing
+# (after mutation/equivalent.toml changed).
+MUTATION_VENV := $(VENV)/mutation-tools
+MUTATION_JOBS ?= 2
+MUTATION_MODULES ?=
+MUTATION_ARGS ?=
+
+$(MUTATION_VENV)/.installed: requirements/mutation.txt | venv-support
+	$(PYTHON) -m venv $(MUTATION_VENV)
+	$(MUTATION_VENV)/bin/pip install -q --require-hashes -r requirements/mutation.txt
+	$(MUTATION_VENV)/bin/python -m mutation.engine check-operators
+	touch $@
+
+mutation: $(STAMP) $(MUTATION_VENV)/.installed
+	$(BIN)/python -m mutation --tools $(MUTATION_VENV) --jobs $(MUTATION_JOBS) $(MUTATION_ARGS) \
+		$(MUTATION_MODULES)
+
 # Hashed lock files from pyproject.toml, by pip-compile (pip-tools, in a venv of its own):
 # runtime.txt for the image, build.txt for building the wheel, dev.txt (dev and bench extras,
 # the same versions as the other two) for this venv and CI. Every file of a pinned version on
@@ -174,6 +197,7 @@ lock: $(LOCK_VENV)/bin/pip-compile
 	$(PIP_COMPILE) --allow-unsafe --all-build-deps --extra dev --extra bench --extra sandbox \
 		-c requirements/runtime.txt -c requirements/build.txt -c requirements/sandbox.txt \
 		-o requirements/dev.txt pyproject.toml
+	$(PIP_COMPILE) -o requirements/mutation.txt requirements/mutation.in
 	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
 	for arch in $(IMAGE_ARCHES); do \
 		platforms="--platform manylinux2014_$$arch"; \

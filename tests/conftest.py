@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import aiohttp
 import pytest
+from hypothesis import settings
 
 from balena_registry_proxy.sandbox import (
     RegistryNotInstalledError,
@@ -26,6 +27,10 @@ from balena_registry_proxy.sandbox import (
 )
 
 from . import matrix
+
+# `make mutation` runs the unit tests once per mutant: the same examples every time, so that a
+# mutant's verdict repeats, and no example database carried from one mutant to the next.
+settings.register_profile("mutation", derandomize=True, database=None)
 
 
 def missing(reason: str) -> NoReturn:

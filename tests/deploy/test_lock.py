@@ -31,7 +31,7 @@ from .files import (
 )
 from .locks import Lock, read_lock
 
-LOCK_FILES = ("runtime.txt", "build.txt", "sandbox.txt", "dev.txt")
+LOCK_FILES = ("runtime.txt", "build.txt", "sandbox.txt", "dev.txt", "mutation.txt")
 # What pip-compile writes as the reason for a pin that pyproject.toml asks for itself.
 FROM_DEPENDENCIES = "balena-registry-proxy (pyproject.toml)"
 FROM_BUILD_SYSTEM = "balena-registry-proxy (pyproject.toml::build-system.requires)"
@@ -131,6 +131,21 @@ def test_lock_pins_what_pyproject_asks_for(
     locks: dict[str, Lock], name: str, wanted: Callable[[], list[Requirement]]
 ) -> None:
     assert unmet(wanted(), locks[name]) == [], "pyproject.toml changed: run make lock"
+
+
+def mutation_requirements() -> list[Requirement]:
+    """What ``make mutation``'s own venv asks for (requirements/mutation.in)."""
+    lines = (REQUIREMENTS / "mutation.in").read_text(encoding="utf-8").splitlines()
+    return requirements(line for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_the_mutation_tools_lock_pins_what_they_ask_for(locks: dict[str, Lock]) -> None:
+    wanted = mutation_requirements()
+    assert wanted, "requirements/mutation.in names no tool"
+    assert unmet(wanted, locks["mutation.txt"]) == [], "mutation.in changed: run make lock"
+    named = {canonicalize_name(requirement.name) for requirement in wanted}
+    asked = {pin.name for pin in locks["mutation.txt"].pins.values() if "-r " in " ".join(pin.via)}
+    assert asked <= named, f"mutation.txt pins {asked - named} for mutation.in: run make lock"
 
 
 def test_a_changed_bound_is_caught(locks: dict[str, Lock]) -> None:

@@ -3,13 +3,12 @@
 moto checks no signatures and happily serves a presigned URL that also carries an
 ``Authorization: Bearer`` (real S3 refuses that), so its request recorder is what tells the
 tests which headers reached the bucket, and :func:`presigned_signature_valid` checks the query
-signature the way S3 would.
+signature the way S3 would, with botocore's SigV4 canonicalisation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import importlib.util
 import json
@@ -22,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from balena_registry_proxy.sandbox.ports import free_port
 from balena_registry_proxy.sandbox.registry import S3Storage
@@ -131,54 +130,41 @@ def presigned_signature_valid(request: S3Request, storage: S3Storage) -> bool:
 
     moto skips this check, so the tests do it: it proves the presigned URL reached the bucket
     intact (a URL mangled on the way, or followed with another method, fails it). Only the
-    ``host`` header is signed in the registry's presigned URLs.
+    ``host`` header is signed in the registry's presigned URLs. The canonical request, the
+    string to sign and the signature are botocore's own (moto depends on it): the request is
+    signed again at the time it names, and the signatures must agree.
     """
-    query = urlsplit(request.url).query
-    params = parse_qsl(query, keep_blank_values=True)
+    # botocore comes with moto: imported here, so that without moto the tests skip, not fail.
+    from botocore.auth import S3SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    parts = urlsplit(request.url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
     given = dict(params)
     if given.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or "X-Amz-Signature" not in given:
         return False
     if given.get("X-Amz-SignedHeaders") != "host":
         return False
-    # S3 decodes the query it receives and encodes it again (RFC 3986) before signing.
-    canonical_query = "&".join(
-        f"{k}={v}"
-        for k, v in sorted(
-            (quote(k, safe="-_.~"), quote(v, safe="-_.~"))
-            for k, v in params
-            if k != "X-Amz-Signature"
-        )
-    )
-    canonical = "\n".join(
-        [
-            request.method,
-            urlsplit(request.url).path,
-            canonical_query,
-            f"host:{request.header('Host')}",
-            "",
-            "host",
-            "UNSIGNED-PAYLOAD",
-        ]
-    )
-    access_key, _, scope = given.get("X-Amz-Credential", "").partition("/")
-    if access_key != storage.access_key or scope.split("/")[1:] != [
-        storage.region,
-        "s3",
-        "aws4_request",
-    ]:
+    timestamp = given.get("X-Amz-Date", "")
+    scope = f"{timestamp[:8]}/{storage.region}/s3/aws4_request"
+    if given.get("X-Amz-Credential") != f"{storage.access_key}/{scope}":
         return False
-    to_sign = "\n".join(
-        [
-            "AWS4-HMAC-SHA256",
-            given.get("X-Amz-Date", ""),
-            scope,
-            hashlib.sha256(canonical.encode()).hexdigest(),
-        ]
+    host = request.header("Host") or parts.netloc
+    # As S3 does, sign the query as received, decoded, less the signature (botocore encodes it
+    # again and sorts it); the path as received, not normalised.
+    unsigned = AWSRequest(
+        method=request.method,
+        url=urlunsplit(("http", host, parts.path, "", "")),
+        headers={"Host": host},
+        params=[(k, v) for k, v in params if k != "X-Amz-Signature"],
     )
-    key = f"AWS4{storage.secret_key}".encode()
-    for part in scope.split("/"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    unsigned.context["timestamp"] = timestamp
+    signer = S3SigV4QueryAuth(
+        Credentials(storage.access_key, storage.secret_key), "s3", storage.region
+    )
+    string_to_sign = signer.string_to_sign(unsigned, signer.canonical_request(unsigned))
+    expected = signer.signature(string_to_sign, unsigned)
     return hmac.compare_digest(expected, given["X-Amz-Signature"])
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from balena_registry_proxy.sandbox import Sandbox, sandbox_in_thread
-from balena_registry_proxy.sandbox.registry import AccessLogEntry
+from balena_registry_proxy.sandbox.registry import AccessLogEntry, S3Storage
 
 from ..conftest import missing
 from .conftest import RunningProxy, Skopeo, proxy_process, settled
@@ -346,3 +346,32 @@ def test_blob_heads_through_a_caching_proxy_before_and_after_the_blob_is_kept(
     assert (status, body) == (200, b"")
     assert headers["Docker-Content-Digest"] == layer
     assert headers["Content-Length"] == str(kept.stat().st_size)
+
+
+def test_the_signature_check_accepts_only_the_url_as_signed() -> None:
+    if not moto_available():
+        missing(MOTO_MISSING)
+    from botocore.auth import S3SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    storage = S3Storage("http://127.0.0.1:9", "registry", "us-east-1", "AKIAEXAMPLE", "secret")
+    host = {"Host": "127.0.0.1:9"}
+    path = "/registry/docker/registry/v2/blobs/sha256/ab/ab12/data"
+    presigned = AWSRequest(
+        method="GET", url=f"http://127.0.0.1:9{path}?x-id=Get%20Object", headers=host
+    )
+    credentials = Credentials(storage.access_key, storage.secret_key)
+    S3SigV4QueryAuth(credentials, "s3", storage.region, expires=1200).add_auth(presigned)
+    url = presigned.url
+    assert presigned_signature_valid(S3Request("GET", url, host), storage)
+    assert not presigned_signature_valid(S3Request("HEAD", url, host), storage)
+    assert not presigned_signature_valid(
+        S3Request("GET", url.replace("ab12", "ab13"), host), storage
+    )
+    assert not presigned_signature_valid(S3Request("GET", url, {"Host": "127.0.0.1:10"}), storage)
+    assert not presigned_signature_valid(
+        S3Request("GET", url.replace("Get%20Object", "Put%20Object"), host), storage
+    )
+    other_key = S3Storage(storage.endpoint, storage.bucket, storage.region, "AKIAEXAMPLE", "other")
+    assert not presigned_signature_valid(S3Request("GET", url, host), other_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
 
@@ -31,6 +32,9 @@ from ..tokens import alias_entry, make_token
         ("bearer   abc", "abc"),
         ("BEARER abc ", "abc"),
         ("Basic dXNlcjpwYXNz", None),
+        ("Digest username=x", None),
+        ("Negotiate abc", None),
+        ("Bearerx abc", None),
         ("Bearer", None),
         ("Bearer ", None),
         ("", None),
@@ -178,3 +182,73 @@ def test_grants_pull_goes_by_the_entry_the_alias_lookup_uses() -> None:
     match = find_access(entries, "org/app/1.2.3")
     assert match is not None
     assert match.repository == "v2/abc"
+
+
+GOOD = {"type": "repository", "name": "v2/abc", "alias": "org/app", "actions": ["pull"]}
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        7,
+        {"type": "registry", "name": "catalog", "actions": ["*"]},
+        {"name": "v2/abc", "actions": ["pull"]},
+        {"type": "repository", "name": None, "actions": ["pull"]},
+        {"type": "repository", "name": "x", "alias": ["org/app"], "actions": ["pull"]},
+    ],
+)
+def test_a_malformed_entry_does_not_hide_the_good_ones_after_it(malformed: Any) -> None:
+    token = make_token(malformed, GOOD)
+    assert token_entries(token) == (AccessEntry("v2/abc", "org/app", ("pull",)),)
+
+
+def test_an_alias_naming_another_repository_does_not_grant_this_one() -> None:
+    # An entry aliasing some other name, whose real name is the requested one, is no grant.
+    entries = (AccessEntry("org/app", "org/other", ("pull",)),)
+    assert find_access(entries, "org/app") is None
+    assert not grants_pull(entries, "org/app")
+
+
+def test_the_first_direct_entry_for_a_name_decides() -> None:
+    entries = (AccessEntry("org/app", None, ()), AccessEntry("org/app", None, ("pull",)))
+    assert find_access(entries, "org/app") == Match(Verdict.UNRESOLVED, "org/app")
+    assert not grants_pull(entries, "org/app")
+    reversed_entries = entries[::-1]
+    assert find_access(reversed_entries, "org/app") == Match(Verdict.GRANTED, "org/app")
+    assert grants_pull(reversed_entries, "org/app")
+
+
+def test_the_first_alias_for_a_name_decides() -> None:
+    entries = (
+        AccessEntry("v2/first", "org/app", ("pull",)),
+        AccessEntry("v2/second", "org/app", ("pull",)),
+    )
+    assert find_access(entries, "org/app") == Match(Verdict.ALIASED, "v2/first")
+
+
+def test_a_grant_of_other_actions_is_no_pull() -> None:
+    entries = (AccessEntry("v2/abc", None, ("push", "delete")),)
+    assert find_access(entries, "v2/abc") == Match(Verdict.GRANTED, "v2/abc")
+    assert not grants_pull(entries, "v2/abc")
+
+
+def test_an_invalid_alias_target_is_refused_naming_the_alias() -> None:
+    with pytest.raises(RegistryError) as caught:
+        find_access((AccessEntry("../admin", "org/app", ("pull",)),), "org/app")
+    assert caught.value.message == "the registry token maps this name to an invalid repository name"
+    assert caught.value.detail == {"name": "org/app"}
+
+
+def test_an_alias_to_a_valid_name_of_any_shape_is_followed() -> None:
+    entries = (AccessEntry("a" * 255, "org/app", ("pull",)),)
+    assert find_access(entries, "org/app") == Match(Verdict.ALIASED, "a" * 255)
+
+
+def test_the_entries_of_a_token_are_shared_and_cannot_be_changed() -> None:
+    # token_entries keeps its answers: an entry changed by one request would be the next one's.
+    token = make_token(alias_entry("org/app", "v2/abc"))
+    (entry,) = token_entries(token)
+    assert token_entries(token)[0] is entry
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "v2/other"  # type: ignore[misc]
+    assert {entry: 1}[AccessEntry("v2/abc", "org/app", ("pull",))] == 1

@@ -8,6 +8,7 @@ import pytest
 
 from balena_registry_proxy.access import Match, Verdict
 from balena_registry_proxy.answers import (
+    READ_METHODS,
     Action,
     Fetch,
     cache_serves,
@@ -15,7 +16,7 @@ from balena_registry_proxy.answers import (
     fetch_mode,
     has_body,
 )
-from balena_registry_proxy.rewrite import plan_request
+from balena_registry_proxy.rewrite import Plan, plan_request
 from balena_registry_proxy.routes import parse_target
 
 DIGEST = "sha256:" + "a" * 64
@@ -38,6 +39,8 @@ ALIASED = Match(Verdict.ALIASED, "v2/abc")
         ("/v2/o/a/tags/list", "GET", True, True, Fetch.UPSTREAM),
         (f"/v2/o/a/referrers/{DIGEST}", "GET", True, True, Fetch.UPSTREAM),
         ("/v2/", "GET", True, True, Fetch.UPSTREAM),
+        # Only a GET is followed (methods sorting before it too).
+        ("/v2/o/a/blobs/sha512:" + "b" * 128, "DELETE", True, True, Fetch.UPSTREAM),
     ],
 )
 def test_fetch_mode(
@@ -62,6 +65,9 @@ def test_only_sha256_digests_are_the_caches() -> None:
         ("GET", 204, False),
         ("GET", 304, False),
         ("GET", 416, True),
+        # Only HEAD goes without, whatever sorts after it.
+        ("OPTIONS", 200, True),
+        ("POST", 201, True),
     ],
 )
 def test_has_body(method: str, status: int, expected: bool) -> None:
@@ -172,3 +178,22 @@ def test_every_combination_has_one_sound_action(
         assert status in planned.explain_on
     if status == 416:
         assert action is Action.RANGE_NOT_SATISFIABLE
+
+
+def test_the_proxy_serves_reads_only() -> None:
+    # RFC 9110's methods that read a resource; writes (and OPTIONS, TRACE) are refused.
+    assert frozenset({"GET", "HEAD"}) == READ_METHODS
+
+
+@pytest.mark.parametrize(
+    ("status", "action"),
+    [(401, Action.EXPLAIN), (403, Action.EXPLAIN), (404, Action.CHALLENGE), (410, Action.EXPLAIN)],
+)
+def test_only_an_explained_404_becomes_the_challenge(status: int, action: Action) -> None:
+    route = parse_target("/v2/o/secret/tags/list")
+    plan = Plan(route.target(), unresolved="o/secret", explain_on=frozenset({401, 403, 404, 410}))
+    assert decide(route, plan, "GET", status, encoded=False, caching=False) is Action.EXPLAIN
+    challenging = Plan(
+        plan.target, unresolved=plan.unresolved, explain_on=plan.explain_on, challenge=True
+    )
+    assert decide(route, challenging, "GET", status, encoded=False, caching=False) is action

@@ -63,3 +63,14 @@ def test_literals() -> None:
     assert literal("gh_acme/web") == "'gh_acme/web'"
     assert literal("it's") == "'it''s'"
     assert literal("a&b c#") == "'a%26b%20c%23'"
+
+
+def test_the_newest_thousand_successful_releases_are_asked_for() -> None:
+    # A thousand keep an answer to a few hundred KiB, even for an app built on every commit.
+    assert parse_query(urlsplit(app_query("o/a")).query).options.expand[1].options.top == 1000
+
+
+def test_the_query_is_a_request_target_without_a_space() -> None:
+    target = app_query("o/a b")
+    assert " " not in target
+    assert "$filter=status%20eq%20'success';$orderby=created_at%20desc;" in target

@@ -283,6 +283,10 @@ def test_a_head_beyond_the_limit_breaks_the_stream() -> None:
         ("GET", 200, [("Transfer-Encoding", "chunked, gzip")], Framing.UNTIL_CLOSE),
         ("GET", 200, [], Framing.UNTIL_CLOSE),
         ("GET", 404, [("Transfer-Encoding", " ")], Framing.UNTIL_CLOSE),
+        # Codings and methods that sort before "chunked" and after "HEAD"; the last 1xx.
+        ("GET", 200, [("Transfer-Encoding", "br")], Framing.UNTIL_CLOSE),
+        ("OPTIONS", 200, [("Content-Length", "9")], Framing.LENGTH),
+        ("GET", 199, [], Framing.NONE),
     ],
 )
 def test_body_framing(
@@ -301,6 +305,8 @@ def test_body_framing(
         ("1.0", [], Framing.LENGTH, False),
         ("1.0", [("connection", "Keep-Alive")], Framing.NONE, True),
         ("1.0", [("Connection", "keep-alive")], Framing.UNTIL_CLOSE, False),
+        # llhttp reads an HTTP/2.0 status line too: only 1.1 keeps alive unasked.
+        ("2.0", [], Framing.LENGTH, False),
     ],
 )
 def test_keep_alive(
@@ -330,7 +336,7 @@ def test_request_heads() -> None:
 def test_a_line_break_cannot_split_a_request(
     method: str, target: str, headers: list[tuple[str, str]]
 ) -> None:
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(ValueError, match=r"^a request line or header would contain a line break$"):
         request_head(method, target, headers, b"Host: h\r\n")
 
 
@@ -384,3 +390,93 @@ def test_any_answer_cut_anywhere_reads_the_same(
     bounds = sorted({cut % (len(raw) + 1) for cut in cuts})
     pieces = [raw[a:b] for a, b in zip([0, *bounds], [*bounds, len(raw)], strict=True)]
     assert read(method, *pieces, close=close) == expected
+
+
+STATUS_LINE = b"HTTP/1.1 200 OK\r\n"
+
+
+def long_header(size: int) -> bytes:
+    """A header line whose name and value take ``size`` bytes together."""
+    return b"X-Long: " + b"a" * (size - len(b"X-Long")) + b"\r\n"
+
+
+def test_headers_may_take_64_kib_and_not_a_byte_more() -> None:
+    ok = ResponseReader("HEAD").feed(STATUS_LINE + long_header(64 * 1024) + b"\r\n")
+    assert [type(event) for event in ok] == [Head, End]
+    too_large = ResponseReader("HEAD").feed(STATUS_LINE + long_header(64 * 1024 + 1) + b"\r\n")
+    assert too_large == [Broken("the answer's head is too large")]
+
+
+def test_a_head_still_unfinished_after_64_kib_breaks_at_the_next_bytes() -> None:
+    # httptools holds an unfinished header line back, so the bytes fed are counted too.
+    first = STATUS_LINE + b"X-Long: " + b"a" * (64 * 1024 - len(STATUS_LINE) - 8)
+    assert len(first) == 64 * 1024
+    reader = ResponseReader("HEAD")
+    assert reader.feed(first) == []
+    assert [type(event) for event in reader.feed(b"\r\n\r\n")] == [Head, End]
+    beyond = ResponseReader("HEAD")
+    assert beyond.feed(first + b"a") == []
+    assert beyond.feed(b"a") == [Broken("the answer's head is too large")]
+
+
+def test_an_answer_read_until_close_is_done_once_closed() -> None:
+    reader = ResponseReader("GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    assert reader.closed() == [End(reusable=False)]
+    assert reader.state is State.DONE
+    assert reader.closed() == []
+
+
+def test_every_1xx_is_interim() -> None:
+    raw = b"HTTP/1.1 199 Misc\r\nX-A: 1\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert read("GET", raw) == [head(200, Framing.LENGTH, ("Content-Length", "0")), End(True)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "cause"),
+    [
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+            "an upgrade nobody asked for",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n",
+            "an answer nobody asked for",
+        ),
+    ],
+)
+def test_the_causes_of_a_break_are_said_exactly(raw: bytes, cause: str) -> None:
+    assert read("GET", raw)[-1] == Broken(cause)
+
+
+def test_a_malformed_answer_says_what_the_parser_found() -> None:
+    (broken,) = read("GET", b"HTTP/1.1 2x0 OK\r\n\r\n")
+    assert isinstance(broken, Broken)
+    assert broken.cause.startswith("malformed answer: ")
+    assert len(broken.cause) > len("malformed answer: ")
+
+
+def test_a_target_may_hold_any_character_but_space_and_line_breaks() -> None:
+    # A storage host's signed URL, say.
+    target = "/blobs/x?X-Amz-Signature=XYZ&X-Amz-Date=20260101T000000Z"
+    assert request_head("GET", target, [], b"Host: s3\r\n").startswith(f"GET {target} ".encode())
+
+
+def test_a_bodiless_answer_is_done_at_its_head() -> None:
+    # The connection may be pooled, and its closing afterwards is no break.
+    reader = ResponseReader("HEAD")
+    events = reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert [type(event) for event in events] == [Head, End]
+    assert reader.state is State.DONE
+    assert reader.closed() == []
+    # Body bytes in the same piece are bytes nobody asked for.
+    with_body = ResponseReader("HEAD").feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert with_body[-1] == Broken("bytes after the answer")
+
+
+def test_bytes_that_are_no_utf_8_are_read_as_they_came() -> None:
+    raw = b"HTTP/1.1 200 \xe9t\xe9\r\nX-A: \xff\r\nContent-Length: 0\r\n\r\n"
+    (answer_head, _) = read("GET", raw)
+    assert isinstance(answer_head, Head)
+    assert answer_head.reason == "\udce9t\udce9"
+    assert answer_head.headers[0] == ("X-A", "\udcff")

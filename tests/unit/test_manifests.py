@@ -55,3 +55,9 @@ def test_any_body_is_read_without_a_crash(body: bytes) -> None:
 
 def test_deep_nesting_is_no_crash() -> None:
     assert references(b"[" * 100_000) == References(frozenset(), ())
+
+
+def test_thirty_two_children_of_an_index_are_followed() -> None:
+    # One per platform, and a few more for attestations.
+    index = {"manifests": [{"digest": digest(n)} for n in range(33)]}
+    assert references(json.dumps(index).encode()).children == tuple(map(digest, range(32)))

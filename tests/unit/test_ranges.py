@@ -63,6 +63,32 @@ def test_a_satisfiable_range_lies_within_the_blob(first: int, last: int, size: i
         assert first >= size or last < first
 
 
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        ("bytes=999-", 1000, ByteRange(999, 999, 1000)),
+        ("bytes=0-", 1, ByteRange(0, 0, 1)),
+        ("bytes=0-", 0, UNSATISFIABLE),
+        ("bytes=5-5", 1000, ByteRange(5, 5, 1000)),
+        ("bytes=6-5", 1000, UNSATISFIABLE),
+        ("bytes=-1000", 1000, ByteRange(0, 999, 1000)),
+        ("bytes=-999", 1000, ByteRange(1, 999, 1000)),
+        ("bytes=-1", 1, ByteRange(0, 0, 1)),
+        ("bytes=0-0,1-1", 10, None),
+    ],
+)
+def test_ranges_at_the_edges_of_the_blob(header: str, size: int, expected: object) -> None:
+    assert requested_range(header, size) == expected
+
+
+@given(st.integers(1, 5000), st.integers(1, 3000))
+def test_a_suffix_range_is_the_last_bytes_of_the_blob(suffix: int, size: int) -> None:
+    found = requested_range(f"bytes=-{suffix}", size)
+    assert isinstance(found, ByteRange)
+    assert (found.last, found.size) == (size - 1, size)
+    assert found.length == min(suffix, size)
+
+
 ETAG = '"sha256:abc"'
 WHOLE = ByteRange(0, SIZE - 1, SIZE)
 

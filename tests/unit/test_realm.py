@@ -69,6 +69,19 @@ def test_the_service_of_a_challenge() -> None:
     assert challenge_service('Bearer service=""') is None
 
 
+def test_a_plain_http_realm_is_a_realm_too() -> None:
+    assert challenge_realm('Bearer realm="http://10.0.0.2/token"') == "http://10.0.0.2/token"
+    assert challenge_realm('Bearer realm="ftp://10.0.0.2/token"') is None
+
+
+def test_only_the_first_realm_of_a_header_is_replaced() -> None:
+    # Two challenges in one header line: the Bearer one first, a Basic one after it.
+    challenge = 'Bearer realm="https://api.example/token",service="r", Basic realm="registry"'
+    assert replace_realm(challenge, "https://proxy/auth/v1/token") == (
+        'Bearer realm="https://proxy/auth/v1/token",service="r", Basic realm="registry"'
+    )
+
+
 def test_basic_credentials() -> None:
     encoded = base64.b64encode(b"alice:key:with:colons").decode()
     assert basic_credentials(f"Basic {encoded}") == ("alice", "key:with:colons")
@@ -134,3 +147,44 @@ def test_lifetimes_are_added_from_the_claims() -> None:
 
 def test_lifetime_fields() -> None:
     assert lifetime_fields(0, 3600) == {"expires_in": 3540, "issued_at": "1970-01-01T00:00:00Z"}
+
+
+def test_basic_credentials_must_be_base64_through_and_through() -> None:
+    encoded = base64.b64encode(b"alice:key").decode()
+    assert basic_credentials(f"Basic {encoded}!") is None
+    assert basic_credentials(f"Basic {encoded[:4]} {encoded[4:]}") is None
+    assert basic_credentials(f"  BASIC {encoded}") == ("alice", "key")
+
+
+def test_login_query_keeps_blank_values_and_drops_other_scopes_of_balena_names() -> None:
+    query = (
+        "account=&scope=registry:catalog:*&scope=repository:v2/abc:pull,push"
+        "&scope=repository:registry.example:5000/gh_acme/web:pull"
+        "&scope=repository:registry.example:5000/v2/abc:pull"
+    )
+    assert login_query(query) == "account=&scope=repository:v2/abc:pull%2Cpush"
+
+
+def test_a_bare_challenge_names_only_the_realm() -> None:
+    realm = "https://p.example/auth/v1/token"
+    assert bearer_challenge(realm, None, None, None) == f'Bearer realm="{realm}"'
+    assert bearer_challenge(realm, "", "o/a", "") == (
+        f'Bearer realm="{realm}",scope="repository:o/a:pull"'
+    )
+
+
+def test_an_empty_token_gives_way_to_the_access_token() -> None:
+    assert token_of(b'{"token":"","access_token":"b"}') == "b"
+    assert token_of(b'{"access_token":""}') is None
+
+
+def test_only_the_basic_scheme_gives_credentials() -> None:
+    # Schemes sorting before and after "basic", with a token that would decode as Basic.
+    encoded = base64.b64encode(b"alice:key").decode()
+    assert basic_credentials(f"Apikey {encoded}") is None
+    assert basic_credentials(f"Bearer {encoded}") is None
+
+
+def test_only_repository_scopes_of_real_names_reach_the_realm() -> None:
+    # Kinds sorting before and after "repository", naming a real repository.
+    assert login_query("scope=registry:v2/abc:pull&scope=source:v2/abc:pull") == ""

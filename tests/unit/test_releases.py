@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -267,3 +268,80 @@ def test_pages_cover_the_list_in_order(
         assert len(shown) == min(count, len(after))
     else:
         assert shown == after
+
+
+def test_a_release_without_images_has_no_only_image() -> None:
+    empty = release(7, "2.0.0", images=())
+    with pytest.raises(NoImage) as missing:
+        image_of(empty, None)
+    assert (missing.value.release, missing.value.service) == (empty, None)
+
+
+def test_the_app_read_from_the_api_is_immutable() -> None:
+    # It is cached and shared by every request of its callers for a while.
+    app = parse_app(answer(STACK))
+    assert app is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        app.pinned = 11  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        app.releases[0].is_invalidated = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        app.releases[0].images[0].content_hash = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("id", "7"), ("commit", 7), ("semver", None), ("raw_version", 1.0), ("revision", "2")],
+)
+def test_a_release_with_one_field_of_the_wrong_type_is_left_out(key: str, value: object) -> None:
+    document = answer(WEB)
+    document["d"][0]["owns__release"][1][key] = value
+    parsed = parse_app(document)
+    assert parsed is not None
+    assert [r.id for r in parsed.releases] == [6, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("is_stored_at__image_location", None),
+        ("is_a_build_of__service", []),
+        ("is_a_build_of__service", ["api"]),
+        ("is_a_build_of__service", [{"service_name": 3}]),
+    ],
+)
+def test_an_image_with_one_field_of_the_wrong_shape_is_left_out(key: str, value: object) -> None:
+    document = answer(STACK)
+    document["d"][0]["owns__release"][0]["release_image"][0]["image"][0][key] = value
+    parsed = parse_app(document)
+    assert parsed is not None
+    assert parsed.releases[0].images == (image("db", 112),)
+
+
+def test_the_newest_revision_is_the_highest_whatever_the_ids() -> None:
+    app = App(
+        "o/a",
+        None,
+        (
+            release(9, "1.0.0", revision=0),
+            release(3, "1.0.0", revision=2),
+            release(5, "1.0.0", revision=1),
+        ),
+    )
+    assert select(app, "1.0.0").id == 3
+    first_two = App("o/a", None, (release(9, "1.0.0", revision=0), release(2, "1.0.0", revision=1)))
+    assert select(first_two, "1.0.0").id == 2
+
+
+def test_of_two_drafts_of_one_version_the_newest_is_pulled() -> None:
+    drafts = (
+        release(8, "2.0.0", revision=None, raw="2.0.0-1"),
+        release(7, "2.0.0", revision=None, raw="2.0.0-1"),
+    )
+    assert select(App("o/a", None, drafts), "2.0.0-1").id == 8
+
+
+def test_candidates_skip_releases_without_the_service_wherever_they_stand() -> None:
+    # Pinned to the newest release, which has no web service: the older one still counts.
+    app = dataclasses.replace(STACK, pinned=11)
+    assert candidates(app, "web") == [image("web", 103)]

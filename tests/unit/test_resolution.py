@@ -92,6 +92,7 @@ def test_digests_under_a_named_version_go_to_its_image(kind: str) -> None:
     result = outcome(f"/v2/gh_acme/stack/1.1.0/api/{kind}/{OTHER}", STACK)
     assert isinstance(result, Target)
     assert (result.image.repository, result.reference) == (repo(111), OTHER)
+    assert not result.chosen_by_tag
 
 
 def test_digests_under_a_tag_chosen_name_are_searched_for() -> None:
@@ -221,3 +222,211 @@ def test_not_found_after_a_search() -> None:
     assert not_found(route, search).code == "BLOB_UNKNOWN"
     manifest = parse_target(f"/v2/gh_acme/web/manifests/{OTHER}")
     assert not_found(manifest, search).code == "MANIFEST_UNKNOWN"
+
+
+NO_9_9_9 = (
+    "gh_acme/web has no successful release 9.9.9 (its versions: GET /v2/gh_acme/web/tags/list; "
+    "a final version pulls its newest revision, drafts need their full version, any release "
+    "its commit)"
+)
+NOT_WRITTEN_IN_FULL = (
+    "gh_acme/web has no service {}; a version is written in full and without 'v', as 1.2.3 "
+    "(its versions: GET /v2/gh_acme/web/tags/list)"
+)
+STACK_SERVICES = ["api", "db", "web"]
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "message", "detail"),
+    [
+        (
+            "/v2/gh_acme/web/manifests/9.9.9",
+            "MANIFEST_UNKNOWN",
+            NO_9_9_9,
+            {"name": "gh_acme/web", "tag": "9.9.9"},
+        ),
+        ("/v2/gh_acme/web/9.9.9/manifests/latest", "NAME_UNKNOWN", NO_9_9_9, None),
+        (f"/v2/gh_acme/web/9.9.9/blobs/{OTHER}", "NAME_UNKNOWN", NO_9_9_9, None),
+        (
+            "/v2/gh_acme/stack/manifests/latest",
+            "NAME_UNKNOWN",
+            "gh_acme/stack's pinned release has several services (api, db, web): name one, as "
+            "in gh_acme/stack/api",
+            STACK_SERVICES,
+        ),
+        (
+            "/v2/gh_acme/stack/manifests/1.1.0",
+            "NAME_UNKNOWN",
+            "release 1.1.0 of gh_acme/stack has several services (api, db): name one, as in "
+            "gh_acme/stack/api:1.1.0",
+            ["api", "db"],
+        ),
+        (
+            "/v2/gh_acme/stack/1.0.0/manifests/latest",
+            "NAME_UNKNOWN",
+            "release 1.0.0 of gh_acme/stack has several services (api, db, web): name one, as "
+            "in gh_acme/stack/1.0.0/api",
+            STACK_SERVICES,
+        ),
+        (
+            "/v2/gh_acme/stack/nope/manifests/latest",
+            "NAME_UNKNOWN",
+            "gh_acme/stack's pinned release has no service nope; its services are api, db, web "
+            "(as in gh_acme/stack/api)",
+            STACK_SERVICES,
+        ),
+        (
+            "/v2/gh_acme/stack/latest/nope/manifests/latest",
+            "NAME_UNKNOWN",
+            "gh_acme/stack's pinned release has no service nope; its services are api, db, web "
+            "(as in gh_acme/stack/latest/api)",
+            STACK_SERVICES,
+        ),
+        (
+            "/v2/gh_acme/web/v1.3.0/manifests/latest",
+            "NAME_UNKNOWN",
+            NOT_WRITTEN_IN_FULL.format("v1.3.0"),
+            ["main"],
+        ),
+        (
+            "/v2/gh_acme/web/1.3/manifests/latest",
+            "NAME_UNKNOWN",
+            NOT_WRITTEN_IN_FULL.format("1.3"),
+            ["main"],
+        ),
+        (
+            "/v2/gh_acme/stack/nope/tags/list",
+            "NAME_UNKNOWN",
+            "no release of gh_acme/stack has a service nope",
+            None,
+        ),
+        (
+            "/v2/gh_acme/stack/tags/list",
+            "NAME_UNKNOWN",
+            "the releases of gh_acme/stack have several services (api, db, web): list the tags "
+            "of one, as gh_acme/stack/api",
+            None,
+        ),
+        (
+            f"/v2/gh_acme/stack/nope/blobs/{OTHER}",
+            "NAME_UNKNOWN",
+            "no release of gh_acme/stack has a service nope",
+            None,
+        ),
+        (
+            f"/v2/gh_acme/stack/blobs/{OTHER}",
+            "NAME_UNKNOWN",
+            "gh_acme/stack has no release that gh_acme/stack can pull",
+            None,
+        ),
+    ],
+)
+def test_each_refusal_says_exactly_what_and_for_which_name(
+    target: str, code: str, message: str, detail: dict[str, str] | list[str] | None
+) -> None:
+    error = refusal(target, STACK if "stack" in target else WEB)
+    assert (error.status, error.code, error.message) == (404, code, message)
+    name = parse_target(target).repository
+    assert name is not None
+    if isinstance(detail, list):
+        assert error.detail == {"name": name, "services": detail}
+    else:
+        assert error.detail == (detail or {"name": name})
+
+
+def test_without_a_pinned_release_the_keywords_are_refused() -> None:
+    unpinned = dataclasses.replace(WEB, pinned=None)
+    message = "gh_acme/web has no pinned release that can be pulled"
+    by_tag = refusal("/v2/gh_acme/web/manifests/latest", unpinned)
+    assert (by_tag.code, by_tag.message) == ("MANIFEST_UNKNOWN", message)
+    assert by_tag.detail == {"name": "gh_acme/web", "tag": "latest"}
+    by_name = refusal("/v2/gh_acme/web/latest/manifests/x", unpinned)
+    assert (by_name.code, by_name.message) == ("NAME_UNKNOWN", message)
+    assert by_name.detail == {"name": "gh_acme/web/latest"}
+
+
+def test_unknown_apps_say_exactly_what_to_do() -> None:
+    anonymous = unknown_app("o/a/1.0.0", "o/a", anonymous=True, host="proxy.example")
+    assert anonymous.message == (
+        "o/a is no public app: if it is private, log in with 'docker login proxy.example' "
+        "(a balena username and API key)"
+    )
+    known = unknown_app("o/a/1.0.0", "o/a", anonymous=False, host="proxy.example")
+    assert known.message == "o/a is no app that these credentials can read"
+    assert anonymous.detail == known.detail == {"name": "o/a/1.0.0"}
+
+
+def test_not_found_after_a_search_names_the_digest() -> None:
+    error = not_found(parse_target(f"/v2/gh_acme/web/blobs/{OTHER}"), Search((), OTHER))
+    assert (error.status, error.message) == (
+        404,
+        f"no release of gh_acme/web that the proxy looked in holds {OTHER}",
+    )
+    assert error.detail == {"name": "gh_acme/web", "digest": OTHER}
+
+
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [
+        ("10000", 6),
+        ("010000", 6),
+        ("0", 0),
+        ("10001", None),
+        ("0010000", None),
+        ("9" * 40, None),
+        ("", None),
+    ],
+)
+def test_pages_of_up_to_ten_thousand_tags(n: str, shown: int | None) -> None:
+    # The count's text is bounded (six characters) before it is read as a number.
+    target = f"/v2/gh_acme/web/tags/list?n={n}"
+    if shown is not None:
+        listing = outcome(target)
+        assert isinstance(listing, Listing)
+        assert len(listing.tags) == shown
+        return
+    error = refusal(target)
+    assert error.message == "n must be a whole number from 0 to 10000"
+    # A long one is cut in the detail.
+    assert error.detail == {"n": n if len(n) < 40 else "9" * 32}
+
+
+def test_a_digest_is_matched_exactly_not_by_order() -> None:
+    # Every content hash of WEB sorts after this digest: none of them is it.
+    lowest = "sha256:" + "0" * 64
+    result = outcome(f"/v2/gh_acme/web/manifests/{lowest}")
+    assert isinstance(result, Search)
+    assert result.digest == lowest
+
+
+def test_the_next_link_continues_after_the_last_tag_of_the_page() -> None:
+    route = parse_target("/v2/gh_acme/web/tags/list?n=3")
+    first = outcome(route.target())
+    assert first == Listing(("1.2.3", "1.3.0", "current"), True)
+    assert isinstance(first, Listing)
+    assert next_link(route, first) == '</v2/gh_acme/web/tags/list?last=current&n=3>; rel="next"'
+
+
+@pytest.mark.parametrize(
+    ("images", "tags"),
+    [
+        # Single-image releases without a final version list nothing, and that is no mistake;
+        # nor is a release whose images were all left out.
+        ((Image("main", repo(1), DIGEST),), ()),
+        ((), ()),
+    ],
+)
+def test_an_app_with_nothing_to_list_lists_nothing(
+    images: tuple[Image, ...], tags: tuple[str, ...]
+) -> None:
+    draft = dataclasses.replace(WEB.releases[0], images=images)
+    app = App(WEB.slug, None, (draft,))
+    assert outcome("/v2/gh_acme/web/tags/list", app) == Listing(tags, False)
+
+
+def test_releases_of_two_services_are_listed_by_service() -> None:
+    app = dataclasses.replace(STACK, releases=STACK.releases[:1], pinned=None)
+    assert refusal("/v2/gh_acme/stack/tags/list", app).message == (
+        "the releases of gh_acme/stack have several services (api, db): list the tags of one, "
+        "as gh_acme/stack/api"
+    )

@@ -8,8 +8,6 @@ from hypothesis import strategies as st
 
 from balena_registry_proxy.access import Match, Verdict
 from balena_registry_proxy.rewrite import (
-    NOT_FOUND,
-    REFUSED,
     Names,
     Plan,
     is_referrers_tag,
@@ -68,14 +66,16 @@ def test_no_match_forwards_unchanged() -> None:
 def test_unresolved_forwards_unchanged_and_remembers_the_name() -> None:
     route = parse_target("/v2/org/app/9.9.9/manifests/latest")
     plan = plan_request(route, Match(Verdict.UNRESOLVED, "org/app/9.9.9"))
-    assert plan == Plan(route.target(), unresolved="org/app/9.9.9", explain_on=REFUSED)
+    assert plan == Plan(
+        route.target(), unresolved="org/app/9.9.9", explain_on=frozenset({401, 403, 404})
+    )
     assert plan.names is None
 
 
 def test_legacy_grant_on_an_app_name_is_explained_when_not_found() -> None:
     route = parse_target("/v2/org/nope/manifests/latest")
     plan = plan_request(route, Match(Verdict.GRANTED, "org/nope"))
-    assert plan == Plan(route.target(), unresolved="org/nope", explain_on=NOT_FOUND)
+    assert plan == Plan(route.target(), unresolved="org/nope", explain_on=frozenset({404}))
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_a_legacy_grant_asked_for_its_tags_answers_with_the_challenge() -> None:
     route = parse_target("/v2/org/secret/tags/list")
     plan = plan_request(route, Match(Verdict.GRANTED, "org/secret"))
     assert plan == Plan(
-        route.target(), unresolved="org/secret", explain_on=NOT_FOUND, challenge=True
+        route.target(), unresolved="org/secret", explain_on=frozenset({404}), challenge=True
     )
     by_digest = parse_target(f"/v2/org/secret/manifests/sha256:{'a' * 64}")
     assert plan_request(by_digest, Match(Verdict.GRANTED, "org/secret")) == Plan(by_digest.target())
@@ -162,10 +162,109 @@ def test_a_legacy_grant_asked_for_its_tags_answers_with_the_challenge() -> None:
     assert plan_request(real, Match(Verdict.GRANTED, "v2/abc")) == Plan(real.target())
 
 
+def test_link_headers_of_rewritten_requests_point_at_the_alias() -> None:
+    plan = Plan(f"/v2/{REAL}/tags/list", names=Names("org/app", REAL))
+    link = f'</v2/{REAL}/tags/list?n=2&last=b>; rel="next"'
+    headers = [("link", link), ("LINK", link)]
+    expected = '</v2/org/app/tags/list?n=2&last=b>; rel="next"'
+    assert map_response_headers(headers, plan, "https://registry.test") == [
+        ("link", expected),
+        ("LINK", expected),
+    ]
+    assert map_response_headers(headers, Plan("/v2/x"), "https://registry.test") == headers
+
+
+def test_a_location_of_an_unrewritten_request_is_pointed_back_but_keeps_its_name() -> None:
+    headers = [("location", f"https://registry.test/v2/{REAL}/blobs/{DIGEST}")]
+    assert map_response_headers(headers, Plan("/v2/x"), "https://registry.test") == [
+        ("location", f"/v2/{REAL}/blobs/{DIGEST}")
+    ]
+
+
+def test_a_location_on_storage_is_left_alone_even_when_rewritten() -> None:
+    plan = Plan(f"/v2/{REAL}/blobs/{DIGEST}", names=Names("org/app", REAL))
+    storage = f"https://s3.example/bucket/v2/{REAL}/blobs/{DIGEST}?X-Amz-Signature=s"
+    headers = [
+        ("Location", storage),
+        ("www-authenticate", f'Bearer scope="repository:{REAL}:pull"'),
+    ]
+    assert map_response_headers(headers, plan, "https://registry.test") == [
+        ("Location", storage),
+        ("www-authenticate", 'Bearer scope="repository:org/app:pull"'),
+    ]
+
+
+def test_a_challenge_scope_of_another_repository_is_left_alone() -> None:
+    plan = Plan(f"/v2/{REAL}/blobs/{DIGEST}", names=Names("org/app", REAL))
+    headers = [("WWW-Authenticate", 'Bearer scope="repository:v2/other:pull"')]
+    assert map_response_headers(headers, plan, "https://registry.test") == headers
+
+
+def test_every_scope_of_the_real_name_in_a_challenge_is_mapped() -> None:
+    challenge = f'Bearer scope="repository:{REAL}:pull repository:{REAL}:push"'
+    assert map_challenge(challenge, REAL, "org/app") == (
+        'Bearer scope="repository:org/app:pull repository:org/app:push"'
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"tags":["latest"]}',
+        b'{"name":"v2/abd","tags":[]}',
+        b'{"name":"v2/ab","tags":[]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'"v2/abc"',
+    ],
+)
+def test_tags_bodies_without_the_real_name_are_left_alone(body: bytes) -> None:
+    assert map_tags_body(body, "v2/abc", "org/app") is None
+
+
+def test_a_tags_body_keeps_everything_but_its_name() -> None:
+    body = b'{"tags": ["a", "b"], "name": "v2/abc", "extra": {"k": 1}}'
+    assert map_tags_body(body, "v2/abc", "org/app") == (
+        b'{"tags":["a","b"],"name":"org/app","extra":{"k":1}}'
+    )
+
+
+def test_links_of_other_repositories_are_left_alone() -> None:
+    link = '</v2/v2/abcd/tags/list?n=1>; rel="next"'
+    assert map_link(link, "v2/abc", "org/app") == link
+
+
+@pytest.mark.parametrize("kind", ["blobs", "referrers"])
+def test_legacy_grants_of_content_by_digest_are_not_explained(kind: str) -> None:
+    route = parse_target(f"/v2/org/app/{kind}/{DIGEST}")
+    assert plan_request(route, Match(Verdict.GRANTED, "org/app")) == Plan(route.target())
+
+
+def test_an_unresolved_name_is_explained_whatever_it_asks_for() -> None:
+    route = parse_target(f"/v2/v2/abc/blobs/{DIGEST}")
+    plan = plan_request(route, Match(Verdict.UNRESOLVED, "v2/abc"))
+    assert (plan.unresolved, plan.explain_on, plan.challenge) == (
+        "v2/abc",
+        frozenset({401, 403, 404}),
+        False,
+    )
+
+
+def test_only_location_link_and_challenges_are_mapped() -> None:
+    # Other headers that happen to hold the real name, sorting before and after those three.
+    plan = Plan(f"/v2/{REAL}/tags/list", names=Names("org/app", REAL))
+    headers = [
+        ("Content-Location", f"/v2/{REAL}/tags/list"),
+        ("Docker-Upload-UUID", f"repository:{REAL}:pull"),
+        ("X-Link", f"</v2/{REAL}/tags/list>"),
+        ("Zz-Scope", f'scope="repository:{REAL}:pull"'),
+    ]
+    assert map_response_headers(headers, plan, "https://registry.test") == headers
+
+
 def test_a_token_that_says_nothing_of_a_balena_name_is_explained() -> None:
     route = parse_target("/v2/gh_acme/manifests/latest")
     assert plan_request(route, None, with_token=True) == Plan(
-        route.target(), unresolved="gh_acme", explain_on=REFUSED
+        route.target(), unresolved="gh_acme", explain_on=frozenset({401, 403, 404})
     )
     assert plan_request(route, None) == Plan(route.target())  # no token: the challenge
     real = parse_target("/v2/v2/abc/manifests/latest")
