@@ -157,7 +157,9 @@ def presigned_signature_valid(request: S3Request, storage: S3Storage) -> bool:
         method=request.method,
         url=urlunsplit(("http", host, parts.path, "", "")),
         headers={"Host": host},
-        params=[(k, v) for k, v in params if k != "X-Amz-Signature"],
+        # A list, as received (a repeated name stays repeated); botocore takes one, its stubs
+        # say a mapping.
+        params=[(k, v) for k, v in params if k != "X-Amz-Signature"],  # type: ignore[arg-type]
     )
     unsigned.context["timestamp"] = timestamp
     signer = S3SigV4QueryAuth(

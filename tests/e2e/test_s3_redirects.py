@@ -364,6 +364,7 @@ def test_the_signature_check_accepts_only_the_url_as_signed() -> None:
     credentials = Credentials(storage.access_key, storage.secret_key)
     S3SigV4QueryAuth(credentials, "s3", storage.region, expires=1200).add_auth(presigned)
     url = presigned.url
+    assert url is not None
     assert presigned_signature_valid(S3Request("GET", url, host), storage)
     assert not presigned_signature_valid(S3Request("HEAD", url, host), storage)
     assert not presigned_signature_valid(
