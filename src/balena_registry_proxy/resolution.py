@@ -222,7 +222,11 @@ def _no_image(
         what = f"{name.app}'s pinned release"
     else:
         what = f"release {version} of {name.app}"
-    first = services[0] if services else "<service>"
+    if not services:
+        # A release whose images the API described none of usably: nothing to name.
+        message = f"{what} has no image that can be pulled"
+        return RegistryError(404, "NAME_UNKNOWN", message, {"name": repository, "services": []})
+    first = services[0]
     if name.version is not None:
         example = f"{name.app}/{name.version}/{first}"
     else:

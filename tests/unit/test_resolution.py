@@ -430,3 +430,17 @@ def test_releases_of_two_services_are_listed_by_service() -> None:
         "the releases of gh_acme/stack have several services (api, db): list the tags of one, "
         "as gh_acme/stack/api"
     )
+
+
+def test_a_release_without_a_usable_image_says_so() -> None:
+    pinned = next(r for r in WEB.releases if r.id == WEB.pinned)
+    bare = dataclasses.replace(
+        WEB,
+        releases=tuple(
+            dataclasses.replace(r, images=()) if r is pinned else r for r in WEB.releases
+        ),
+    )
+    error = refusal("/v2/gh_acme/web/manifests/latest", bare)
+    assert (error.status, error.code) == (404, "NAME_UNKNOWN")
+    assert error.message == "gh_acme/web's pinned release has no image that can be pulled"
+    assert error.detail == {"name": "gh_acme/web", "services": []}
