@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import itertools
 
 import hypothesis.strategies as st
@@ -10,14 +12,21 @@ import pytest
 from hypothesis import given
 
 from balena_registry_proxy.sharing import (
+    LEASE_SECONDS,
     MAX_PARTS,
+    MIN_SECRET_LENGTH,
     PART_BYTES,
+    PEER_HEADER,
+    PEER_PATH,
     PEER_SIGNATURE_SECONDS,
+    PIN_SECONDS,
+    RENEW_SECONDS,
     Holder,
     Kind,
     Source,
     confirmation_key,
     index_member,
+    lease_key,
     lease_value,
     member_object,
     namespace,
@@ -26,6 +35,7 @@ from balena_registry_proxy.sharing import (
     parts,
     peer_signature,
     peer_signature_valid,
+    pin_key,
     source,
 )
 
@@ -147,3 +157,72 @@ def test_parts_cover_a_blob_once_in_order_within_s3s_limits(size: int) -> None:
     assert len(planned) <= MAX_PARTS
     # Every part but the last is at least PART_BYTES (S3 wants 5 MiB).
     assert all(last - first + 1 >= PART_BYTES for _, first, last in planned[:-1])
+
+
+def test_the_numbers_the_readme_gives() -> None:
+    # Leases lapse 10 s after the last renewal, renewed every 2 s; parts of 8 MiB, at most
+    # S3's 10,000; a replica's signature good for a minute; a served object pinned a minute.
+    assert (LEASE_SECONDS, RENEW_SECONDS, PEER_SIGNATURE_SECONDS) == (10.0, 2.0, 60)
+    assert (PART_BYTES, MAX_PARTS) == (8 * 1024 * 1024, 10_000)
+    assert (PIN_SECONDS, MIN_SECRET_LENGTH) == (60.0, 16)
+    assert (PEER_PATH, PEER_HEADER) == ("/_cache/blobs/", "X-Cache-Peer")
+
+
+def test_names_in_redis_and_signatures_are_stable_across_versions() -> None:
+    # Replicas of two versions share one Redis during a rolling update: they must name keys
+    # and sign requests alike, so the formats are pinned byte for byte.
+    space = namespace("layers", "proxy/")
+    assert space == "brp:" + hashlib.sha256(b"layers/proxy/").hexdigest()[:16] + ":"
+    assert lease_key(space, DIGEST) == f"{space}lease:{DIGEST}"
+    assert pin_key(space, "blobs/x") == f"{space}pin:blobs/x"
+    message = f"Bearer t\nv2/abc\n{DIGEST}".encode()
+    expected = hmac.new(SECRET.encode(), message, hashlib.sha256).hexdigest()
+    assert confirmation_key(SECRET, space, "Bearer t", "v2/abc", DIGEST) == (
+        f"{space}confirmed:{expected}"
+    )
+    mac = hmac.new(SECRET.encode(), f"{DIGEST}\n1800000060".encode(), hashlib.sha256)
+    assert peer_signature(SECRET, DIGEST, 1_800_000_060) == f"1800000060.{mac.hexdigest()}"
+
+
+def test_credentials_that_are_no_valid_text_still_make_a_key() -> None:
+    # Header values reach Python as latin-1 or with surrogates; they must hash, not raise.
+    assert confirmation_key(SECRET, "s:", "Basic \udcff", "v2/abc", DIGEST).startswith("s:")
+
+
+def test_a_signature_is_good_from_now_to_twice_its_lifetime() -> None:
+    now = 1_800_000_000
+    for expires, good in (
+        (now - 1, False),
+        (now, True),
+        (now + 2 * PEER_SIGNATURE_SECONDS, True),
+        (now + 2 * PEER_SIGNATURE_SECONDS + 1, False),
+    ):
+        value = peer_signature(SECRET, DIGEST, expires)
+        assert peer_signature_valid(SECRET, DIGEST, value, now) is good, expires
+
+
+def test_an_expiry_of_twelve_digits_is_read_and_one_of_thirteen_is_not() -> None:
+    for now in (10**11, 10**12):
+        value = peer_signature(SECRET, DIGEST, now + 1)
+        assert peer_signature_valid(SECRET, DIGEST, value, now) is (now < 10**12)
+
+
+def test_a_holder_sorting_before_this_replica_is_a_peer_too() -> None:
+    early = Holder("a", "http://10.0.0.3:8080")
+    assert source(stored=False, local=False, holder=early, replica="b") is Source.PEER
+
+
+def test_a_blob_of_exactly_max_parts_big_parts_is_cut_in_max_parts() -> None:
+    size = MAX_PARTS * (9 << 20)
+    cut = parts(size)
+    assert len(cut) == MAX_PARTS
+    assert {last - first + 1 for _, first, last in cut} == {9 << 20}
+
+
+def test_a_lease_may_name_an_https_holder_and_loses_a_trailing_slash() -> None:
+    assert parse_lease("r1 https://10.0.0.4:8443/") == Holder("r1", "https://10.0.0.4:8443")
+
+
+def test_a_holder_is_a_frozen_value() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ME.replica = "other"  # type: ignore[misc]
