@@ -221,6 +221,7 @@ def test_a_blob_of_exactly_max_parts_big_parts_is_cut_in_max_parts() -> None:
 
 def test_a_lease_may_name_an_https_holder_and_loses_a_trailing_slash() -> None:
     assert parse_lease("r1 https://10.0.0.4:8443/") == Holder("r1", "https://10.0.0.4:8443")
+    assert parse_lease("r2 http://replica-X/") == Holder("r2", "http://replica-X")
 
 
 def test_a_holder_is_a_frozen_value() -> None:
