@@ -52,8 +52,10 @@ STORAGE_PAUSE_SECONDS = 15.0
 WARN_EVERY_SECONDS = 30.0
 PRESIGN_SECONDS = 300
 # A lookup or a manifest's transfer takes this long at most: a storage that accepts
-# connections but does not answer (stopped, overloaded) delays a client by no more.
-QUICK_SECONDS = 2.0
+# connections but does not answer (stopped) delays a client by no more. Not less: a busy
+# storage that answers late would trip the pause, and every replica would then relay blobs
+# uncached, each client fetching from upstream (seen with 2 s on a loaded machine).
+QUICK_SECONDS = 5.0
 # A write of a part (8 MiB) or an upload's completion takes this long at most: botocore's
 # read timeout does not bound a request whose body is still being sent, and a fill stuck on a
 # storage that stopped answering would hold its lease, spool file and reserved room.
