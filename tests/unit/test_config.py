@@ -437,3 +437,36 @@ def test_every_default_is_the_one_the_readme_and_help_show() -> None:
             assert (option.shown_default, defaults.token_seal_key) == ("random", None)
         else:
             assert getattr(defaults, option.field) == option.parse(option.shown_default), option
+
+
+def test_resolver_and_shared_cache_settings_the_mutation_run_found_unchecked() -> None:
+    # The API follows DNS_TLD as the registry does, unless set itself.
+    assert settings({"DNS_TLD": "balena.local"}).api_url == "https://api.balena.local"
+    assert settings({"DNS_TLD": "x.local", "BALENA_API_URL": "https://a.example"}).api_url == (
+        "https://a.example"
+    )
+    # A secret longer than the least is welcome.
+    assert settings({"TOKEN_SEAL_KEY": "k" * 40}).token_seal_key == "k" * 40
+    # A request's line and headers may take the line plus twice the header limit.
+    assert settings({"MAX_REQUEST_LINE": "1000", "MAX_HEADER_SIZE": "500"}).max_head == 2000
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CACHE_REDIS_URL": "redis://:hunter2-hunter2@redis:99999/0"},
+        {"CACHE_PEER_SECRET": "hunter2-short"},
+    ],
+)
+def test_the_shared_caches_secrets_are_never_shown(env: dict[str, str]) -> None:
+    base = {
+        "CACHE_S3_URL": "http://seaweedfs:8333",
+        "CACHE_S3_BUCKET": "layers",
+        "CACHE_REDIS_URL": "redis://redis:6379/0",
+        "CACHE_PEER_SECRET": "x" * 16,
+    }
+    with pytest.raises(ConfigError) as refused:
+        settings({**base, **env})
+    name = next(iter(env))
+    assert str(refused.value).startswith(name)
+    assert "hunter2" not in str(refused.value)
