@@ -250,12 +250,8 @@ class S3Store:
                 head = await self._s3().head_object(
                     Bucket=self._bucket, Key=self._key(Kind.BLOB, digest)
                 )
-        except ClientError as error:
-            if _code(error) not in _MISSING:
-                self.failed(error)
-            return None
         except STORAGE_ERRORS as error:
-            self.failed(error)
+            self.failed(error)  # a missing object is a miss, which failed() knows
             return None
         return StoredBlob(digest, int(head["ContentLength"]), self)
 
@@ -320,12 +316,8 @@ class S3Store:
                     if int(answer["ContentLength"]) > MAX_MANIFEST_BYTES:
                         return None
                     body = await stream.read()
-        except ClientError as error:
-            if _code(error) not in _MISSING:
-                self.failed(error)
-            return None
         except STORAGE_ERRORS as error:
-            self.failed(error)
+            self.failed(error)  # a missing object is a miss, which failed() knows
             return None
         media_type = answer.get("Metadata", {}).get(_MANIFEST_TYPE, "")
         if f"sha256:{hashlib.sha256(body).hexdigest()}" != digest or not media_type:

@@ -160,14 +160,7 @@ class _OCIRequestHandler(RequestHandler):
         if self._refused:
             # Over the limit once its TLS handshake was done: accepted below the limit while
             # others were handshaking too.
-            _answer_raw(
-                transport,
-                503,
-                "Service Unavailable",
-                "too many connections: try again shortly",
-                code="UNAVAILABLE",
-                extra="Retry-After: 1\r\n",
-            )
+            _answer_busy(transport)
             return
         super().connection_made(transport)
         cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=0)
@@ -248,6 +241,18 @@ class _OCIRequestHandler(RequestHandler):
         return response
 
 
+def _answer_busy(transport: asyncio.BaseTransport | None) -> None:
+    """The answer of a connection beyond the limit: 503, try again in a second."""
+    _answer_raw(
+        transport,
+        503,
+        "Service Unavailable",
+        "too many connections: try again shortly",
+        code="UNAVAILABLE",
+        extra="Retry-After: 1\r\n",
+    )
+
+
 def _answer_raw(
     transport: asyncio.BaseTransport | None,
     status: int,
@@ -298,14 +303,7 @@ class _Refusal(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         transport, self._transport = self._transport, None
-        _answer_raw(
-            transport,
-            503,
-            "Service Unavailable",
-            "too many connections: try again shortly",
-            code="UNAVAILABLE",
-            extra="Retry-After: 1\r\n",
-        )
+        _answer_busy(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

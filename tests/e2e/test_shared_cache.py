@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from redis import Redis
 
 from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.ports import free_port
+from balena_registry_proxy.sharing import parse_lease
 
 from ..redis_server import RedisServer, running_redis, start_redis, stop
 from .conftest import RunningProxy, Skopeo, haproxy_in_front, proxy_process
@@ -167,8 +169,9 @@ def _holder_port(redis: RedisServer, layer: str) -> int | None:
     with Redis(port=redis.port, decode_responses=True) as connection:
         for key in connection.scan_iter(match=f"*:lease:{layer}"):
             value = connection.get(key)
-            if isinstance(value, str):
-                return int(value.rsplit(":", 1)[1])
+            holder = parse_lease(value) if isinstance(value, str) else None
+            if holder is not None:
+                return urlsplit(holder.url).port
     return None
 
 

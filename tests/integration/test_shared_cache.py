@@ -497,15 +497,20 @@ async def test_a_refused_client_neither_pins_nor_refreshes_an_object(
         assert await connection.exists(pin_key(space, member)) == 1
 
 
+async def one_replica_keeping(cluster: Any, data: bytes) -> tuple[Cluster, Replica, Any]:
+    """One replica whose storage keeps ``data`` (pulled through it once), and its store."""
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    assert (await replica.get(blob(digest_of(data))))[0] == 200
+    await settled(shared, 1)
+    return shared, replica, cache_of(replica).store
+
+
 async def test_an_object_evicted_between_lookup_and_read_is_a_miss_not_a_failure(
     cluster: Any,
 ) -> None:
-    shared: Cluster = await cluster(1)
-    (replica,) = shared.replicas
+    shared, replica, store = await one_replica_keeping(cluster, SMALL)
     digest = digest_of(SMALL)
-    assert (await replica.get(blob(digest)))[0] == 200
-    await settled(shared, 1)
-    store = cache_of(replica).store
     read = store.read
 
     async def evicted_first(digest: str, first: int, last: int, size: int) -> AsyncIterator[bytes]:
@@ -598,12 +603,8 @@ async def test_a_spool_folder_of_the_stores_own_goes_when_it_closes(cluster: Any
 async def test_a_blob_kept_just_before_the_lease_was_taken_is_not_fetched_again(
     cluster: Any,
 ) -> None:
-    shared: Cluster = await cluster(1)
-    (replica,) = shared.replicas
+    shared, replica, store = await one_replica_keeping(cluster, SMALL)
     digest = digest_of(SMALL)
-    assert (await replica.get(blob(digest)))[0] == 200
-    await settled(shared, 1)
-    store = cache_of(replica).store
     look = store.kept
     looked = 0
 
