@@ -618,3 +618,15 @@ async def test_a_blob_kept_just_before_the_lease_was_taken_is_not_fetched_again(
     status, body, _ = await replica.get(blob(digest))
     assert (status, body == SMALL) == (200, True)
     assert shared.upstream.gets == [digest]
+
+
+async def test_the_sweep_aborts_an_upload_no_replica_is_filling(cluster: Any) -> None:
+    # What a replica killed mid-fill leaves behind: parts of an upload nobody will complete.
+    shared: Cluster = await cluster(1)
+    (replica,) = shared.replicas
+    store = cache_of(replica).store
+    orphan = f"blobs/sha256/{digest_of(OTHER).removeprefix('sha256:')}"
+    await store._s3().create_multipart_upload(Bucket=shared.bucket, Key=orphan)
+    assert len(shared.uploads()) == 1
+    assert await store.sweep_uploads(older_than=0) == 1
+    assert shared.uploads() == []
