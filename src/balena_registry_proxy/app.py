@@ -96,7 +96,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def finished(
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    logger: logging.Logger,
     request: web.BaseRequest,
     trust: TrustProxy,
     status: int,
@@ -118,7 +118,13 @@ def finished(
     level = logging.DEBUG if response is not None and response.get(QUIET) else logging.INFO
     if logger.isEnabledFor(level):
         line, fields = _access_line(request, trust, status, elapsed, size)
-        logger.log(level, line, extra={"fields": fields})
+        # makeRecord and handle rather than log: log walks the stack for the caller's file
+        # and line, which no format prints, on every request.
+        logger.handle(
+            logger.makeRecord(
+                logger.name, level, __file__, 0, line, (), None, extra={"fields": fields}
+            )
+        )
 
 
 @web.middleware

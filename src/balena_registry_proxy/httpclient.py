@@ -51,7 +51,13 @@ class Body:
     connection's callback straight to the sink, without waking a task for every chunk.
     """
 
-    def __init__(self, transport: asyncio.Transport, read_buffer: int, read_timeout: float):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.Transport,
+        read_buffer: int,
+        read_timeout: float,
+    ):
         """Buffer what ``transport`` delivers, pausing it at ``read_buffer`` unread bytes.
 
         A reader waiting longer than ``read_timeout`` for the next bytes gets ``UpstreamTimeout``;
@@ -61,7 +67,7 @@ class Body:
         self._transport = transport
         self._high = read_buffer
         self._read_timeout = read_timeout
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._paused = False
@@ -276,8 +282,10 @@ class _Connection(asyncio.BufferedProtocol):
     connections: every read is parsed or copied out before the next one starts.
     """
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
+        # Kept rather than asked for: on Python 3.11 asking costs a getpid system call.
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self._reader: ResponseReader | None = None
@@ -306,7 +314,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._reader = ResponseReader(method)
         self._body = None
         self._reusable = False
-        self._answer = asyncio.get_running_loop().create_future()
+        self._answer = self.loop.create_future()
         self.transport.write(request)
         return self._answer
 
@@ -339,7 +347,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _answered(self, head: Head) -> None:
         """Hand the response to the waiting request."""
         assert self.transport is not None
-        body = Body(self.transport, self._pool.read_buffer, self._pool.read_timeout)
+        body = Body(self.loop, self.transport, self._pool.read_buffer, self._pool.read_timeout)
         self._body = body
         answer, self._answer = self._answer, None
         if answer is not None and not answer.done():
@@ -450,16 +458,22 @@ class ConnectionPool:
         return await self._send(await self._connect(), request, method)
 
     async def _send(self, connection: _Connection, request: bytes, method: str) -> Response:
+        answer = connection.send(request, method)
+        # A timer on the answer rather than asyncio.timeout, which looks up the task and, on
+        # Python 3.11, makes a getpid system call for every request.
+        timer = connection.loop.call_later(self._answer_timeout, self._time_out, answer)
         try:
-            async with asyncio.timeout(self._answer_timeout):
-                return await connection.send(request, method)
-        except TimeoutError:
-            connection.release(read_to_end=False)
-            raise UpstreamTimeout(f"no answer within {self._answer_timeout:g} s") from None
+            return await answer
         except BaseException:
             # Cancelled or failed before the answer: the connection's state is unknown.
             connection.release(read_to_end=False)
             raise
+        finally:
+            timer.cancel()
+
+    def _time_out(self, answer: asyncio.Future[Response]) -> None:
+        if not answer.done():
+            answer.set_exception(UpstreamTimeout(f"no answer within {self._answer_timeout:g} s"))
 
     def _pooled(self) -> _Connection | None:
         while self._idle:
@@ -474,7 +488,7 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, connection = await loop.create_connection(
-                    lambda: _Connection(self),
+                    lambda: _Connection(self, loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import logs
 from .app import connection_limits, create_app, runner_options, token_verifier
 from .config import ConfigError, Settings
 from .resources import raise_open_file_limit
@@ -38,6 +39,13 @@ async def serve(
     ``ready`` runs with the bound port once the proxy accepts connections, beside the serving;
     a signal cancels it if it is still running.
     """
+    with logs.batched_on(asyncio.get_running_loop()):
+        await _serve(settings, ready)
+
+
+async def _serve(
+    settings: Settings, ready: Callable[[int], Coroutine[Any, Any, None]] | None
+) -> None:
     ssl_context = tls_context(settings)
     asyncio.get_running_loop().set_exception_handler(LoopErrors())
     limits = connection_limits(settings, raise_open_file_limit())

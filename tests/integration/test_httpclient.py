@@ -267,6 +267,22 @@ async def test_no_answer_in_time_is_a_timeout() -> None:
             await pool_for(server, answer_timeout=0.2).request("GET", "/", [])
 
 
+async def test_the_answer_timeout_ends_with_the_headers() -> None:
+    async def slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nso")
+        await writer.drain()
+        await asyncio.sleep(0.4)
+        writer.write(b"me")
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(slow_body) as server:
+        response = await pool_for(server, answer_timeout=0.2).request("GET", "/", [])
+        assert await response.content.readexactly(4) == b"some"
+        response.release()
+
+
 async def test_silence_mid_body_is_a_timeout() -> None:
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
