@@ -73,9 +73,12 @@ def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
 
 
 def _filter(headers: Headers, drop: frozenset[str]) -> list[tuple[str, str]]:
+    # Every request and answer passes here: each name is lowered once.
     items = list(headers)
-    listed = _connection_tokens(items)
-    return [(k, v) for k, v in items if k.lower() not in drop and k.lower() not in listed]
+    names = [k.lower() for k, _ in items]
+    if "connection" in names:
+        drop = drop | _connection_tokens(items)
+    return [item for item, name in zip(items, names, strict=True) if name not in drop]
 
 
 def upstream_request_headers(
