@@ -20,14 +20,32 @@ from typing import Any
 
 from bench import blobcache, measure, profile, pull, report, shared
 from bench.procs import RssSampler, log, status_kib
-from bench.stack import CACHE_PROXY, MANIFEST_TYPE, REGISTRY_BINARY, Stack, Target, request
+from bench.stack import (
+    CACHE_PROXY,
+    MANIFEST_TYPE,
+    REGISTRY_BINARY,
+    WORKERS_PROXY,
+    Stack,
+    Target,
+    request,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 MIB = 1 << 20
 BLOB_TARGETS = ("registry", "nginx", "proxy")
-MANIFEST_TARGETS = ("registry", "nginx", "proxy", "static", "proxy-static", "proxy-static-info")
+MANIFEST_TARGETS = (
+    "registry",
+    "nginx",
+    "proxy",
+    "static",
+    "proxy-static",
+    "proxy-static-info",
+    WORKERS_PROXY,
+)
+# Measured at ``info_connections`` only.
+INFO_TARGETS = ("proxy-static-info", WORKERS_PROXY)
 
 
 @dataclass(frozen=True)
@@ -160,7 +178,7 @@ def manifest_runs(stack: Stack, settings: Settings, script: Path) -> list[dict[s
     for round_ in range(settings.rounds):
         for index, connections in enumerate(settings.connections):
             for name in _rotated(MANIFEST_TARGETS, round_ + index):
-                if name == "proxy-static-info" and connections not in settings.info_connections:
+                if name in INFO_TARGETS and connections not in settings.info_connections:
                     continue
                 target = stack.targets[name]
                 before = stack.cpu()
@@ -335,6 +353,7 @@ def summarize(blob: list[dict[str, Any]], manifest: list[dict[str, Any]]) -> dic
             "nginx_vs_registry": added("nginx", "registry"),
             "proxy-static_vs_static": added("proxy-static", "static"),
             "proxy-static-info_vs_static": added("proxy-static-info", "static"),
+            f"{WORKERS_PROXY}_vs_static": added(WORKERS_PROXY, "static"),
         },
     }
 

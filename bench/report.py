@@ -19,6 +19,7 @@ HOPS = {
     "static": "nginx",
     "proxy-static": "proxy",
     "proxy-static-info": "proxy",
+    "proxy-static-workers": "proxy",
 }
 LABELS = {
     "registry": "registry (direct)",
@@ -27,6 +28,7 @@ LABELS = {
     "static": "nginx static (direct)",
     "proxy-static": "proxy -> nginx static",
     "proxy-static-info": "proxy -> nginx static, log info",
+    "proxy-static-workers": "proxy -> nginx static, log info, a worker per core",
 }
 
 PULL_LABELS = {

@@ -34,6 +34,7 @@ LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 SMALL_BLOB_SIZE = 4096
 CHUNK = 4 << 20
 CACHE_PROXY = "proxy-cache"
+WORKERS_PROXY = "proxy-static-workers"
 
 
 @dataclass(frozen=True)
@@ -382,10 +383,14 @@ class Stack:
         nginx.wait_http(static_port, f"/v2/{repository}/manifests/latest")
 
         self.cache_dir.mkdir()
+        # One process each, so that CPU per request compares across machines and with earlier
+        # runs; WORKERS_PROXY runs as shipped (one worker per core).
+        one = ["--workers", "1"]
         proxies: dict[str, tuple[int, str, list[str]]] = {
-            "proxy": (registry_port, "warning", []),
-            "proxy-static": (static_port, "warning", []),
-            "proxy-static-info": (static_port, "info", []),
+            "proxy": (registry_port, "warning", one),
+            "proxy-static": (static_port, "warning", one),
+            "proxy-static-info": (static_port, "info", one),
+            WORKERS_PROXY: (static_port, "info", []),
             # With a cache the proxy runs on asyncio's own loop (sendfile), not uvloop.
             CACHE_PROXY: (registry_port, "warning", ["--cache-dir", str(self.cache_dir)]),
         }
@@ -406,6 +411,7 @@ class Stack:
             "static": Target("static", static_port, direct, "nginx", None),
             "proxy-static": self.targets["proxy-static"],
             "proxy-static-info": self.targets["proxy-static-info"],
+            WORKERS_PROXY: self.targets[WORKERS_PROXY],
             CACHE_PROXY: self.targets[CACHE_PROXY],
         }
 

@@ -7,15 +7,17 @@ or as several processes through ``workers.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .config import OPTIONS, ConfigError, load_settings
+from .config import AUTO_WORKERS, OPTIONS, ConfigError, load_settings, worker_count
+from .resources import usable_cores
 from .runtime import run, serve, wants_fast_loop
-from .workers import supervise
+from .workers import metrics_folder, supervise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"balena-registry-proxy: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    if settings.workers > 1:
-        return supervise(settings)
+    workers = worker_count(settings, usable_cores())
+    folder = metrics_folder() if workers > 1 else None
+    if folder is not None:
+        try:
+            return supervise(dataclasses.replace(settings, workers=workers), folder)
+        except ConfigError as error:
+            print(f"balena-registry-proxy: {error}", file=sys.stderr)
+            return 2
+    if workers > 1 and settings.workers != AUTO_WORKERS:
+        print(
+            f"balena-registry-proxy: WORKERS (--workers) {workers}: no writable folder for the "
+            "workers' metrics (/dev/shm or TMPDIR): set WORKERS=1 or make one writable",
+            file=sys.stderr,
+        )
+        return 2
+    # One process: asked for, or chosen when several could not share their metrics.
+    settings = dataclasses.replace(settings, workers=1)
     return run(serve(settings), fast_loop=wants_fast_loop(settings))

@@ -112,6 +112,21 @@ def _log_level(text: str) -> str:
     return level
 
 
+AUTO_WORKERS = 0
+# Each worker holds its own upstream connections, token caches and some 30 MiB: beyond a few,
+# an operator should choose.
+MAX_AUTO_WORKERS = 4
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return AUTO_WORKERS
+    try:
+        return _count(1, 256, "processes")(text)
+    except ValueError:
+        raise ValueError("must be auto or a number of processes from 1 to 256") from None
+
+
 def _count(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
@@ -345,8 +360,8 @@ class Settings:
         "MAX_CONNECTIONS",
         "--max-connections",
         _count(1, 1_000_000, "connections"),
-        "client connections served at once; beyond it a new connection is answered `503` "
-        "and closed. Each costs up to about 64 KiB of memory (see "
+        "client connections each worker serves at once; beyond it a new connection is "
+        "answered `503` and closed. Each costs up to about 64 KiB of memory (see "
         "[Operation](#operation)), and three open files",
     )
     log_level: str = _setting(
@@ -383,13 +398,14 @@ class Settings:
         "`service` the registry names in its challenge (what its tokens are issued for)",
     )
     workers: int = _setting(
-        1,
+        AUTO_WORKERS,
         "WORKERS",
         "--workers",
-        _count(1, 256, "processes"),
-        "proxy processes sharing the port (one core each). Each has its own `/metrics`, and "
-        "a scrape through the shared port reaches any one of them: scrape single-worker "
-        "processes where counters matter. Not with `CACHE_DIR`",
+        _workers,
+        "proxy processes sharing the port (one core each); their `/metrics` add up all of "
+        f"them. `auto`: one per usable core, at most {MAX_AUTO_WORKERS}, and one with "
+        "`CACHE_DIR` or `CACHE_S3_URL` (which allow no more)",
+        shown="auto",
     )
     max_request_line: int = _setting(
         8190,
@@ -666,3 +682,12 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("TLS_CERT (--tls-cert) and TLS_KEY (--tls-key) go together: set both")
     return Settings(**values)
+
+
+def worker_count(settings: Settings, cores: int) -> int:
+    """How many processes serve ``settings`` on a machine with ``cores`` usable cores."""
+    if settings.workers != AUTO_WORKERS:
+        return settings.workers
+    if settings.cache_dir is not None or settings.cache_s3_url is not None:
+        return 1
+    return max(1, min(cores, MAX_AUTO_WORKERS))

@@ -2,17 +2,24 @@
 
 prometheus-client does the bookkeeping and the exposition format; this module only names the
 series. Each proxy process has its own registry, so tests (and several apps in one process) do
-not share counters.
+not share counters. Workers of one proxy (``workers.py``) count in files of a folder they share
+instead (prometheus-client's multiprocess mode), so that a scrape, whichever worker answers it,
+sees the whole server.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Upstream answers range from sub-millisecond (cached manifests) to seconds (cold storage).
@@ -20,6 +27,26 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 _Series = TypeVar("_Series", Counter, Histogram)
+_shared_folder: str | None = None
+
+
+def count_in_folder(folder: str) -> None:
+    """Make this process count every series created from now on in files under ``folder``,
+    which the other workers of the proxy share, and scrapes add up all of them.
+
+    prometheus-client chooses how values are kept once, when it is imported, from the
+    environment; a worker is forked from a parent that imported it long before, so the choice
+    is made again here.
+    """
+    global _shared_folder
+    os.environ[MULTIPROCESS_VARIABLE] = folder
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+    _shared_folder = folder
+
+
+def process_gone(pid: int, folder: str) -> None:
+    """A worker exited: its gauges no longer count (its counters still do)."""
+    mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
 
 
 class Labelled(Generic[_Series]):
@@ -53,6 +80,7 @@ class Metrics:
             "registry_proxy_in_flight_requests",
             "Requests being answered right now.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.body_bytes = Labelled(
             Counter(
@@ -148,8 +176,12 @@ class Metrics:
         ).set_function(evictions)
 
     def render(self) -> bytes:
-        """The exposition text of every series."""
-        return generate_latest(self.registry)
+        """The exposition text of every series (of every worker, when there are several)."""
+        if _shared_folder is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=_shared_folder)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
 
 
 def status_class(status: int) -> str:

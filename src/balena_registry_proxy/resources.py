@@ -1,4 +1,4 @@
-"""What the process asks of the operating system: open files, and memory given back.
+"""What the process asks of the operating system: open files, cores, and memory given back.
 
 Thin wrappers over ``resource`` and glibc, each a no-op where the platform lacks it.
 """
@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import os
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("balena_registry_proxy")
 
@@ -34,6 +37,37 @@ def raise_open_file_limit() -> int:
     except (ValueError, OSError):
         return soft
     return hard
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_quota(text: str) -> int | None:
+    """The cores a cgroup v2 ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``)
+    allows, rounded up; None for no limit or text that is not one."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may run on: its CPU affinity, within its container's CPU limit."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        limit = cpu_quota(cpu_max.read_text())
+    except OSError:
+        limit = None
+    return min(cores, limit) if limit is not None else cores
 
 
 def connections_for(open_files: int) -> int:

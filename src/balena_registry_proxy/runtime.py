@@ -113,10 +113,27 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def check(settings: Settings) -> None:
-    """Raise ``ConfigError`` for what serving ``settings`` would refuse: the TLS files and
-    the token key (a cache folder is checked by the one process that opens it)."""
+    """Raise ``ConfigError`` for what serving ``settings`` would refuse: the TLS files, the
+    token key and the address (a cache folder is checked by the one process that opens it)."""
     tls_context(settings)
     token_verifier(settings)
+    _check_address(settings)
+
+
+def _check_address(settings: Settings) -> None:
+    """Bind, and let go of, every address the proxy will listen on, as the workers will
+    (sharing the port): the one error an operator should see, rather than one per worker."""
+    try:
+        addresses = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, protocol, _, address in addresses:
+            with socket.socket(family, kind, protocol) as trial:
+                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                trial.bind(address)
+    except OSError as error:
+        raise ConfigError(bind_error(settings, error)) from None
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:

@@ -1,8 +1,10 @@
 """Several proxy processes on one port (``--workers N``): forked, watched, stopped together.
 
-Each worker is a whole proxy (its own event loop, upstream pool and metrics) listening with
+Each worker is a whole proxy (its own event loop, upstream pool and caches) listening with
 SO_REUSEPORT; the parent only starts them, passes signals on, and exits 0 once all have drained
 and exited 0. A worker that dies stops the others: half a proxy is worse than a clear failure.
+The workers count their metrics in files of one temporary folder, so that ``/metrics``, from
+whichever worker answers, adds up the whole server (see ``metrics.py``).
 """
 
 from __future__ import annotations
@@ -13,35 +15,61 @@ import logging
 import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from multiprocessing import connection
 
+from . import metrics
 from .config import Settings
 from .runtime import check, run, serve
 
 log = logging.getLogger("balena_registry_proxy")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _PR_SET_PDEATHSIG = 1
+# mkdtemp makes a private folder (mode 0700) with a random name in it.
+_SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
 
-def supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT.
+def supervise(settings: Settings, folder: str) -> int:
+    """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT, counting
+    their metrics in ``folder`` (see :func:`metrics_folder`; removed at the end).
 
     Each worker is a whole proxy (its own event loop, upstream pool and metrics); the parent
     only starts them, passes signals on, and exits 0 once all have drained and exited 0. A
     worker that dies stops the others: half a proxy is worse than a clear failure.
     """
-    # What every worker would refuse, refuse once, here.
-    check(settings)
-    if settings.resolve and settings.token_seal_key is None:
-        # One key for all workers: a token one of them sealed must open in the others.
-        settings = dataclasses.replace(settings, token_seal_key=secrets.token_urlsafe(32))
+    try:
+        # What every worker would refuse, refuse once, here.
+        check(settings)
+        if settings.resolve and settings.token_seal_key is None:
+            # One key for all workers: a token one of them sealed must open in the others.
+            settings = dataclasses.replace(settings, token_seal_key=secrets.token_urlsafe(32))
+        return _supervise(settings, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def metrics_folder() -> str | None:
+    """A new folder for the workers' metrics files, in memory where there is a tmpfs (the
+    container images run on a read-only root file system); None if nothing is writable."""
+    for parent in (_SHARED_MEMORY, None):
+        try:
+            return tempfile.mkdtemp(prefix="balena-registry-proxy-metrics-", dir=parent)
+        except OSError:
+            continue
+    return None
+
+
+def _supervise(settings: Settings, folder: str) -> int:
     context = multiprocessing.get_context("fork")
     # Each worker says on its pipe when it listens: only then has the proxy started.
     pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings, sender), name=f"worker-{n}", daemon=False)
+        context.Process(
+            target=_worker, args=(settings, sender, folder), name=f"worker-{n}", daemon=False
+        )
         for n, (_, sender) in enumerate(pipes)
     ]
     listening = {receiver: worker for (receiver, _), worker in zip(pipes, workers, strict=True)}
@@ -81,6 +109,8 @@ def supervise(settings: Settings) -> int:
             assert isinstance(ready, int)
             worker = running.pop(ready)
             worker.join()
+            if worker.pid is not None:
+                metrics.process_gone(worker.pid, folder)
             codes.append(worker.exitcode)
             if worker.exitcode != 0 and not stopping:
                 log.error(
@@ -92,9 +122,10 @@ def supervise(settings: Settings) -> int:
     return 2 if 2 in codes else 1
 
 
-def _worker(settings: Settings, listening: connection.Connection) -> None:
+def _worker(settings: Settings, listening: connection.Connection, folder: str) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
+    metrics.count_in_folder(folder)
 
     async def report(port: int) -> None:
         listening.send(port)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from balena_registry_proxy.config import OPTIONS, ConfigError, load_settings
+from balena_registry_proxy.config import OPTIONS, ConfigError, load_settings, worker_count
 
 from .files import (
     KUBERNETES,
@@ -255,7 +255,7 @@ def test_the_pods_environment_is_a_shared_cache(
     assert settings.cache_s3_bucket is not None
     assert settings.cache_redis_url is not None
     assert settings.cache_peer_secret == FILLED
-    assert settings.workers == 1
+    assert worker_count(settings, 8) == 1
     # The other replicas reach this pod itself, at the port it listens on.
     assert settings.cache_peer_url == f"http://{POD_IP}:{the_image.port}"
     assert container_port(container, the_image.port) == settings.port

@@ -134,7 +134,15 @@ def proxy_process(
     with register_log(log_path).open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1"],
-            env={**os.environ, "PROXY_PORT": str(port), "LOG_LEVEL": "info", **env},
+            # One process unless a test asks for workers: most tests count what one process
+            # holds (connections, caches); test_workers.py runs the default.
+            env={
+                **os.environ,
+                "PROXY_PORT": str(port),
+                "LOG_LEVEL": "info",
+                "WORKERS": "1",
+                **env,
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -73,6 +73,8 @@ def start_proxy(
                 "UPSTREAM_READ_TIMEOUT": "1",
                 "UPSTREAM_CONNECT_TIMEOUT": "1",
                 "LOG_LEVEL": "warning",
+                # One process: these tests are about what one process holds.
+                "WORKERS": "1",
                 **(env or {}),
             },
             stdout=sink,

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,7 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
+from balena_registry_proxy import cli, workers
+from balena_registry_proxy.config import load_settings, worker_count
+from balena_registry_proxy.resources import usable_cores
 from balena_registry_proxy.sandbox.ports import free_port
 
 from ..conftest import until_serving
@@ -88,6 +93,20 @@ async def test_a_host_that_cannot_be_listened_on_is_blamed(host: str) -> None:
     assert lines[0].startswith(f"balena-registry-proxy: PROXY_HOST (--host) '{host}': ")
 
 
+async def test_a_setting_the_workers_would_refuse_is_one_line_from_the_parent(
+    tmp_path: Path,
+) -> None:
+    missing = str(tmp_path / "missing.pem")
+    process = await run_cli(
+        "--port", str(free_port()), "--workers", "2", "--tls-cert", missing, "--tls-key", missing
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("balena-registry-proxy: TLS_CERT (--tls-cert) / TLS_KEY")
+
+
 async def test_workers_on_a_busy_port_fail_without_claiming_to_have_started() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -96,8 +115,10 @@ async def test_workers_on_a_busy_port_fail_without_claiming_to_have_started() ->
         process = await run_cli("--host", "127.0.0.1", "--port", str(port), "--workers", "2")
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
-    assert "PROXY_PORT (--port)" in stderr.decode()
-    assert "started 2 workers" not in stderr.decode()
+    # Found by the parent, before any worker started: one line, not one per worker.
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"balena-registry-proxy: PROXY_PORT (--port) {port}: ")
 
 
 @pytest.fixture
@@ -171,6 +192,49 @@ async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestSe
         assert not [child for child in children if is_running(child)]
 
 
+async def pings_counted(port: int) -> float:
+    """The ``/ping`` requests ``/metrics`` counts, read over a new connection."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "registry_proxy_requests_total" and sample.labels["route"] == "ping"
+    )
+
+
+async def test_every_worker_reports_the_whole_servers_metrics() -> None:
+    port = free_port()
+    async with cli_process("--host", "127.0.0.1", "--port", str(port), "--workers", "2"):
+        await until_serving(f"http://127.0.0.1:{port}")
+        before = await pings_counted(port)
+        # A new connection each: the kernel spreads them over both workers.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True)
+        ) as session:
+            for _ in range(20):
+                async with session.get(f"http://127.0.0.1:{port}/ping") as ping:
+                    assert await ping.text() == "pong"
+        await asyncio.sleep(0.2)  # counted once the answer is out
+        assert [await pings_counted(port) for _ in range(6)] == [before + 20] * 6
+
+
+async def test_workers_are_one_per_core_by_default() -> None:
+    port = free_port()
+    expected = worker_count(load_settings({}, {"port": str(port)}), usable_cores())
+    async with cli_process("--host", "127.0.0.1", "--port", str(port)) as process:
+        await until_serving(f"http://127.0.0.1:{port}")
+        children = children_of(process.pid)
+        assert len(children) == (expected if expected > 1 else 0)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+
+
 async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:
     port = free_port()
     upstream = str(slow_upstream.make_url("")).rstrip("/")
@@ -209,3 +273,32 @@ async def test_a_second_proxy_on_the_same_cache_folder_refuses_to_start(tmp_path
             "this cache folder"
         ]
         assert first.returncode is None
+
+
+def test_workers_keep_their_metrics_in_memory_else_in_the_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = workers.metrics_folder()
+    assert made is not None
+    try:
+        assert Path(made).parent == Path("/dev/shm")
+        assert Path(made).stat().st_mode & 0o777 == 0o700
+    finally:
+        os.rmdir(made)
+    monkeypatch.setattr(workers, "_SHARED_MEMORY", str(tmp_path / "no-tmpfs"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = workers.metrics_folder()
+    assert made is not None
+    assert Path(made).parent == tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    assert workers.metrics_folder() is None
+
+
+def test_workers_asked_for_without_a_folder_for_their_metrics_refuse_to_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "metrics_folder", lambda: None)
+    assert cli.main(["--workers", "2", "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.startswith(
+        "balena-registry-proxy: WORKERS (--workers) 2: no writable folder for the workers' metrics"
+    )

@@ -12,6 +12,7 @@ from balena_registry_proxy.config import (
     Settings,
     load_settings,
     parse_size,
+    worker_count,
 )
 from balena_registry_proxy.forwarded import TrustProxy
 from balena_registry_proxy.runtime import wants_fast_loop
@@ -96,7 +97,7 @@ def test_bad_values_name_the_setting(env: dict[str, str], argv: list[str], names
     ("env", "explained"),
     [
         ({"PROXY_PORT": "\u00b2"}, "must be a port number from 1 to 65535"),
-        ({"WORKERS": "\u0663"}, "must be a number of"),
+        ({"WORKERS": "\u0663"}, "must be auto or a number of processes"),
     ],
 )
 def test_digits_of_other_scripts_are_no_number(env: dict[str, str], explained: str) -> None:
@@ -271,7 +272,7 @@ def refusal(env: dict[str, str]) -> str:
         ({"TLS_CERT": " ", "TLS_KEY": "k"}, "TLS_CERT (--tls-cert) ' ': must be a file path"),
         (
             {"WORKERS": "257"},
-            "WORKERS (--workers) '257': must be a number of processes from 1 to 256",
+            "WORKERS (--workers) '257': must be auto or a number of processes from 1 to 256",
         ),
         (
             {"MAX_CONNECTIONS": "1000001"},
@@ -367,6 +368,31 @@ def test_a_cache_with_one_worker_is_fine() -> None:
     loaded = load_settings({"CACHE_DIR": "/c", "WORKERS": "1"}, {})
     assert (loaded.cache_dir, loaded.workers) == ("/c", 1)
     assert load_settings({"WORKERS": "4"}, {}).workers == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "cores", "workers"),
+    [
+        ({}, 1, 1),
+        ({}, 2, 2),
+        ({}, 4, 4),
+        ({}, 64, 4),
+        ({"WORKERS": "auto"}, 3, 3),
+        ({"WORKERS": "1"}, 64, 1),
+        ({"WORKERS": "8"}, 2, 8),
+        # One process owns a cache folder; a shared cache is one replica per address.
+        ({"CACHE_DIR": "/c"}, 8, 1),
+        ({"CACHE_S3_URL": "http://s3", "CACHE_S3_BUCKET": "layers"}, 8, 1),
+    ],
+)
+def test_workers_are_one_per_core_by_default(env: dict[str, str], cores: int, workers: int) -> None:
+    assert worker_count(settings(env), cores) == workers
+
+
+def test_workers_auto_and_zero() -> None:
+    assert settings({"WORKERS": "auto"}) == settings({})
+    with pytest.raises(ConfigError, match="must be auto or a number of processes from 1 to 256"):
+        settings({"WORKERS": "0"})
 
 
 def test_empty_variables_count_as_unset() -> None:

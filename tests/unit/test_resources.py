@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,9 @@ from balena_registry_proxy.resources import (
     TRIM_DELAY_SECONDS,
     MemoryTrim,
     connections_for,
+    cpu_quota,
     raise_open_file_limit,
+    usable_cores,
 )
 from balena_registry_proxy.server import LoopErrors
 
@@ -96,3 +100,34 @@ def test_accepting_without_descriptors_is_one_warning(caplog: pytest.LogCaptureF
     other = {"message": "something else", "exception": ValueError("x")}
     handler(loop, other)  # type: ignore[arg-type]
     assert loop.defaults == [other]
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000", 2),
+        ("50000 100000", 1),
+        ("100000 100000", 1),
+        ("", None),
+        ("max", None),
+        ("x 100000", None),
+        ("0 100000", None),
+        ("100000 0", None),
+    ],
+)
+def test_a_containers_cpu_limit_in_cores(text: str, cores: int | None) -> None:
+    assert cpu_quota(text) == cores
+
+
+def test_usable_cores_are_the_affinity_within_the_limit(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    assert usable_cores(limit) == affinity
+    limit.write_text("max 100000\n")
+    assert usable_cores(limit) == affinity
+    limit.write_text("100000 100000\n")
+    assert usable_cores(limit) == 1
+    limit.write_text(f"{(affinity + 5) * 100000} 100000\n")
+    assert usable_cores(limit) == affinity
