@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ from .config import AUTO_WORKERS, OPTIONS, ConfigError, load_settings, worker_co
 from .resources import usable_cores
 from .runtime import run, serve, wants_fast_loop
 from .workers import metrics_folder, supervise
+
+log = logging.getLogger("balena_registry_proxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # One process: asked for, or chosen when several could not share their metrics.
+    if workers > 1:
+        log.warning(
+            "one process instead of %d workers: no writable folder for their metrics "
+            "(/dev/shm or TMPDIR)",
+            workers,
+        )
     settings = dataclasses.replace(settings, workers=1)
     return run(serve(settings), fast_loop=wants_fast_loop(settings))

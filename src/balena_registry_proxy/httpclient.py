@@ -458,18 +458,20 @@ class ConnectionPool:
         return await self._send(await self._connect(), request, method)
 
     async def _send(self, connection: _Connection, request: bytes, method: str) -> Response:
-        answer = connection.send(request, method)
-        # A timer on the answer rather than asyncio.timeout, which looks up the task and, on
-        # Python 3.11, makes a getpid system call for every request.
-        timer = connection.loop.call_later(self._answer_timeout, self._time_out, answer)
+        timer: asyncio.TimerHandle | None = None
         try:
+            answer = connection.send(request, method)
+            # A timer on the answer rather than asyncio.timeout, which looks up the task and,
+            # on Python 3.11, makes a getpid system call for every request.
+            timer = connection.loop.call_later(self._answer_timeout, self._time_out, answer)
             return await answer
         except BaseException:
             # Cancelled or failed before the answer: the connection's state is unknown.
             connection.release(read_to_end=False)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _time_out(self, answer: asyncio.Future[Response]) -> None:
         if not answer.done():

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import sys
 import threading
 import time
@@ -22,6 +23,10 @@ from typing import Any, TextIO
 # Lines waiting for the end of the loop's turn are written at once beyond this size, so a
 # burst of records (a long turn) holds little memory.
 BATCH_BYTES = 64 * 1024
+# At most this much per write: a pipe keeps a write of up to PIPE_BUF bytes whole, and the
+# workers of one proxy share their standard error (Docker and Kubernetes read it from a pipe),
+# so longer writes could cut one worker's lines into another's.
+WRITE_BYTES = select.PIPE_BUF
 
 
 def rfc3339(timestamp: float) -> str:
@@ -109,9 +114,13 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
 
     def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Batch the records of ``loop``'s thread (None: none), after writing what waits."""
-        self.flush()
-        self._loop = loop
-        self._thread = threading.get_ident() if loop is not None else 0
+        self.acquire()
+        try:
+            self.flush()
+            self._loop = loop
+            self._thread = threading.get_ident() if loop is not None else 0
+        finally:
+            self.release()
 
     def emit(self, record: logging.LogRecord) -> None:
         """Queue the formatted record; write it now if no loop runs or the batch is full."""
@@ -126,27 +135,44 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         if loop is None or threading.get_ident() != self._thread or self._size >= BATCH_BYTES:
             self.flush()
         elif not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self.flush)
+            try:
+                loop.call_soon(self.flush)
+            except RuntimeError:  # the loop closed while attached
+                self.flush()
+            else:
+                self._scheduled = True
 
     def flush(self) -> None:
-        """Write every waiting line in one call."""
+        """Write every waiting line, in as few writes of whole lines as ``WRITE_BYTES`` allows."""
         self.acquire()
         try:
             self._scheduled = False
-            if not self._pending:
-                return
-            text = "".join(self._pending)
-            self._pending.clear()
-            self._size = 0
+            lines, self._pending, self._size = self._pending, [], 0
             try:
-                self.stream.write(text)
-                self.stream.flush()
+                for chunk in _chunks(lines, WRITE_BYTES):
+                    self.stream.write(chunk)
+                    self.stream.flush()
             except Exception:
                 # As StreamHandler does: a broken stderr must not take the proxy down.
                 self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
         finally:
             self.release()
+
+
+def _chunks(lines: list[str], limit: int) -> Iterator[str]:
+    """``lines`` joined into texts of at most ``limit`` bytes in UTF-8, each of whole lines (a
+    longer line is a text of its own)."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode())
+        if chunk and size + length > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 def configure(level: str, log_format: str) -> None:

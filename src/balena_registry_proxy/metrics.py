@@ -166,6 +166,9 @@ class Metrics:
 
     def watch_cache(self, size: Callable[[], float], evictions: Callable[[], float]) -> None:
         """Expose the cache's current size and eviction count, read when scraped."""
+        # Read from this process when scraped: files shared by workers cannot hold them
+        # (and a cache runs with one worker, see config.worker_count).
+        assert _shared_folder is None, "a cache's gauges need a proxy of one process"
         Gauge(
             "registry_proxy_cache_size_bytes", "Bytes in the cache.", registry=self.registry
         ).set_function(size)

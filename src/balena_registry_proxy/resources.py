@@ -39,12 +39,14 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def cpu_quota(text: str) -> int | None:
-    """The cores a cgroup v2 ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``)
-    allows, rounded up; None for no limit or text that is not one."""
+    """The cores a CPU quota allows, rounded up: ``"<quota> <period>"`` (cgroup v2's
+    ``cpu.max``, or v1's two files joined); None for no limit (``max``, ``-1``) or text that
+    is not one."""
     parts = text.split()
     if len(parts) != 2 or parts[0] == "max":
         return None
@@ -57,16 +59,46 @@ def cpu_quota(text: str) -> int | None:
     return max(1, math.ceil(quota / period))
 
 
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """Cores this process may run on: its CPU affinity, within its container's CPU limit."""
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _folder_and_parents(mount: Path, path: str) -> list[Path]:
+    parts = [part for part in path.split("/") if part]
+    return [mount.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def cpu_limit(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> int | None:
+    """The fewest cores that this process's cgroups, or any cgroup above them, allow (v2's
+    ``cpu.max``, v1's ``cpu.cfs_quota_us``); None where none sets a limit."""
+    limits: list[int | None] = []
+    for line in _read(proc_cgroup).splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            for folder in _folder_and_parents(root, path):
+                limits.append(cpu_quota(_read(folder / "cpu.max")))
+        elif "cpu" in controllers.split(","):
+            for folder in _folder_and_parents(root / controllers, path):
+                quota, period = (
+                    _read(folder / "cpu.cfs_quota_us"),
+                    _read(folder / "cpu.cfs_period_us"),
+                )
+                limits.append(cpu_quota(f"{quota} {period}"))
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def usable_cores(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> int:
+    """Cores this process may run on: its CPU affinity, within its cgroups' CPU limits."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        limit = cpu_quota(cpu_max.read_text())
-    except OSError:
-        limit = None
+    limit = cpu_limit(proc_cgroup, root)
     return min(cores, limit) if limit is not None else cores
 
 

@@ -121,16 +121,26 @@ def check(settings: Settings) -> None:
 
 
 def _check_address(settings: Settings) -> None:
-    """Bind, and let go of, every address the proxy will listen on, as the workers will
-    (sharing the port): the one error an operator should see, rather than one per worker."""
+    """Bind, and let go of, every address the proxy will listen on: the one error an
+    operator should see, rather than one per worker.
+
+    Without SO_REUSEPORT, although the workers will share the port with it: a port another
+    proxy's workers listen on must be refused, not joined. Like the event loop, it skips
+    address families this machine has no sockets for and keeps IPv6 sockets to IPv6.
+    """
     try:
         addresses = socket.getaddrinfo(
             settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         for family, kind, protocol, _, address in addresses:
-            with socket.socket(family, kind, protocol) as trial:
+            try:
+                trial = socket.socket(family, kind, protocol)
+            except OSError:
+                continue
+            with trial:
                 trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 trial.bind(address)
     except OSError as error:
         raise ConfigError(bind_error(settings, error)) from None

@@ -68,7 +68,10 @@ def _supervise(settings: Settings, folder: str) -> int:
     pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
         context.Process(
-            target=_worker, args=(settings, sender, folder), name=f"worker-{n}", daemon=False
+            target=_worker,
+            args=(settings, sender, folder, os.getpid()),
+            name=f"worker-{n}",
+            daemon=False,
         )
         for n, (_, sender) in enumerate(pipes)
     ]
@@ -94,7 +97,8 @@ def _supervise(settings: Settings, folder: str) -> int:
     for _, sender in pipes:
         sender.close()
     running = {worker.sentinel: worker for worker in workers}
-    codes = []
+    codes: list[int | None] = []
+    unexpected = False
     while running:
         for ready in connection.wait([*running, *listening]):
             if isinstance(ready, connection.Connection):
@@ -112,19 +116,21 @@ def _supervise(settings: Settings, folder: str) -> int:
             if worker.pid is not None:
                 metrics.process_gone(worker.pid, folder)
             codes.append(worker.exitcode)
-            if worker.exitcode != 0 and not stopping:
+            if not stopping:
+                # Even with 0: a worker only ends when told to, so the proxy is short of one.
+                unexpected = True
                 log.error(
                     "%s (pid %s) exited with %s: stopping", worker.name, worker.pid, worker.exitcode
                 )
                 stop(signal.SIGTERM, None)
-    if all(code == 0 for code in codes):
+    if all(code == 0 for code in codes) and not unexpected:
         return 0
     return 2 if 2 in codes else 1
 
 
-def _worker(settings: Settings, listening: connection.Connection, folder: str) -> None:
+def _worker(settings: Settings, listening: connection.Connection, folder: str, parent: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    _die_with_parent()
+    _die_with(parent)
     metrics.count_in_folder(folder)
 
     async def report(port: int) -> None:
@@ -134,12 +140,14 @@ def _worker(settings: Settings, listening: connection.Connection, folder: str) -
     sys.exit(run(serve(settings, ready=report)))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies, so no worker outlives it."""
+def _die_with(parent: int) -> None:
+    """Ask Linux to send this process SIGTERM when its parent (pid ``parent``) dies, so no
+    worker outlives it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return  # not Linux: the parent's SIGTERM handling is all there is
-    if os.getppid() == 1:
+    # Compared with the parent's pid, not with 1: in a container the parent is pid 1.
+    if os.getppid() != parent:
         sys.exit(0)  # the parent died before we could ask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -107,8 +108,12 @@ async def test_a_setting_the_workers_would_refuse_is_one_line_from_the_parent(
     assert lines[0].startswith("balena-registry-proxy: TLS_CERT (--tls-cert) / TLS_KEY")
 
 
-async def test_workers_on_a_busy_port_fail_without_claiming_to_have_started() -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["busy", "other-workers"])
+async def test_workers_on_a_busy_port_fail_without_claiming_to_have_started(shared: bool) -> None:
     with socket.socket() as busy:
+        if shared:
+            # Another proxy's workers: the new one must not join them on the port.
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
@@ -233,6 +238,65 @@ async def test_workers_are_one_per_core_by_default() -> None:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0
+
+
+async def test_workers_serve_when_the_supervisor_is_pid_1() -> None:
+    # As in a container without an init: the workers' parent is process 1.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    trial = await asyncio.create_subprocess_exec(unshare, "-Urpf", "--mount-proc", "true")
+    if await trial.wait():
+        pytest.skip("unshare cannot make a process namespace here")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        unshare, "-Urpf", "--mount-proc", "--kill-child",
+        sys.executable, "-m", "balena_registry_proxy",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await until_serving(f"http://127.0.0.1:{port}")
+        assert process.returncode is None
+        # unshare's child: the supervisor, process 1 of the new namespace.
+        (supervisor,) = children_of(process.pid)
+        assert len(children_of(int(supervisor))) == 2
+        os.kill(int(supervisor), signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert b"started 2 workers" in stderr
+
+
+async def test_a_worker_that_ends_on_its_own_stops_the_proxy(slow_upstream: TestServer) -> None:
+    port = free_port()
+    upstream = str(slow_upstream.make_url("")).rstrip("/")
+    async with cli_process(
+        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
+    ) as process:
+        await until_serving(f"http://127.0.0.1:{port}")
+        children = children_of(process.pid)
+        assert len(children) == 2
+        # Drains and exits 0: still one worker short of what was started.
+        os.kill(int(children[0]), signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1
+        assert b"exited with 0: stopping" in stderr
+
+
+async def test_ipv6_workers_start_beside_an_ipv4_listener_on_the_port() -> None:
+    with socket.socket() as ipv4:
+        ipv4.bind(("0.0.0.0", 0))  # noqa: S104 - the wildcard is the point
+        ipv4.listen()
+        port = ipv4.getsockname()[1]
+        async with cli_process("--host", "::", "--port", str(port), "--workers", "2") as process:
+            await until_serving(f"http://[::1]:{port}")
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.communicate(), 30)
+            assert process.returncode == 0
 
 
 async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:

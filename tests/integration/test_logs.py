@@ -21,14 +21,16 @@ JSON = logs.JsonFormatter()
 
 
 class CountingStream(io.StringIO):
-    """A text stream that counts its ``write`` calls."""
+    """A text stream that counts its ``write`` calls and keeps their lengths in bytes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.sizes: list[int] = []
 
     def write(self, text: str) -> int:
         self.writes += 1
+        self.sizes.append(len(text.encode()))
         return super().write(text)
 
 
@@ -90,7 +92,41 @@ async def test_a_full_batch_is_written_at_once(stream: CountingStream) -> None:
     for _ in range(logs.BATCH_BYTES // 1000 + 1):
         handler.handle(record(line))
     assert len(stream.getvalue()) >= logs.BATCH_BYTES
-    assert stream.writes == 1
+
+
+async def test_each_write_is_of_whole_lines_a_pipe_keeps_whole(stream: CountingStream) -> None:
+    # Workers share standard error: a pipe keeps writes of up to PIPE_BUF bytes together.
+    handler = logs.BatchingHandler(stream)
+    handler.attach(asyncio.get_running_loop())
+    lines = [f"{n} " + "é" * (n % 300) + "x" * (n % 97) for n in range(400)]
+    for line in lines:
+        handler.handle(record(line))
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "".join(f"{line}\n" for line in lines)
+    assert max(stream.sizes) <= logs.WRITE_BYTES
+    assert stream.writes < len(lines) / 5, "lines are still batched"
+
+
+@given(st.lists(st.text(max_size=3000), max_size=40), st.integers(1, 5000))
+def test_chunks_keep_every_line_whole_and_in_order(lines: list[str], limit: int) -> None:
+    chunks = list(logs._chunks(lines, limit))
+    assert "".join(chunks) == "".join(lines)
+    starts = {sum(len(line) for line in lines[:n]) for n in range(len(lines) + 1)}
+    position = 0
+    for chunk in chunks:
+        assert position in starts  # every chunk begins where a line does
+        position += len(chunk)
+        # Over the limit only as one line on its own.
+        assert len(chunk.encode()) <= limit or chunk in lines
+
+
+def test_a_handler_left_on_a_closed_loop_writes_at_once(stream: CountingStream) -> None:
+    loop = asyncio.new_event_loop()
+    handler = logs.BatchingHandler(stream)
+    handler.attach(loop)
+    loop.close()
+    handler.handle(record("late"))
+    assert stream.getvalue() == "late\n"
 
 
 async def test_other_threads_write_at_once(stream: CountingStream) -> None:

@@ -391,6 +391,8 @@ def test_workers_are_one_per_core_by_default(env: dict[str, str], cores: int, wo
 
 def test_workers_auto_and_zero() -> None:
     assert settings({"WORKERS": "auto"}) == settings({})
+    # auto goes with a cache (it means one worker there); only an explicit count is refused.
+    assert settings({"WORKERS": "auto", "CACHE_DIR": "/c"}).cache_dir == "/c"
     with pytest.raises(ConfigError, match="must be auto or a number of processes from 1 to 256"):
         settings({"WORKERS": "0"})
 

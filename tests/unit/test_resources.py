@@ -17,6 +17,7 @@ from balena_registry_proxy.resources import (
     TRIM_DELAY_SECONDS,
     MemoryTrim,
     connections_for,
+    cpu_limit,
     cpu_quota,
     raise_open_file_limit,
     usable_cores,
@@ -121,13 +122,68 @@ def test_a_containers_cpu_limit_in_cores(text: str, cores: int | None) -> None:
     assert cpu_quota(text) == cores
 
 
+def cgroups(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A /proc/self/cgroup with ``membership`` and a cgroup tree holding ``files``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text(membership)
+    root = tmp_path / "fs"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return proc, root
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "limit"),
+    [
+        # cgroup v2 in a container with its own cgroup namespace: the root is its own.
+        ("0::/\n", {"cpu.max": "200000 100000\n"}, 2),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        ("0::/\n", {}, None),
+        # v2 seen from the host (systemd, --cgroupns=host): a parent may hold the limit.
+        (
+            "0::/system.slice/proxy.service\n",
+            {
+                "system.slice/proxy.service/cpu.max": "max 100000\n",
+                "system.slice/cpu.max": "150000 100000\n",
+                "cpu.max": "max 100000\n",
+            },
+            2,
+        ),
+        (
+            "0::/a/b\n",
+            {"a/b/cpu.max": "100000 100000\n", "a/cpu.max": "400000 100000\n"},
+            1,
+        ),
+        # cgroup v1: quota and period in two files, -1 for none.
+        (
+            "12:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n",
+            {
+                "cpu,cpuacct/docker/x/cpu.cfs_quota_us": "300000\n",
+                "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+            },
+            3,
+        ),
+        (
+            "4:cpu,cpuacct:/\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+            None,
+        ),
+        ("garbage\n", {}, None),
+        ("", {}, None),
+    ],
+)
+def test_a_cgroups_cpu_limit(
+    tmp_path: Path, membership: str, files: dict[str, str], limit: int | None
+) -> None:
+    assert cpu_limit(*cgroups(tmp_path, membership, files)) == limit
+
+
 def test_usable_cores_are_the_affinity_within_the_limit(tmp_path: Path) -> None:
     affinity = len(os.sched_getaffinity(0))
-    limit = tmp_path / "cpu.max"
-    assert usable_cores(limit) == affinity
-    limit.write_text("max 100000\n")
-    assert usable_cores(limit) == affinity
-    limit.write_text("100000 100000\n")
-    assert usable_cores(limit) == 1
-    limit.write_text(f"{(affinity + 5) * 100000} 100000\n")
-    assert usable_cores(limit) == affinity
+    assert usable_cores(*cgroups(tmp_path / "none", "0::/\n", {})) == affinity
+    assert usable_cores(*cgroups(tmp_path / "one", "0::/\n", {"cpu.max": "100000 100000"})) == 1
+    many = f"{(affinity + 5) * 100000} 100000"
+    assert usable_cores(*cgroups(tmp_path / "many", "0::/\n", {"cpu.max": many})) == affinity
+    assert usable_cores(tmp_path / "missing", tmp_path / "missing") == affinity
