@@ -3,7 +3,8 @@
 Every request writes an access line, so the path from a log call to standard error is on the
 hot path of every request: records carry no thread or process facts the formats never print,
 the time is formatted once per second, and lines written during one turn of the event loop
-go out in one ``write`` at the end of that turn instead of one system call each.
+go out together at the end of that turn (in writes of whole lines of at most ``PIPE_BUF``
+bytes) instead of one system call each.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def _chunks(lines: list[str], limit: int) -> Iterator[str]:
     chunk: list[str] = []
     size = 0
     for line in lines:
-        length = len(line) if line.isascii() else len(line.encode())
+        # As standard error writes it: a surrogate (from bytes that were no UTF-8) escaped.
+        length = len(line) if line.isascii() else len(line.encode(errors="backslashreplace"))
         if chunk and size + length > limit:
             yield "".join(chunk)
             chunk, size = [], 0

@@ -61,7 +61,7 @@ def cpu_quota(text: str) -> int | None:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text().strip()
+        return path.read_text(errors="replace").strip()
     except OSError:
         return ""
 

@@ -29,6 +29,7 @@ from .server import LoopErrors, ProxyRunner
 
 log = logging.getLogger("balena_registry_proxy")
 GC_THRESHOLD = 50_000
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 async def serve(
@@ -67,8 +68,11 @@ async def _serve(
         raise ConfigError(bind_error(settings, error)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    # A worker starts with these blocked (workers.py): one sent before the handlers were in
+    # place waited, and now stops the proxy the same graceful way.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     port = _bound_port(runner, settings.port)
     log.info("listening on %s:%d, upstream %s", settings.host, port, settings.registry_url)
     ready_task = asyncio.create_task(ready(port)) if ready is not None else None
@@ -80,9 +84,13 @@ async def _serve(
     finally:
         if ready_task is not None:
             ready_task.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        try:
+            # The handlers stay while in-flight requests finish: a second signal (a process
+            # group's, or the supervisor passing on its own) must not cut the drain short.
+            await runner.cleanup()
+        finally:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
 
 
 def bind_error(settings: Settings, error: OSError) -> str:

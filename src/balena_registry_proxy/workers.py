@@ -23,10 +23,9 @@ from multiprocessing import connection
 
 from . import metrics
 from .config import Settings
-from .runtime import check, run, serve
+from .runtime import STOP_SIGNALS, check, run, serve
 
 log = logging.getLogger("balena_registry_proxy")
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _PR_SET_PDEATHSIG = 1
 # mkdtemp makes a private folder (mode 0700) with a random name in it.
 _SHARED_MEMORY = "/dev/shm"  # noqa: S108
@@ -86,14 +85,14 @@ def _supervise(settings: Settings, folder: str) -> int:
                 os.kill(worker.pid, signal.SIGTERM)
 
     # A signal between the forks and the handlers would kill the parent and orphan workers.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         for worker in workers:
             worker.start()
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     for _, sender in pipes:
         sender.close()
     running = {worker.sentinel: worker for worker in workers}
@@ -129,7 +128,8 @@ def _supervise(settings: Settings, folder: str) -> int:
 
 
 def _worker(settings: Settings, listening: connection.Connection, folder: str, parent: int) -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # SIGTERM and SIGINT stay blocked (as the parent forked) until serve() has its handlers:
+    # one that arrives while the worker starts then stops it gracefully, not half-started.
     _die_with(parent)
     metrics.count_in_folder(folder)
 

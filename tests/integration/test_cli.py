@@ -299,6 +299,61 @@ async def test_ipv6_workers_start_beside_an_ipv4_listener_on_the_port() -> None:
             assert process.returncode == 0
 
 
+@contextlib.asynccontextmanager
+async def group_process(
+    port: int, upstream: TestServer
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Two workers in a process group of their own, as a terminal or systemd runs them;
+    the whole group killed on the way out if a test left it running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "balena_registry_proxy", "--host", "127.0.0.1",
+        "--port", str(port), "--registry-url", str(upstream.make_url("")).rstrip("/"),
+        "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_to_the_whole_group_still_drains(
+    slow_upstream: TestServer, signum: int
+) -> None:
+    # Every worker gets the signal, then the one the supervisor passes on: the second must
+    # not cut the drain short.
+    port = free_port()
+    async with group_process(port, slow_upstream) as process:
+        await until_serving(f"http://127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as session:
+            in_flight = [
+                asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/v2/")) for _ in range(4)
+            ]
+            await asyncio.sleep(0.5)
+            os.killpg(process.pid, signum)
+            for request in in_flight:
+                response = await request
+                assert await response.text() == "finished"
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+
+
+async def test_a_signal_while_the_workers_start_stops_them_cleanly(
+    slow_upstream: TestServer,
+) -> None:
+    async with group_process(free_port(), slow_upstream) as process:
+        for _ in range(1000):
+            if len(children_of(process.pid)) == 2:
+                break
+            await asyncio.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+
+
 async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:
     port = free_port()
     upstream = str(slow_upstream.make_url("")).rstrip("/")

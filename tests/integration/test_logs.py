@@ -120,6 +120,15 @@ def test_chunks_keep_every_line_whole_and_in_order(lines: list[str], limit: int)
         assert len(chunk.encode()) <= limit or chunk in lines
 
 
+def test_a_line_of_bytes_that_were_no_utf8_is_written_escaped() -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, errors="backslashreplace", write_through=True)
+    handler = logs.BatchingHandler(stream)
+    for line in ("first", "bad \udcff", "third"):
+        handler.handle(record(line))
+    assert raw.getvalue() == b"first\nbad \\udcff\nthird\n"
+
+
 def test_a_handler_left_on_a_closed_loop_writes_at_once(stream: CountingStream) -> None:
     loop = asyncio.new_event_loop()
     handler = logs.BatchingHandler(stream)

@@ -126,7 +126,7 @@ def cgroups(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Pat
     """A /proc/self/cgroup with ``membership`` and a cgroup tree holding ``files``."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     proc = tmp_path / "cgroup"
-    proc.write_text(membership)
+    proc.write_bytes(membership.encode(errors="surrogateescape"))
     root = tmp_path / "fs"
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +171,8 @@ def cgroups(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Pat
             None,
         ),
         ("garbage\n", {}, None),
+        # A cgroup path of bytes that are no UTF-8: read, not a crash at start-up.
+        ("0::/caf\udce9\n", {}, None),
         ("", {}, None),
     ],
 )
