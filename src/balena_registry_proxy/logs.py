@@ -17,7 +17,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -39,7 +39,7 @@ def rfc3339(timestamp: float) -> str:
 class _SecondCache:
     """The text of whole seconds, formatted once per second rather than once per record."""
 
-    def __init__(self, render: Any) -> None:
+    def __init__(self, render: Callable[[int], str]) -> None:
         self._render = render
         self._second = -1
         self._text = ""

@@ -35,9 +35,9 @@ def supervise(settings: Settings, folder: str) -> int:
     """Run ``settings.workers`` proxy processes on one port until SIGTERM/SIGINT, counting
     their metrics in ``folder`` (see :func:`metrics_folder`; removed at the end).
 
-    Each worker is a whole proxy (its own event loop, upstream pool and metrics); the parent
+    Each worker is a whole proxy (its own event loop, upstream pool and caches); the parent
     only starts them, passes signals on, and exits 0 once all have drained and exited 0. A
-    worker that dies stops the others: half a proxy is worse than a clear failure.
+    worker that ends unasked stops the others: half a proxy is worse than a clear failure.
     """
     try:
         # What every worker would refuse, refuse once, here.
