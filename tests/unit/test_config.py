@@ -373,6 +373,8 @@ def test_a_cache_with_one_worker_is_fine() -> None:
 @pytest.mark.parametrize(
     ("env", "cores", "workers"),
     [
+        # No core to count (a platform that says nothing) is still one process.
+        ({}, 0, 1),
         ({}, 1, 1),
         ({}, 2, 2),
         ({}, 4, 4),
