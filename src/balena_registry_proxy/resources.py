@@ -128,7 +128,9 @@ class MemoryTrim:
         self._schedule = schedule
         self._closed = 0
         self._pending = False
-        self._last = time.monotonic()
+        # No trim yet: the first waits for the rest of its burst only, not for an interval
+        # counted from the start.
+        self._last = -math.inf
         self.trims = 0
 
     def closed(self) -> None:
