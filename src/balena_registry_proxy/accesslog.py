@@ -55,6 +55,10 @@ def redact_target(target: str) -> str:
     return f"{path}?{'&'.join(items)}"
 
 
+ACCESS = "access"
+"""The attribute of a log record that carries its ``AccessRecord`` (see ``logs.JsonFormatter``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AccessRecord:
     """The facts of one finished request, secrets already taken out."""

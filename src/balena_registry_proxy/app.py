@@ -17,7 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from . import __version__
-from .accesslog import AccessRecord, redact_target
+from .accesslog import ACCESS, AccessRecord, redact_target
 from .admission import refusal
 from .balena_api import BalenaApi
 from .config import ConfigError, Settings
@@ -117,12 +117,13 @@ def finished(
         metrics.body_bytes.labels(route).inc(size)
     level = logging.DEBUG if response is not None and response.get(QUIET) else logging.INFO
     if logger.isEnabledFor(level):
-        line, fields = _access_line(request, trust, status, elapsed, size)
+        entry = _access_record(request, trust, status, elapsed, size)
         # makeRecord and handle rather than log: log walks the stack for the caller's file
-        # and line, which no format prints, on every request.
+        # and line, which no format prints, on every request. The record rides along for
+        # the JSON format, which alone turns it into fields.
         logger.handle(
             logger.makeRecord(
-                logger.name, level, __file__, 0, line, (), None, extra={"fields": fields}
+                logger.name, level, __file__, 0, entry.line(), (), None, extra={ACCESS: entry}
             )
         )
 
@@ -232,15 +233,15 @@ class AccessLogger(AbstractAccessLogger):
         return True
 
 
-def _access_line(
+def _access_record(
     request: web.BaseRequest,
     trust: TrustProxy,
     status: int,
     elapsed: float,
     size: int,
-) -> tuple[str, dict[str, object]]:
-    """The text line and the structured fields of one request's access-log entry."""
-    record = AccessRecord.of(
+) -> AccessRecord:
+    """The facts of one request's access-log entry."""
+    return AccessRecord.of(
         client=client_address(request.remote, _forwarded_for(request), trust),
         method=request.method,
         target=request.raw_path,
@@ -250,7 +251,6 @@ def _access_line(
         elapsed_ms=elapsed * 1000,
         request_id=request.get(REQUEST_ID),
     )
-    return record.line(), record.fields()
 
 
 def _forwarded_for(request: web.BaseRequest) -> list[str]:

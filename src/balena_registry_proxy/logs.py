@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from .accesslog import ACCESS, AccessRecord
+
 # Lines waiting for the end of the loop's turn are written at once beyond this size, so a
 # burst of records (a long turn) holds little memory.
 BATCH_BYTES = 64 * 1024
@@ -86,9 +88,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            document.update(fields)
+        access = getattr(record, ACCESS, None)
+        if isinstance(access, AccessRecord):
+            document.update(access.fields())
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document, default=str)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balena_registry_proxy import logs
+from balena_registry_proxy.accesslog import ACCESS, AccessRecord
 
 # Shared, so that the cache of the last second is exercised across examples.
 TEXT = logs.TextFormatter()
@@ -60,10 +61,20 @@ def test_json_lines_carry_rfc3339_times_and_fields() -> None:
     formatter = logs.JsonFormatter()
     for created in (1_764_750_682.649, 1_764_750_682.0, 1_764_750_683.9996, 0.0005):
         entry = record("hello", created)
-        entry.fields = {"status": 200}
+        access = AccessRecord.of(
+            client="10.0.0.1",
+            method="GET",
+            target="/v2/",
+            upstream_target=None,
+            status=200,
+            size=3,
+            elapsed_ms=1.25,
+            request_id="r1",
+        )
+        setattr(entry, ACCESS, access)
         document = json.loads(formatter.format(entry))
         assert document["time"] == logs.rfc3339(created)
-        assert document["status"] == 200
+        assert {key: document[key] for key in access.fields()} == access.fields()
         assert document["message"] == "hello"
 
 
