@@ -164,6 +164,16 @@ def children_of(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
+def two_workers(
+    port: int, upstream: TestServer
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """The command with two workers on ``port``, in front of ``upstream``."""
+    return cli_process(
+        "--host", "127.0.0.1", "--port", str(port),
+        "--registry-url", str(upstream.make_url("")).rstrip("/"), "--workers", "2",
+    )  # fmt: skip
+
+
 def is_running(pid: str) -> bool:
     """Whether process ``pid`` still exists."""
     return Path(f"/proc/{pid}").exists()
@@ -171,10 +181,7 @@ def is_running(pid: str) -> bool:
 
 async def test_workers_share_the_port_and_drain_on_sigterm(slow_upstream: TestServer) -> None:
     port = free_port()
-    upstream = str(slow_upstream.make_url("")).rstrip("/")
-    async with cli_process(
-        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
-    ) as process:
+    async with two_workers(port, slow_upstream) as process:
         async with aiohttp.ClientSession() as session:
             await until_serving(f"http://127.0.0.1:{port}")
             children = children_of(process.pid)
@@ -273,10 +280,7 @@ async def test_workers_serve_when_the_supervisor_is_pid_1() -> None:
 
 async def test_a_worker_that_ends_on_its_own_stops_the_proxy(slow_upstream: TestServer) -> None:
     port = free_port()
-    upstream = str(slow_upstream.make_url("")).rstrip("/")
-    async with cli_process(
-        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
-    ) as process:
+    async with two_workers(port, slow_upstream) as process:
         await until_serving(f"http://127.0.0.1:{port}")
         children = children_of(process.pid)
         assert len(children) == 2
@@ -356,10 +360,7 @@ async def test_a_signal_while_the_workers_start_stops_them_cleanly(
 
 async def test_a_dying_worker_stops_the_others(slow_upstream: TestServer) -> None:
     port = free_port()
-    upstream = str(slow_upstream.make_url("")).rstrip("/")
-    async with cli_process(
-        "--host", "127.0.0.1", "--port", str(port), "--registry-url", upstream, "--workers", "2"
-    ) as process:
+    async with two_workers(port, slow_upstream) as process:
         children: list[str] = []
         for _ in range(100):
             children = children_of(process.pid)
