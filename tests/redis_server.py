@@ -69,15 +69,15 @@ def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
     return RedisServer(port, process)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process the tests started, by its PID."""
+def stop(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    """Stop a process the tests started, by its PID: SIGTERM, then SIGKILL after ``seconds``."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(seconds)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(10)
+            process.wait(seconds)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from balena_registry_proxy.sandbox.ports import free_port
 from balena_registry_proxy.sandbox.registry import S3Storage
 
+from ..redis_server import stop
+
 __all__ = [
     "MOTO_MISSING",
     "MotoS3",
@@ -205,16 +207,6 @@ def _spawn(workdir: Path, recording_path: Path) -> tuple[subprocess.Popen[bytes]
     return process, f"http://{_HOST}:{port}"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
-
-
 def _wait_ready(process: subprocess.Popen[bytes], endpoint: str) -> bool:
     """Whether moto answers before the deadline; ``False`` if it exited (a port clash)."""
     deadline = time.monotonic() + _STARTUP_SECONDS
@@ -241,7 +233,7 @@ def run_moto_s3(workdir: Path, bucket: str = "registry") -> Iterator[MotoS3]:
         try:
             ready = _wait_ready(process, endpoint)
         except BaseException:
-            _stop(process)
+            stop(process, 15)
             raise
         if ready:
             break
@@ -254,4 +246,4 @@ def run_moto_s3(workdir: Path, bucket: str = "registry") -> Iterator[MotoS3]:
         _call(f"{endpoint}/{bucket}", "PUT")
         yield MotoS3(endpoint, bucket, recording_path, process)
     finally:
-        _stop(process)
+        stop(process, 15)
