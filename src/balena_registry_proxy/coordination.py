@@ -71,10 +71,10 @@ if added == 1 then
 end
 return tonumber(redis.call('get', KEYS[3]) or '0')
 """
-# KEYS: index, sizes, total. ARGV: the limit, the namespace, the window. The least recently
-# used go first, but none that is pinned (just served, or presigned) or being filled (its
-# lease is held). Returns the total, then the members taken out of the index: their objects
-# are deleted by the caller.
+# KEYS: index, sizes, total. ARGV: the limit, the pin key prefix, the window, the lease key
+# prefix. The least recently used go first, but none that is pinned (just served, or
+# presigned) or being filled (its lease is held). Returns the total, then the members taken
+# out of the index: their objects are deleted by the caller.
 _EVICT = """
 local total = tonumber(redis.call('get', KEYS[3]) or '0')
 local limit = tonumber(ARGV[1])
@@ -83,8 +83,8 @@ if total > limit then
     for _, member in ipairs(redis.call('zrange', KEYS[1], 0, tonumber(ARGV[3]) - 1)) do
         if total <= limit then break end
         local digest = string.sub(member, string.find(member, '/', 1, true) + 1)
-        if redis.call('exists', ARGV[2] .. 'pin:' .. member) == 0
-            and redis.call('exists', ARGV[2] .. 'lease:' .. digest) == 0 then
+        if redis.call('exists', ARGV[2] .. member) == 0
+            and redis.call('exists', ARGV[4] .. digest) == 0 then
             local size = tonumber(redis.call('hget', KEYS[2], member) or '0')
             redis.call('zrem', KEYS[1], member)
             redis.call('hdel', KEYS[2], member)
@@ -236,7 +236,10 @@ class Coordination:
 
         async def choose() -> list[tuple[Kind, str]]:
             result = await self._evict(
-                keys=list(self._index), args=[limit, self._space, EVICTION_WINDOW]
+                keys=list(self._index),
+                # The key prefixes from sharing's own key functions, so the script names
+                # pins and leases as the rest of the proxy does.
+                args=[limit, pin_key(self._space, ""), EVICTION_WINDOW, lease_key(self._space, "")],
             )
             self.size = int(result[0])
             victims = [member_object(str(member)) for member in result[1:]]

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from balena_registry_proxy import coordination, edge_cache, s3_store
 from balena_registry_proxy.app import create_app, runner_options
 from balena_registry_proxy.config import Settings
+from balena_registry_proxy.metrics import Metrics
 from balena_registry_proxy.sandbox.ports import free_port
 from balena_registry_proxy.sharing import (
     LEASE_SECONDS,
@@ -663,3 +664,21 @@ def test_the_waits_the_readme_gives() -> None:
     assert (coordination.PAUSE_SECONDS, coordination.WARN_EVERY_SECONDS) == (5.0, 30.0)
     assert (s3_store.QUICK_SECONDS, s3_store.STORAGE_PAUSE_SECONDS) == (5.0, 15.0)
     assert (s3_store.WARN_EVERY_SECONDS, s3_store.PRESIGN_SECONDS) == (30.0, 300)
+
+
+async def test_eviction_skips_pinned_and_leased_objects(redis: RedisServer) -> None:
+    space = namespace("evict-" + uuid.uuid4().hex, "")
+    me = Holder("me", "http://127.0.0.1:1")
+    index = coordination.Coordination(redis.url, space, me, Metrics())
+    pinned, leased, old = (f"sha256:{n * 64}" for n in "abc")
+    try:
+        await index.used(Kind.BLOB, old, 100)
+        await index.used(Kind.BLOB, pinned, 100, pin_seconds=60)
+        await index.used(Kind.BLOB, leased, 100)
+        assert await index.acquire(leased) == me  # filling it
+        # Room for none: only the object neither pinned nor being filled goes.
+        assert await index.evict(0) == [(Kind.BLOB, old)]
+        await index.release(leased)
+        assert await index.evict(0) == [(Kind.BLOB, leased)]
+    finally:
+        await index.close()
