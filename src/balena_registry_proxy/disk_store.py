@@ -30,12 +30,12 @@ from pathlib import Path
 
 from .digests import MAX_MANIFEST_BYTES, SHA256_RE
 from .download import Download
+from .store import fits
 
 log = logging.getLogger("balena_registry_proxy")
 
 # A blob bigger than this share of the size limit is relayed, not kept: keeping it would evict
 # most of what the cache holds, for one blob.
-MAX_BLOB_FRACTION = 0.5
 # After the disk refuses a write (full, read-only), blobs are relayed uncached for this long:
 # retrying every download into a full disk would cut every one of them.
 FILL_PAUSE_SECONDS = 60.0
@@ -256,7 +256,7 @@ class DiskStore:
         recently used first, as its bytes arrive. Readers find it in ``downloads`` until it
         ends. ``OSError`` if the disk refuses the file.
         """
-        if size > self.max_bytes * MAX_BLOB_FRACTION or self.reserved + size > self.max_bytes:
+        if not fits(size, self.reserved, self.max_bytes):
             return None
         descriptor, name = tempfile.mkstemp(
             prefix=f"{digest.removeprefix('sha256:')}.", suffix=".part", dir=self._temporary

@@ -40,14 +40,13 @@ from .digests import MAX_MANIFEST_BYTES
 from .download import Download, DownloadFailed
 from .metrics import Metrics
 from .sharing import LEASE_SECONDS, PART_BYTES, PIN_SECONDS, Kind, object_key, parts
-from .store import StorageError
+from .store import StorageError, fits
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 log = logging.getLogger("balena_registry_proxy")
 
-MAX_BLOB_FRACTION = 0.5
 STORAGE_PAUSE_SECONDS = 15.0
 WARN_EVERY_SECONDS = 30.0
 PRESIGN_SECONDS = 300
@@ -359,7 +358,7 @@ class S3Store:
         """Begin receiving blob ``digest`` of ``size`` bytes into the spool, uploading its
         parts as they arrive; None if it is not to be kept. ``OSError`` if the spool folder
         refuses the file."""
-        if size > self.max_bytes * MAX_BLOB_FRACTION or self.reserved + size > self.max_bytes:
+        if not fits(size, self.reserved, self.max_bytes):
             return None
         descriptor, name = tempfile.mkstemp(
             prefix=f"{digest.removeprefix('sha256:')}.", suffix=".part", dir=self._spool
@@ -436,9 +435,8 @@ class S3Store:
             download.ended(False)
             self.refused(error)
         finally:
-            if uploader is not None and not uploader.done():
-                uploader.cancel()
             if uploader is not None:
+                uploader.cancel()  # nothing, once it has finished
                 await asyncio.gather(uploader, return_exceptions=True)
             self.reserved -= download.size
             download.temporary.unlink(missing_ok=True)

@@ -14,6 +14,15 @@ from typing import Protocol
 
 from .download import Download
 
+# A blob bigger than this share of a cache's limit is not kept: it would empty the cache.
+MAX_BLOB_FRACTION = 0.5
+
+
+def fits(size: int, reserved: int, max_bytes: int) -> bool:
+    """Whether a blob of ``size`` bytes may be kept under ``max_bytes``, beside the ``reserved``
+    bytes of the downloads in progress (and not bigger than ``MAX_BLOB_FRACTION`` of it)."""
+    return size <= max_bytes * MAX_BLOB_FRACTION and reserved + size <= max_bytes
+
 
 class StorageError(Exception):
     """Object storage failed while a blob was read from it; ``cause`` says how."""
