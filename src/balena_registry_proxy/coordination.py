@@ -27,6 +27,7 @@ from .sharing import (
     LEASE_SECONDS,
     Holder,
     Kind,
+    confirmation_key,
     index_member,
     lease_key,
     lease_value,
@@ -101,8 +102,9 @@ return result
 class Coordination:
     """One replica's view of the shared Redis."""
 
-    def __init__(self, url: str, space: str, me: Holder, metrics: Metrics) -> None:
-        """Coordinate through the Redis at ``url`` under key prefix ``space``, as ``me``."""
+    def __init__(self, url: str, space: str, me: Holder, metrics: Metrics, secret: str) -> None:
+        """Coordinate through the Redis at ``url`` under key prefix ``space``, as ``me``;
+        confirmations are keyed by an HMAC under the replicas' ``secret``."""
         self._redis: Redis = Redis.from_url(
             url,
             socket_timeout=TIMEOUT_SECONDS,
@@ -110,6 +112,7 @@ class Coordination:
             decode_responses=True,
         )
         self._space = space
+        self._secret = secret
         self.me = me
         self._value = lease_value(me)
         self._metrics = metrics
@@ -202,16 +205,20 @@ class Coordination:
 
         await self._guarded(drop, None)
 
-    async def confirmed(self, key: str) -> bool:
-        """Whether a replica noted confirmation ``key`` (see ``sharing.confirmation_key``)."""
+    async def confirmed(self, credentials: str, repository: str, digest: str) -> bool:
+        """Whether a replica noted that the upstream let ``credentials`` read ``digest`` under
+        ``repository``, and it is still fresh."""
+        key = confirmation_key(self._secret, self._space, credentials, repository, digest)
 
         async def read() -> bool:
             return bool(await self._redis.exists(key))
 
         return await self._guarded(read, False)
 
-    async def confirm(self, key: str) -> None:
-        """Note confirmation ``key`` for the other replicas, for as long as it is fresh."""
+    async def confirm(self, credentials: str, repository: str, digest: str) -> None:
+        """Note for the other replicas that the upstream let ``credentials`` read ``digest``
+        under ``repository``, for as long as that is fresh."""
+        key = confirmation_key(self._secret, self._space, credentials, repository, digest)
 
         async def write() -> None:
             await self._redis.set(key, "1", ex=int(CONFIRMATION_SECONDS))

@@ -42,7 +42,6 @@ from .sharing import (
     RENEW_SECONDS,
     Holder,
     Source,
-    confirmation_key,
     source,
 )
 from .store import StorageError, Store, StoredObject
@@ -70,14 +69,11 @@ SOURCE_RETRY_MAX_SECONDS = 4.0
 @dataclass(frozen=True, slots=True)
 class Sharing:
     """What a replica sharing its cache needs besides the store: Redis, the other replicas,
-    the key prefix of this cache in Redis, and whether hits are redirected to storage."""
+    and whether hits are redirected to storage."""
 
     coordination: Coordination | None
     peers: Peers | None
-    space: str
     redirect: bool = False
-    secret: str = ""
-    """The replicas' shared secret: confirmations in Redis are keyed by an HMAC under it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,11 +291,8 @@ class EdgeCache:
         ``repository``: here, and for the other replicas."""
         credentials = _credentials(headers)
         self.confirmations.remember(key(credentials, repository, digest), time.monotonic())
-        if self.coordination is not None and self.sharing is not None:
-            shared = confirmation_key(
-                self.sharing.secret, self.sharing.space, credentials, repository, digest
-            )
-            await self.coordination.confirm(shared)
+        if self.coordination is not None:
+            await self.coordination.confirm(credentials, repository, digest)
 
     def _manifest_response(
         self, request: web.Request, digest: str, media_type: str, body: bytes
@@ -332,13 +325,11 @@ class EdgeCache:
         now = time.monotonic()
         if self.confirmations.fresh(confirmation, now):
             return True
-        if self.coordination is not None and self.sharing is not None:
-            shared = confirmation_key(
-                self.sharing.secret, self.sharing.space, _credentials(headers), repository, digest
-            )
-            if await self.coordination.confirmed(shared):
-                self.confirmations.remember(confirmation, now)
-                return True
+        if self.coordination is not None and await self.coordination.confirmed(
+            _credentials(headers), repository, digest
+        ):
+            self.confirmations.remember(confirmation, now)
+            return True
         try:
             target = f"/v2/{repository}/{kind}/{digest}"
             async with self.upstream.request("HEAD", target, unconditional(headers)) as response:

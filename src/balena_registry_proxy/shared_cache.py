@@ -28,7 +28,9 @@ def shared_edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) 
     if settings.cache_redis_url is not None:
         assert settings.cache_peer_secret is not None
         me = Holder(uuid.uuid4().hex[:16], settings.cache_peer_url or _own_url(settings.port))
-        coordination = Coordination(settings.cache_redis_url, space, me, metrics)
+        coordination = Coordination(
+            settings.cache_redis_url, space, me, metrics, settings.cache_peer_secret
+        )
         peers = Peers(settings.cache_peer_secret, upstream)
     # Downloads in progress: in CACHE_DIR if given (a volume sized for them), else in a
     # temporary folder of the store's own.
@@ -45,13 +47,7 @@ def shared_edge_cache(settings: Settings, upstream: Upstream, metrics: Metrics) 
         public_endpoint=settings.cache_s3_public_url,
     )
     metrics.watch_cache(lambda: store.size, lambda: store.evictions)
-    sharing = Sharing(
-        coordination,
-        peers,
-        space,
-        redirect=settings.cache_s3_redirect,
-        secret=settings.cache_peer_secret or "",
-    )
+    sharing = Sharing(coordination, peers, redirect=settings.cache_s3_redirect)
     return EdgeCache(upstream, store, metrics, send_timeout=settings.send_timeout, sharing=sharing)
 
 

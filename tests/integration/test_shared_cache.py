@@ -669,7 +669,7 @@ def test_the_waits_the_readme_gives() -> None:
 async def test_eviction_skips_pinned_and_leased_objects(redis: RedisServer) -> None:
     space = namespace("evict-" + uuid.uuid4().hex, "")
     me = Holder("me", "http://127.0.0.1:1")
-    index = coordination.Coordination(redis.url, space, me, Metrics())
+    index = coordination.Coordination(redis.url, space, me, Metrics(), "a secret of 16+ chars")
     pinned, leased, old = (f"sha256:{n * 64}" for n in "abc")
     try:
         await index.used(Kind.BLOB, old, 100)
