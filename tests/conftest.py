@@ -13,7 +13,7 @@ import re
 import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import aiohttp
 import pytest
@@ -27,6 +27,10 @@ from balena_registry_proxy.sandbox import (
 )
 
 from . import matrix
+
+if TYPE_CHECKING:
+    from .e2e.moto_s3 import MotoS3
+    from .redis_server import RedisServer
 
 # `make mutation` runs the unit tests once per mutant: the same examples every time, so that a
 # mutant's verdict repeats, and no example database carried from one mutant to the next.
@@ -163,3 +167,24 @@ async def until_serving(base_url: str) -> None:
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.1)
     raise AssertionError(f"nothing answered {base_url}/ping within 30 s")
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test module's own."""
+    # Imported here: the module imports this one's helpers.
+    from .redis_server import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """moto's S3 server, of the test module's own."""
+    from .e2e.moto_s3 import MOTO_MISSING, moto_available, run_moto_s3
+
+    if not moto_available():
+        missing(MOTO_MISSING)
+    with run_moto_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -31,7 +31,6 @@ from .moto_s3 import (
     S3Request,
     moto_available,
     presigned_signature_valid,
-    run_moto_s3,
 )
 from .test_pull import ALICE
 
@@ -42,15 +41,6 @@ _LOG_WAIT_SECONDS = 30.0
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    """moto's S3 server with the registry's bucket."""
-    if not moto_available():
-        missing(MOTO_MISSING)
-    with run_moto_s3(tmp_path_factory.mktemp("moto")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

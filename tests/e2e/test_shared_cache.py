@@ -28,7 +28,7 @@ from balena_registry_proxy.sandbox import Sandbox
 from balena_registry_proxy.sandbox.ports import free_port
 from balena_registry_proxy.sharing import parse_lease
 
-from ..redis_server import RedisServer, running_redis, start_redis, stop
+from ..redis_server import RedisServer, start_redis, stop
 from .conftest import RunningProxy, Skopeo, haproxy_in_front, proxy_process
 from .seaweedfs import CREDENTIALS, SeaweedFS, running_seaweedfs
 from .test_cache import blob_gets, stored_size
@@ -55,12 +55,6 @@ class Cluster:
 @pytest.fixture(scope="module")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
 

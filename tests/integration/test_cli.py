@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from balena_registry_proxy import cli, workers
+from balena_registry_proxy import cli, logs, workers
 from balena_registry_proxy.config import load_settings, worker_count
 from balena_registry_proxy.resources import usable_cores
 from balena_registry_proxy.sandbox.ports import free_port
@@ -420,6 +420,8 @@ def test_workers_asked_for_without_a_folder_for_their_metrics_refuse_to_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(cli, "metrics_folder", lambda: None)
+    # In this process, the logging of the tests stays as it is.
+    monkeypatch.setattr(logs, "configure", lambda level, log_format: None)
     assert cli.main(["--workers", "2", "--port", str(free_port())]) == 2
     assert capsys.readouterr().err.startswith(
         "balena-registry-proxy: WORKERS (--workers) 2: no writable folder for the workers' metrics"

@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,8 @@ from balena_registry_proxy.sharing import (
     pin_key,
 )
 
-from ..conftest import missing
-from ..e2e.moto_s3 import MOTO_MISSING, MotoS3, moto_available, run_moto_s3
-from ..redis_server import RedisServer, running_redis
+from ..e2e.moto_s3 import MotoS3
+from ..redis_server import RedisServer
 
 # Three parts of a multipart upload, and a single-part blob.
 BIG = os.urandom(20 * 1024 * 1024 + 123)
@@ -116,20 +115,6 @@ class Replica:
 
     async def metrics(self) -> str:
         return (await self.get("/metrics"))[1].decode()
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    if not moto_available():
-        missing(MOTO_MISSING)
-    with run_moto_s3(tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)
